@@ -1,0 +1,61 @@
+"""vLLM-style continuous batching: FCFS, a token budget per step, chunked prefill and
+preemption by recompute when the KV cache runs out."""
+
+from __future__ import annotations
+
+from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.sequence import Sequence
+
+
+class ContinuousScheduler(Scheduler):
+    def schedule(self, now: float) -> ScheduledBatch | None:
+        cfg, bm = self.config, self.block_manager
+        budget = cfg.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        preempted: list[Sequence] = []
+
+        # Running sequences first, oldest first: decodes and unfinished prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n < seq.num_uncomputed_tokens and not cfg.enable_chunked_prefill:
+                i += 1
+                continue
+            # Make room by preempting the newest running sequences (FCFS keeps the oldest).
+            while not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + n)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq in preempted:
+                break
+            bm.allocate(seq, seq.num_computed_tokens + n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+            i += 1
+
+        # Then admit waiting sequences in arrival order while budget, seats and blocks last.
+        # A sequence preempted in this very step waits for the next one.
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if seq in preempted:
+                break
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n < seq.num_uncomputed_tokens and not cfg.enable_chunked_prefill:
+                break
+            if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + n)):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, seq.num_computed_tokens + n)
+            self._start(seq, now)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, counts, preempted)

@@ -1,0 +1,170 @@
+"""The scheduler interface shared by every policy, the real engine and the simulator.
+
+An executor (the engine's model runner, or the simulator's cost model) drives it:
+
+    scheduler.add(seq)                 # admission; raises if the request can never fit
+    batch = scheduler.schedule(now)    # what to compute this step, KV blocks allocated
+    ... execute, then append each sampled token with seq.append_token() ...
+    scheduler.update(batch, now)       # advance progress, release finished sequences
+    scheduler.abort(seq_id)            # cancel; frees its KV blocks at once
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from dataclasses import dataclass, field
+
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.block_manager import BlockManager, blocks_for
+from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
+from bucketserve.errors import ConfigError, InvalidRequestError
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: each sequence computes its next ``num_new_tokens[i]`` tokens.
+
+    Executors run the prefill rows (more than one new token) as one batch padded to the
+    longest chunk and the decode rows (one new token) as another.
+    """
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def num_padded_tokens(self) -> int:
+        """Tokens the executor computes, padding included."""
+        prefill = [n for n in self.num_new_tokens if n > 1]
+        decode = len(self.num_new_tokens) - len(prefill)
+        return len(prefill) * max(prefill, default=0) + decode
+
+    def samples(self, i: int) -> bool:
+        """Whether row i yields an output token (its chunk reaches the end of its tokens)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
+
+
+class Scheduler(abc.ABC):
+    """Queues, admission and bookkeeping common to all policies; subclasses pick the batch."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"without chunked prefill a whole prompt must fit in one step: "
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({max_model_len})"
+            )
+
+    # -- admission ---------------------------------------------------------------------
+    def check_admissible(self, seq: Sequence) -> None:
+        """Raise InvalidRequestError if ``seq`` could never be served."""
+        if seq.prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if seq.max_len > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{seq.max_len} were requested ({seq.prompt_len} in the prompt, "
+                f"{seq.params.max_tokens} for the output); shorten the prompt or lower max_tokens",
+                "max_tokens" if seq.prompt_len < self.max_model_len else "prompt",
+            )
+        need = blocks_for(self.tokens_to_reserve(seq), self.block_manager.block_size)
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks ({self.tokens_to_reserve(seq)} tokens) but "
+                f"the whole KV cache holds {self.block_manager.num_blocks} blocks "
+                f"({self.block_manager.capacity_tokens} tokens); raise the KV cache budget",
+                "prompt",
+            )
+
+    def tokens_to_reserve(self, seq: Sequence) -> int:
+        """KV tokens the pool must hold for ``seq`` to run to completion alone.
+
+        Its prompt plus every token it may generate: a sequence that fitted its prompt but
+        outgrew the whole pool would be preempted forever.
+        """
+        return seq.max_len
+
+    def add(self, seq: Sequence) -> None:
+        self.check_admissible(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    # -- policy ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def schedule(self, now: float) -> ScheduledBatch | None:
+        """Choose this step's batch and allocate its KV blocks; None when there is nothing to do."""
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def update(self, batch: ScheduledBatch, now: float) -> list[Sequence]:
+        """Advance the batch's sequences; release and return those that finished."""
+        finished = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            if seq.finish_reason is not None:
+                self._finish(seq, now)
+                finished.append(seq)
+        return finished
+
+    def abort(self, seq_id: str, now: float = 0.0) -> Sequence | None:
+        """Cancel a waiting or running sequence; its KV blocks are free when this returns."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.seq_id == seq_id:
+                    seq.finish_reason = FinishReason.ABORT
+                    self._finish(seq, now)
+                    return seq
+        return None
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finished_time = now
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: drop the KV, requeue at the front, keep the tokens."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _start(self, seq: Sequence, now: float) -> None:
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        self.running.append(seq)
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)

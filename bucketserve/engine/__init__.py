@@ -1,0 +1,1 @@
+"""The torch side: model, weights, KV cache, sampler, model runner and the engine loop."""

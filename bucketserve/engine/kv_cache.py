@@ -1,0 +1,71 @@
+"""The KV-cache pool: one tensor of fixed-size blocks, sized once from a memory budget."""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+from bucketserve.config import EngineConfig
+from bucketserve.engine.model import ModelArgs
+from bucketserve.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x bytes per element: GQA-aware."""
+    return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def plan_num_blocks(
+    config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> int:
+    """Blocks the budget buys; refuses a budget that cannot hold one full-length sequence."""
+    per_token = kv_bytes_per_token(args, dtype)
+    per_block = per_token * config.block_size
+    if config.kv_cache_memory is not None:
+        budget, source = config.kv_cache_memory, "--kv-cache-memory"
+    else:
+        budget = int(free_memory_bytes(device) * config.kv_cache_fraction)
+        source = f"--kv-cache-fraction {config.kv_cache_fraction} of free memory"
+    num_blocks = budget // per_block
+    need_blocks = -(-max_model_len // config.block_size)
+    if num_blocks < need_blocks:
+        need = need_blocks * per_block
+        raise ConfigError(
+            f"the KV cache budget ({fmt_bytes(budget)} from {source}) holds {num_blocks * config.block_size} "
+            f"tokens, fewer than one sequence of max_model_len={max_model_len} tokens needs: at least "
+            f"{need} bytes ({fmt_bytes(need)}, {per_token} bytes per token). Raise --kv-cache-memory "
+            f"or lower --max-model-len"
+        )
+    log.info(
+        "KV cache: %d blocks x %d tokens = %d tokens, %s (%d bytes/token, %s)",
+        num_blocks, config.block_size, num_blocks * config.block_size,
+        fmt_bytes(num_blocks * per_block), per_token, source,
+    )
+    return num_blocks
+
+
+def allocate_kv_cache(
+    args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """[layers, 2, num_blocks, block_size, kv_heads, head_dim], zeroed so that masked-out
+    slots never hold NaN bit patterns that a masked softmax would multiply by zero."""
+    shape = (args.num_layers, 2, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device)

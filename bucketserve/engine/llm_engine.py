@@ -1,0 +1,262 @@
+"""The engine loop: admission, one scheduling step at a time, outputs and stop conditions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bucketserve.config import EngineConfig, SchedulerConfig
+from bucketserve.core.block_manager import BlockManager
+from bucketserve.core.policies import make_scheduler
+from bucketserve.core.scheduler import ScheduledBatch
+from bucketserve.core.sequence import FinishReason, Sequence
+from bucketserve.engine.detokenizer import Detokenizer
+from bucketserve.engine.device import resolve_device, resolve_dtype
+from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
+from bucketserve.engine.loader import (
+    load_state_dict,
+    load_tokenizer,
+    read_config,
+    resolve_model_path,
+)
+from bucketserve.engine.model import LlamaModel, ModelArgs
+from bucketserve.engine.model_runner import ModelRunner
+from bucketserve.engine.sampler import Sampler
+from bucketserve.errors import ConfigError, InvalidRequestError
+from bucketserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from bucketserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """What one engine step did; the engine keeps the most recent ones."""
+
+    start: float
+    duration: float
+    schedule_time: float
+    num_prefill: int
+    num_decode: int
+    real_tokens: int
+    padded_tokens: int
+    kv_blocks_used: int
+    preempted: int
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    preemptions: int = 0
+    schedule_time: float = 0.0
+    busy_time: float = 0.0
+    recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=1024))
+
+    @property
+    def padding_ratio(self) -> float:
+        """Share of computed tokens that were padding."""
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    prompt: str | None
+    detok: Detokenizer
+    stop_reason: str | int | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, scheduler_config: SchedulerConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.scheduler_config = scheduler_config = scheduler_config or SchedulerConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_path = resolve_model_path(config.model, config.cache_dir)
+        self.model_name = config.model or "SmolLM2-135M-Instruct"
+        self.args = ModelArgs.from_hf_config(read_config(self.model_path))
+        self.max_model_len = config.max_model_len or self.args.max_position_embeddings
+        if self.max_model_len > self.args.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's context length "
+                f"{self.args.max_position_embeddings}"
+            )
+        t0 = time.perf_counter()
+        model = LlamaModel(self.args, max_positions=self.max_model_len)
+        model.load_hf_state_dict(load_state_dict(self.model_path))
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.rotary.to(torch.float32)  # keep the rope tables exact
+        self.tokenizer = load_tokenizer(self.model_path)
+        log.info(
+            "loaded %s from %s on %s in %s (%.1f s)", self.model_name, self.model_path, self.device,
+            str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
+        )
+        num_blocks = plan_num_blocks(config, self.args, self.dtype, self.device, self.max_model_len)
+        kv_cache = allocate_kv_cache(self.args, num_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = make_scheduler(scheduler_config, self.block_manager, self.max_model_len)
+        self.sampler = Sampler(self.device, config.seed)
+        self.runner = ModelRunner(self.model, kv_cache, config.block_size, self.sampler)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.stats = EngineStats()
+        self._requests: dict[str, _Request] = {}
+
+    # -- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template; send a plain prompt", "messages")
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # a template error is a problem with the messages sent
+            raise InvalidRequestError(f"cannot apply the chat template to these messages: {e}", "messages") from e
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        ttft_slo: float | None = None,
+        tpot_slo: float | None = None,
+    ) -> Sequence:
+        """Validate and queue a request; raises InvalidRequestError and queues nothing if bad."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", "prompt")
+            text, ids = prompt, self.tokenize(prompt)
+        else:
+            text, ids = None, list(prompt)
+            if any(not 0 <= t < self.args.vocab_size for t in ids):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {self.args.vocab_size})", "prompt")
+        seq = Sequence(
+            request_id, ids, params,
+            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            priority=priority, ttft_slo=ttft_slo, tpot_slo=tpot_slo, eos_token_id=self.eos_token_id,
+        )
+        self.scheduler.add(seq)  # raises if it can never be served
+        self._requests[request_id] = _Request(seq, text, Detokenizer(self.tokenizer, ids, params.stop))
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks are free when this returns."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id, time.monotonic())
+        self.sampler.forget(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; return the outputs of the requests it advanced."""
+        start = time.monotonic()
+        batch = self.scheduler.schedule(start)
+        schedule_time = time.monotonic() - start
+        if batch is None:
+            return []
+        try:
+            tokens = self.runner.execute(batch)
+        except Exception:
+            # One bad batch fails its own requests only; the engine and the rest go on.
+            log.exception("a batch of %d sequences failed; their requests end with an error", len(batch))
+            tokens = [None] * len(batch)
+            for seq in batch.seqs:
+                seq.finish_reason = FinishReason.ERROR
+        now = time.monotonic()
+        advanced = self._process_tokens(batch, tokens, now)
+        finished = self.scheduler.update(batch, now)
+        self._record(batch, start, now, schedule_time)
+        outputs = [self._output(self._requests[s.seq_id]) for s in advanced]
+        for seq in finished:
+            del self._requests[seq.seq_id]
+            self.sampler.forget(seq.seq_id)
+        return outputs
+
+    def _process_tokens(self, batch: ScheduledBatch, tokens: list[int | None], now: float) -> list[Sequence]:
+        advanced = []
+        for seq, tok in zip(batch.seqs, tokens, strict=True):
+            if seq.finish_reason is FinishReason.ERROR:
+                advanced.append(seq)
+                continue
+            if tok is None:
+                continue
+            req = self._requests[seq.seq_id]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = seq.append_token(tok)
+            if reason is FinishReason.STOP and tok != seq.eos_token_id:
+                req.stop_reason = tok
+            stop_str = req.detok.add(tok)
+            if stop_str is not None and reason is None:
+                reason, req.stop_reason = FinishReason.STOP, stop_str
+            seq.finish_reason = reason
+            advanced.append(seq)
+        return advanced
+
+    def _record(self, batch: ScheduledBatch, start: float, end: float, schedule_time: float) -> None:
+        s = self.stats
+        rec = StepRecord(
+            start=start, duration=end - start, schedule_time=schedule_time,
+            num_prefill=sum(n > 1 for n in batch.num_new_tokens),
+            num_decode=sum(n == 1 for n in batch.num_new_tokens),
+            real_tokens=batch.num_real_tokens, padded_tokens=batch.num_padded_tokens,
+            kv_blocks_used=self.block_manager.num_used_blocks, preempted=len(batch.preempted),
+        )
+        s.steps += 1
+        s.real_tokens += rec.real_tokens
+        s.padded_tokens += rec.padded_tokens
+        s.preemptions += rec.preempted
+        s.schedule_time += schedule_time
+        s.busy_time += rec.duration
+        s.recent.append(rec)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        done = seq.finish_reason is not None
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt=req.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[CompletionOutput(
+                index=0,
+                text=req.detok.visible_text(done),
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason.value if done else None,
+                stop_reason=req.stop_reason,
+            )],
+            finished=done,
+            metrics=RequestMetrics(
+                arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time, finished_time=seq.finished_time or (time.monotonic() if done else None),
+                num_preemptions=seq.num_preemptions,
+            ),
+        )

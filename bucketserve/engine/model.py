@@ -1,0 +1,271 @@
+"""A Llama-family decoder (Llama 2/3, SmolLM, Qwen2) that reads and writes a paged KV cache.
+
+RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP. The q/k/v and the
+gate/up projections are fused into one matmul each, which matters on a CPU where the
+per-call overhead of small matmuls is a large share of a decode step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bucketserve.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope_scaling: dict[str, Any] | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; bucketserve runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-architecture) models"
+            )
+        if model_type == "mistral" and cfg.get("sliding_window"):
+            raise ConfigError("Mistral models with sliding-window attention are not supported")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "linear"):
+            raise ConfigError(f"rope scaling {scaling!r} is not supported (only llama3 and linear)")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+            rope_scaling=scaling,
+            eos_token_ids=eos_ids,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementation does, then scale in the model dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return (inv_freq / s["factor"]).float()
+    # llama3: keep high frequencies, divide low ones by factor, interpolate between.
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, args: ModelArgs, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` [B, L], shaped [B, 1, L, head_dim] to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the paged KV cache and what each query may see.
+
+    Built once per step by the model runner and shared by all layers.
+    """
+
+    valid_index: torch.Tensor  # [T] indices into the flattened [B*L] tokens that are real
+    slot_mapping: torch.Tensor  # [T] KV slot of each real token
+    block_tables: torch.Tensor | None  # [B, max_blocks]; None when no row has earlier context
+    attn_mask: torch.Tensor | None  # [B, 1, L, max_blocks*block_size] bool; None with block_tables
+    num_padded_tokens: int  # B*L, to skip the gather when nothing is padded
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        # Store the real tokens' K/V in their slots of the paged cache.
+        k_flat = k.transpose(1, 2).reshape(B * L, self.num_kv_heads, self.head_dim)
+        v_flat = v.transpose(1, 2).reshape(B * L, self.num_kv_heads, self.head_dim)
+        if meta.valid_index.numel() != B * L:
+            k_flat, v_flat = k_flat[meta.valid_index], v_flat[meta.valid_index]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k_flat)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v_flat)
+
+        if meta.block_tables is None:
+            # Prefill from position 0 with right padding: causal attention over this step's own
+            # K/V is exact for every real query, since padding only ever follows real tokens.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # Earlier context lives in the cache: gather each row's blocks and mask by position.
+            bt = meta.block_tables
+            keys = k_cache[bt].flatten(1, 2).transpose(1, 2)  # [B, kv_heads, S, head_dim]
+            values = v_cache[bt].flatten(1, 2).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.attn_mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, L], right-padded
+        positions: torch.Tensor,  # [B, L]
+        kv_cache: torch.Tensor,  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        meta: AttentionMetadata,
+        logits_index: torch.Tensor,  # [N] flat indices into [B*L] of the tokens to score
+    ) -> torch.Tensor:
+        """Logits (fp32) of the tokens at ``logits_index``, after writing all real tokens' KV."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+            x = layer(x, cos, sin, layer_cache[0], layer_cache[1], meta)
+        x = x.flatten(0, 1)[logits_index]
+        return self.lm_head(self.norm(x)).float()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face Llama/Qwen2 weights, fusing q/k/v and gate/up as this model does."""
+        own: dict[str, torch.Tensor] = {}
+        pending: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if any(p in name for p in (".q_proj.", ".k_proj.", ".v_proj.", ".gate_proj.", ".up_proj.")):
+                pending[name] = tensor
+            else:
+                own[name] = tensor
+        for i in range(self.args.num_layers):
+            a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
+            for kind in ("weight", "bias"):
+                parts = [pending.pop(f"{a}.{p}_proj.{kind}", None) for p in "qkv"]
+                if all(t is not None for t in parts):
+                    own[f"{a}.qkv_proj.{kind}"] = torch.cat(parts)
+            own[f"{m}.gate_up_proj.weight"] = torch.cat(
+                [pending.pop(f"{m}.gate_proj.weight"), pending.pop(f"{m}.up_proj.weight")]
+            )
+        if pending:
+            raise ConfigError(f"unexpected weights in checkpoint: {sorted(pending)[:5]}")
+        if self.args.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+            own["lm_head.weight"] = own["embed_tokens.weight"]
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [k for k in missing if not k.startswith("rotary.")]
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

