@@ -16,6 +16,13 @@ from bucketserve.sampling_params import SamplingParams
 log = logging.getLogger("bucketserve")
 
 
+def size_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except BucketServeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
@@ -24,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda if available, else cpu")
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
+    g.add_argument("--kv-cache-memory", type=size_arg, default=None, metavar="BYTES",
                    help="bytes for the KV-cache pool, e.g. 2GiB or 512MB (overrides --kv-cache-fraction)")
     g.add_argument("--kv-cache-fraction", type=float, default=0.2,
                    help="share of free memory for the KV-cache pool (default 0.2)")

@@ -21,6 +21,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = kv_cache.device
 
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one step; return the sampled token of each row that samples, else None.
 

@@ -1,0 +1,5 @@
+import sys
+
+from bucketserve.cli import main
+
+sys.exit(main())
