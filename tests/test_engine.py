@@ -118,12 +118,22 @@ def test_a_failing_batch_fails_only_its_requests(llm, monkeypatch) -> None:  # n
     assert llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
-def test_step_stats_count_padding(llm) -> None:  # noqa: ANN001
+def test_step_stats_count_tokens_and_packed_batches_carry_no_padding(llm) -> None:  # noqa: ANN001
     llm.generate(["a b", "The quick brown fox jumps over the lazy dog."], SamplingParams(max_tokens=2),
                  use_tqdm=False)
     s = llm.engine.stats
-    assert s.steps >= 2 and s.padded_tokens > s.real_tokens > 0
-    assert 0 < s.padding_ratio < 1
+    prompt_tokens = sum(len(llm.engine.tokenize(p)) for p in ["a b", "The quick brown fox jumps over the lazy dog."])
+    assert s.steps == 2 and s.real_tokens == prompt_tokens + 2
+    assert s.padded_tokens == s.real_tokens and s.padding_ratio == 0
+
+
+def test_a_padded_batch_counts_its_padding() -> None:
+    from bucketserve.core.scheduler import ScheduledBatch
+    from bucketserve.core.sequence import Sequence
+
+    seqs = [Sequence(str(i), [1] * n, SamplingParams()) for i, n in enumerate([3, 10, 1])]
+    assert ScheduledBatch(seqs, [3, 10, 1], padded=True).num_padded_tokens == 2 * 10 + 1
+    assert ScheduledBatch(seqs, [3, 10, 1]).num_padded_tokens == 14
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def make_runner(path, num_blocks: int = 64):  # noqa: ANN001, ANN201
     model = LlamaModel(args)
     model.load_hf_state_dict(load_state_dict(path))
     model.eval()
-    cache = allocate_kv_cache(args, num_blocks, BLOCK, torch.float32, torch.device("cpu"))
+    cache = allocate_kv_cache(args, num_blocks + 1, BLOCK, torch.float32, torch.device("cpu"))
     capture = LogitsCapture()
     return ModelRunner(model, cache, BLOCK, capture), BlockManager(num_blocks, BLOCK), capture
 
@@ -51,10 +51,10 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def run_step(runner, bm, seqs, counts):  # noqa: ANN001, ANN201
+def run_step(runner, bm, seqs, counts, padded=False):  # noqa: ANN001, ANN201
     for seq, n in zip(seqs, counts, strict=True):
         bm.allocate(seq, seq.num_computed_tokens + n)
-    batch = ScheduledBatch(list(seqs), list(counts))
+    batch = ScheduledBatch(list(seqs), list(counts), padded=padded)
     tokens = runner.execute(batch)
     for seq, n in zip(seqs, counts, strict=True):
         seq.num_computed_tokens += n
@@ -92,11 +92,12 @@ def model_dir(request, tmp_path_factory):  # noqa: ANN001, ANN201
     )
 
 
-def test_batched_prefill_of_different_lengths_matches_hf(model_dir) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+def test_batched_prefill_of_different_lengths_matches_hf(model_dir, padded: bool) -> None:  # noqa: ANN001
     runner, bm, capture = make_runner(model_dir)
     ref = hf_model(model_dir)
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(PROMPTS)]
-    run_step(runner, bm, seqs, [len(p) for p in PROMPTS])
+    run_step(runner, bm, seqs, [len(p) for p in PROMPTS], padded=padded)
     ours = capture.logits[-1]
     for i, p in enumerate(PROMPTS):
         diff = (ours[i] - hf_logits(ref, p)[-1]).abs().max().item()

@@ -25,13 +25,15 @@ from bucketserve.errors import ConfigError, InvalidRequestError
 class ScheduledBatch:
     """One step's work: each sequence computes its next ``num_new_tokens[i]`` tokens.
 
-    Executors run the prefill rows (more than one new token) as one batch padded to the
-    longest chunk and the decode rows (one new token) as another.
+    ``padded`` asks the executor to compute every prefill row as long as the longest one,
+    as static-batching engines (HF ``generate``) do; paged engines pack tokens without
+    padding (``padded=False``).
     """
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     preempted: list[Sequence] = field(default_factory=list)
+    padded: bool = False
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,6 +45,8 @@ class ScheduledBatch:
     @property
     def num_padded_tokens(self) -> int:
         """Tokens the executor computes, padding included."""
+        if not self.padded:
+            return self.num_real_tokens
         prefill = [n for n in self.num_new_tokens if n > 1]
         decode = len(self.num_new_tokens) - len(prefill)
         return len(prefill) * max(prefill, default=0) + decode

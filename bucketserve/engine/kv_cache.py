@@ -65,7 +65,7 @@ def plan_num_blocks(
 def allocate_kv_cache(
     args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """[layers, 2, num_blocks, block_size, kv_heads, head_dim], zeroed so that masked-out
+    """[layers, 2, kv_heads, num_blocks, block_size, head_dim], zeroed so that masked-out
     slots never hold NaN bit patterns that a masked softmax would multiply by zero."""
-    shape = (args.num_layers, 2, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+    shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, args.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -101,7 +101,8 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
         )
         num_blocks = plan_num_blocks(config, self.args, self.dtype, self.device, self.max_model_len)
-        kv_cache = allocate_kv_cache(self.args, num_blocks, config.block_size, self.dtype, self.device)
+        # One block more than the block manager hands out: the runner's scratch block.
+        kv_cache = allocate_kv_cache(self.args, num_blocks + 1, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = make_scheduler(scheduler_config, self.block_manager, self.max_model_len)
         self.sampler = Sampler(self.device, config.seed)

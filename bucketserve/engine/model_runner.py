@@ -7,97 +7,101 @@ import torch
 from bucketserve.core.block_manager import blocks_for
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
-from bucketserve.engine.model import AttentionMetadata, LlamaModel
+from bucketserve.engine.model import AttentionMetadata, LlamaModel, PagedContext, PrefillRow
 from bucketserve.engine.sampler import Sampler
 
 
 class ModelRunner:
-    def __init__(
-        self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler
-    ) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, sampler: Sampler) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = sampler
         self.device = kv_cache.device
+        # The pool's last block belongs to no sequence: padded batches write pad K/V there.
+        self.scratch_slot = (kv_cache.shape[3] - 1) * block_size
+        self.max_position = model.rotary.cos.shape[0] - 1
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one step; return the sampled token of each row that samples, else None.
 
-        Decode rows (one new token) and prefill rows run as separate forward passes so that
-        decodes are never padded to a prompt's length.
+        All rows run in one forward pass over their tokens packed without padding (vLLM's
+        layout): prefill chunks first, then the decode rows' single tokens. A ``padded``
+        batch also computes pad tokens after each prompt that starts at position 0, up to the
+        longest prompt chunk, as a static-batching engine does; their K/V go to a scratch
+        block that no sequence owns, and causal attention keeps them out of real tokens' way.
         """
-        rows = range(len(batch))
-        decode = [i for i in rows if batch.num_new_tokens[i] == 1]
-        prefill = [i for i in rows if batch.num_new_tokens[i] > 1]
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] == 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        num_prefill = sum(n > 1 for n in counts)
+        starts = [s.num_computed_tokens for s in seqs]
+
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[PrefillRow] = []
+        logits_index: list[int] = []
+        sampled_rows: list[int] = []
+        bs = self.block_size
+        pad_to = max(counts[:num_prefill], default=0) if batch.padded else 0
+        num_prefill_tokens = 0
+        for r, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
+            offset = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if r < num_prefill:
+                cached = self._paged_context([seq], [start], [n]) if start > 0 else None
+                pad = max(0, pad_to - n) if cached is None else 0
+                ids.extend([0] * pad)
+                positions.extend(min(p, self.max_position) for p in range(n, n + pad))
+                slots.extend([self.scratch_slot] * pad)
+                rows.append(PrefillRow(offset, n + pad, cached))
+                num_prefill_tokens = len(ids)
+            if start + n == len(seq):  # the chunk reaches the end: this row samples
+                logits_index.append(offset + n - 1)
+                sampled_rows.append(r)
+
+        decode = None
+        if num_prefill < len(seqs):
+            d = slice(num_prefill, None)
+            decode = self._paged_context(seqs[d], starts[d], counts[d])
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device),
+            prefill=rows,
+            num_prefill_tokens=num_prefill_tokens,
+            decode=decode,
+        )
+        logits = self.model(
+            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+            self.kv_cache, meta, torch.tensor(logits_index, dtype=torch.long, device=self.device),
+        )
         result: list[int | None] = [None] * len(batch)
-        for group in (prefill, decode):
-            if group:
-                tokens = self._run_group(
-                    [batch.seqs[i] for i in group], [batch.num_new_tokens[i] for i in group],
-                    [batch.samples(i) for i in group],
-                )
-                for i, tok in zip(group, tokens, strict=True):
-                    result[i] = tok
+        if sampled_rows:
+            chosen = [seqs[r] for r in sampled_rows]
+            tokens = self.sampler(
+                logits, [s.seq_id for s in chosen], [s.params for s in chosen], [_banned_tokens(s) for s in chosen]
+            )
+            for r, tok in zip(sampled_rows, tokens, strict=True):
+                result[order[r]] = tok
         return result
 
-    def _run_group(self, seqs: list[Sequence], counts: list[int], samples: list[bool]) -> list[int | None]:
-        B, L, bs = len(seqs), max(counts), self.block_size
-        starts = [s.num_computed_tokens for s in seqs]
-        input_ids = torch.zeros(B, L, dtype=torch.long)
-        positions = torch.zeros(B, L, dtype=torch.long)
-        valid, slots, logits_index = [], [], []
-        for b, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
-            input_ids[b, :n] = torch.tensor(seq.token_ids[start : start + n])
-            pos = torch.arange(start, start + n)
-            positions[b, :n] = pos
-            positions[b, n:] = start + n - 1  # padding queries look like the last real one
-            table = torch.tensor(seq.block_table)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            valid.append(torch.arange(b * L, b * L + n))
-            if samples[b]:
-                logits_index.append(b * L + n - 1)
-
-        if all(s == 0 for s in starts):
-            block_tables, attn_mask = None, None
-        else:
-            width = max(blocks_for(s + n, bs) for s, n in zip(starts, counts, strict=True))
-            block_tables = torch.zeros(B, width, dtype=torch.long)
-            for b, seq in enumerate(seqs):
-                used = blocks_for(starts[b] + counts[b], bs)
-                block_tables[b, :used] = torch.tensor(seq.block_table[:used])
-            key_pos = torch.arange(width * bs)
-            attn_mask = (key_pos.view(1, 1, 1, -1) <= positions.view(B, 1, L, 1)).to(self.device)
-            block_tables = block_tables.to(self.device)
-
-        meta = AttentionMetadata(
-            valid_index=torch.cat(valid).to(self.device),
-            slot_mapping=torch.cat(slots).to(self.device),
-            block_tables=block_tables,
-            attn_mask=attn_mask,
-            num_padded_tokens=B * L,
-        )
-        out: list[int | None] = [None] * B
-        if not logits_index:
-            self.model(input_ids.to(self.device), positions.to(self.device), self.kv_cache, meta,
-                       torch.zeros(0, dtype=torch.long, device=self.device))
-            return out
-        logits = self.model(
-            input_ids.to(self.device), positions.to(self.device), self.kv_cache, meta,
-            torch.tensor(logits_index, device=self.device),
-        )
-        sampling = [b for b in range(B) if samples[b]]
-        chosen = [seqs[b] for b in sampling]
-        tokens = self.sampler(
-            logits,
-            [s.seq_id for s in chosen],
-            [s.params for s in chosen],
-            [_banned_tokens(s) for s in chosen],
-        )
-        for b, tok in zip(sampling, tokens, strict=True):
-            out[b] = tok
-        return out
+    def _paged_context(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> PagedContext:
+        """Block tables and visibility mask for rows whose queries read the cache."""
+        bs = self.block_size
+        used = [blocks_for(s + n, bs) for s, n in zip(starts, counts, strict=True)]
+        width = max(used)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, (seq, u) in enumerate(zip(seqs, used, strict=True)):
+            tables[b, :u] = torch.tensor(seq.block_table[:u])
+        L = max(counts)
+        # Query j of row b sits at position starts[b] + j and sees keys up to that position.
+        query_pos = torch.tensor(starts).view(-1, 1) + torch.arange(L).view(1, -1)
+        hidden = torch.arange(width * bs).view(1, 1, -1) > query_pos.unsqueeze(-1)
+        return PagedContext(tables.to(self.device), hidden.view(1, len(seqs), 1, L, -1).to(self.device))
 
 
 def _banned_tokens(seq: Sequence) -> list[int]:

@@ -1,0 +1,1 @@
+"""Real-world workloads for benchmarks (pure Python, no torch)."""
