@@ -18,6 +18,7 @@ from bucketserve.sampling_params import SamplingParams
 
 
 def make(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, **cfg: object) -> Scheduler:
+    cfg.setdefault("policy", "continuous")
     return make_scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size), max_model_len)
 
 

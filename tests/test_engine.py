@@ -35,10 +35,30 @@ def test_chunked_prefill_and_preemption_do_not_change_greedy_output(make_llm) ->
     reference = [o.outputs[0].token_ids for o in make_llm().generate(PROMPTS, GREEDY, use_tqdm=False)]
     # A 7-token budget chunks the long prompt; a pool of 6 blocks x 16 tokens (the tiny model
     # stores 512 bytes of KV per token) cannot hold everything admitted, so sequences get preempted.
-    tight = make_llm(max_num_batched_tokens=7, kv_cache_memory=6 * 16 * 512, max_model_len=96)
+    tight = make_llm(policy="continuous", max_num_batched_tokens=7, kv_cache_memory=6 * 16 * 512,
+                     max_model_len=96)
     outs = tight.generate(PROMPTS * 3, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference * 3
     assert tight.engine.stats.preemptions > 0
+
+
+@pytest.mark.parametrize("policy", ["bucket", "static", "uellm", "distserve"])
+def test_every_policy_gives_the_same_greedy_outputs(make_llm, policy: str) -> None:  # noqa: ANN001
+    reference = make_llm(policy="continuous").generate(PROMPTS * 3, GREEDY, use_tqdm=False)
+    outs = make_llm(policy=policy).generate(PROMPTS * 3, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
+
+
+def test_static_batches_pad_and_keep_finished_rows(make_llm) -> None:  # noqa: ANN001
+    llm = make_llm(policy="static")
+    lengths = [2, 9]
+    llm.generate(PROMPTS[:2], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths],
+                 use_tqdm=False)
+    s = llm.engine.stats
+    prompt_lens = [len(llm.engine.tokenize(p)) for p in PROMPTS[:2]]
+    # one padded prefill (2 rows x longest prompt), then 8 decode steps of 2 rows each
+    assert s.padded_tokens == 2 * max(prompt_lens) + 8 * 2
+    assert s.real_tokens == sum(prompt_lens) + 1 + 8
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm) -> None:  # noqa: ANN001

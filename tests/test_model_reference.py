@@ -20,13 +20,13 @@ BLOCK = 4
 
 
 class LogitsCapture:
-    """A stand-in sampler that records the logits the runner hands it and picks argmax."""
+    """A stand-in sampler that records, per step, the logits of each sequence and picks argmax."""
 
     def __init__(self) -> None:
-        self.logits: list[torch.Tensor] = []
+        self.logits: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, logits, seq_ids, params, banned):  # noqa: ANN001, ANN204
-        self.logits.append(logits.clone())
+        self.logits.append({sid: row.clone() for sid, row in zip(seq_ids, logits, strict=True)})
         return logits.argmax(-1).tolist()
 
 
@@ -100,7 +100,7 @@ def test_batched_prefill_of_different_lengths_matches_hf(model_dir, padded: bool
     run_step(runner, bm, seqs, [len(p) for p in PROMPTS], padded=padded)
     ours = capture.logits[-1]
     for i, p in enumerate(PROMPTS):
-        diff = (ours[i] - hf_logits(ref, p)[-1]).abs().max().item()
+        diff = (ours[str(i)] - hf_logits(ref, p)[-1]).abs().max().item()
         assert diff < TOL, f"prompt {i}: max abs diff {diff}"
 
 
@@ -115,7 +115,7 @@ def test_step_by_step_decode_matches_hf(model_dir) -> None:  # noqa: ANN001
         tokens = run_step(runner, bm, seqs, [1, 1, 1])
         for i, seq in enumerate(seqs):
             expected = hf_logits(ref, seq.token_ids)[-1]
-            diff = (capture.logits[-1][i] - expected).abs().max().item()
+            diff = (capture.logits[-1][seq.seq_id] - expected).abs().max().item()
             assert diff < TOL, f"seq {i} at length {len(seq)}: max abs diff {diff}"
 
 
@@ -126,9 +126,9 @@ def test_chunked_prefill_matches_hf(model_dir) -> None:  # noqa: ANN001
     long_prompt = PROMPTS[0] + PROMPTS[2]  # 15 tokens
     a = Sequence("a", long_prompt, SamplingParams())
     b = Sequence("b", PROMPTS[1], SamplingParams())
-    assert run_step(runner, bm, [a, b], [5, 3]) == [None, capture.logits[-1][0].argmax().item()]
+    assert run_step(runner, bm, [a, b], [5, 3]) == [None, capture.logits[-1]["b"].argmax().item()]
     run_step(runner, bm, [a], [7])  # still short of the end: nothing sampled
     assert len(capture.logits) == 1
     run_step(runner, bm, [a], [3])
-    diff = (capture.logits[-1][0] - hf_logits(ref, long_prompt)[-1]).abs().max().item()
+    diff = (capture.logits[-1]["a"] - hf_logits(ref, long_prompt)[-1]).abs().max().item()
     assert diff < TOL, f"max abs diff {diff}"

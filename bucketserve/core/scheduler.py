@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import abc
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
+from bucketserve.core.monitor import Monitor
 from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
-from bucketserve.errors import ConfigError, InvalidRequestError
+from bucketserve.errors import InvalidRequestError
 
 
 @dataclass
@@ -26,14 +28,18 @@ class ScheduledBatch:
     """One step's work: each sequence computes its next ``num_new_tokens[i]`` tokens.
 
     ``padded`` asks the executor to compute every prefill row as long as the longest one,
-    as static-batching engines (HF ``generate``) do; paged engines pack tokens without
-    padding (``padded=False``).
+    as static-batching engines (HF ``generate``) do, and ``num_ghost_rows`` extra decode
+    rows for members of a static batch that already finished but whose batch runs on;
+    paged engines pack tokens without padding (``padded=False``, no ghosts).
     """
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     preempted: list[Sequence] = field(default_factory=list)
     padded: bool = False
+    num_ghost_rows: int = 0
+    bucket: tuple[int, int] | None = None  # the length interval its prefill rows came from
+    scheduled_at: float = 0.0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,13 +49,17 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
     @property
+    def num_prefill_rows(self) -> int:
+        return sum(n > 1 for n in self.num_new_tokens)
+
+    @property
     def num_padded_tokens(self) -> int:
-        """Tokens the executor computes, padding included."""
+        """Tokens the executor computes, padding and ghost rows included."""
         if not self.padded:
-            return self.num_real_tokens
+            return self.num_real_tokens + self.num_ghost_rows
         prefill = [n for n in self.num_new_tokens if n > 1]
         decode = len(self.num_new_tokens) - len(prefill)
-        return len(prefill) * max(prefill, default=0) + decode
+        return len(prefill) * max(prefill, default=0) + decode + self.num_ghost_rows
 
     def samples(self, i: int) -> bool:
         """Whether row i yields an output token (its chunk reaches the end of its tokens)."""
@@ -58,7 +68,11 @@ class ScheduledBatch:
 
 
 class Scheduler(abc.ABC):
-    """Queues, admission and bookkeeping common to all policies; subclasses pick the batch."""
+    """Admission, queues and bookkeeping common to all policies; subclasses pick the batch.
+
+    The waiting queue is a FIFO deque here; a policy with its own queues overrides
+    ``_enqueue``, ``_requeue``, ``_dequeue``, ``num_waiting`` and ``waiting_seqs``.
+    """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
         self.config = config
@@ -66,13 +80,9 @@ class Scheduler(abc.ABC):
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.monitor = Monitor(max_model_len)
         self.num_preemptions = 0
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
-            raise ConfigError(
-                f"without chunked prefill a whole prompt must fit in one step: "
-                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
-                f"max_model_len ({max_model_len})"
-            )
 
     # -- admission ---------------------------------------------------------------------
     def check_admissible(self, seq: Sequence) -> None:
@@ -86,27 +96,28 @@ class Scheduler(abc.ABC):
                 f"{seq.params.max_tokens} for the output); shorten the prompt or lower max_tokens",
                 "max_tokens" if seq.prompt_len < self.max_model_len else "prompt",
             )
-        need = blocks_for(self.tokens_to_reserve(seq), self.block_manager.block_size)
+        need = blocks_for(seq.max_len, self.block_manager.block_size)
         if need > self.block_manager.num_blocks:
             raise InvalidRequestError(
-                f"the request needs {need} KV blocks ({self.tokens_to_reserve(seq)} tokens) but "
-                f"the whole KV cache holds {self.block_manager.num_blocks} blocks "
+                f"the request needs {need} KV blocks ({seq.max_len} tokens: prompt plus max_tokens) "
+                f"but the whole KV cache holds {self.block_manager.num_blocks} blocks "
                 f"({self.block_manager.capacity_tokens} tokens); raise the KV cache budget",
                 "prompt",
             )
 
-    def tokens_to_reserve(self, seq: Sequence) -> int:
-        """KV tokens the pool must hold for ``seq`` to run to completion alone.
-
-        Its prompt plus every token it may generate: a sequence that fitted its prompt but
-        outgrew the whole pool would be preempted forever.
-        """
-        return seq.max_len
-
     def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; raises InvalidRequestError, queueing nothing, if it could never run.
+
+        A sequence is admissible when its prompt plus max_tokens fits in the whole KV pool:
+        one that fitted its prompt but outgrew the pool would be preempted forever.
+        """
         self.check_admissible(seq)
+        if seq.seq_id in self.seqs:
+            raise InvalidRequestError(f"request id {seq.seq_id!r} is already queued", "request_id")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self.seqs[seq.seq_id] = seq
+        self.monitor.on_arrival(seq.arrival_time, seq.prompt_len)
+        self._enqueue(seq)
 
     # -- policy ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -124,35 +135,36 @@ class Scheduler(abc.ABC):
             if seq.finish_reason is not None:
                 self._finish(seq, now)
                 finished.append(seq)
+        self.monitor.on_step(now - batch.scheduled_at, batch.num_prefill_rows > 0)
         return finished
 
     def abort(self, seq_id: str, now: float = 0.0) -> Sequence | None:
         """Cancel a waiting or running sequence; its KV blocks are free when this returns."""
-        for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.seq_id == seq_id:
-                    seq.finish_reason = FinishReason.ABORT
-                    self._finish(seq, now)
-                    return seq
-        return None
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            return None
+        seq.finish_reason = FinishReason.ABORT
+        self._finish(seq, now)
+        return seq
 
     def _finish(self, seq: Sequence, now: float) -> None:
         self.block_manager.free(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self._dequeue(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finished_time = now
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        del self.seqs[seq.seq_id]
 
     def _preempt(self, seq: Sequence) -> None:
-        """Preempt by recompute: drop the KV, requeue at the front, keep the tokens."""
+        """Preempt by recompute: drop the KV, requeue, keep the tokens."""
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
         self.num_preemptions += 1
 
     def _start(self, seq: Sequence, now: float) -> None:
@@ -161,14 +173,28 @@ class Scheduler(abc.ABC):
             seq.first_scheduled_time = now
         self.running.append(seq)
 
-    # -- state -------------------------------------------------------------------------
+    # -- the waiting queue (FIFO unless a policy overrides) -------------------------------
+    def _enqueue(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A preempted sequence goes back ahead of the others."""
+        self.waiting.appendleft(seq)
+
+    def _dequeue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def waiting_seqs(self) -> Iterable[Sequence]:
+        return iter(self.waiting)
+
+    # -- state -------------------------------------------------------------------------
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.seqs)

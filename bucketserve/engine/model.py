@@ -154,7 +154,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] KV slot of each token
     prefill: list[PrefillRow]
     num_prefill_tokens: int
-    decode: PagedContext | None  # over the last T - num_prefill_tokens tokens, one per row
+    # Decode rows (the last T - num_prefill_tokens tokens, one per row) in consecutive groups
+    # of similar context length, each padded only to its own longest context.
+    decode: list[PagedContext]
 
 
 class Attention(nn.Module):
@@ -195,9 +197,12 @@ class Attention(nn.Module):
             else:
                 o = self._paged_attention(qi, k_cache, v_cache, row.cached)
             outs.append(o[0].transpose(0, 1))  # [n, H, D]
-        if meta.decode is not None:
-            qd = q[meta.num_prefill_tokens :].unsqueeze(2)  # [N, H, 1, D]
-            outs.append(self._paged_attention(qd, k_cache, v_cache, meta.decode).squeeze(2))
+        row = meta.num_prefill_tokens
+        for group in meta.decode:
+            n = group.block_tables.shape[0]
+            qd = q[row : row + n].unsqueeze(2)  # [n, H, 1, D]
+            outs.append(self._paged_attention(qd, k_cache, v_cache, group).squeeze(2))
+            row += n
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.reshape(T, self.q_size))
 

@@ -32,7 +32,13 @@ class ModelRunner:
         longest prompt chunk, as a static-batching engine does; their K/V go to a scratch
         block that no sequence owns, and causal attention keeps them out of real tokens' way.
         """
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] == 1)
+        # Prefill rows first, in batch order; then decode rows by context length, so that
+        # groups of similar length attend together with little padding.
+        def row_key(i: int) -> tuple[bool, int]:
+            is_decode = batch.num_new_tokens[i] == 1
+            return is_decode, len(batch.seqs[i]) if is_decode else 0
+
+        order = sorted(range(len(batch)), key=row_key)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         num_prefill = sum(n > 1 for n in counts)
@@ -65,10 +71,19 @@ class ModelRunner:
                 logits_index.append(offset + n - 1)
                 sampled_rows.append(r)
 
-        decode = None
-        if num_prefill < len(seqs):
-            d = slice(num_prefill, None)
-            decode = self._paged_context(seqs[d], starts[d], counts[d])
+        decode = [
+            self._paged_context(seqs[a:b], starts[a:b], counts[a:b])
+            for a, b in _length_groups([s + 1 for s in starts[num_prefill:]], num_prefill)
+        ]
+        if batch.num_ghost_rows:
+            # Rows of finished static-batch members: computed, then thrown away.
+            g = batch.num_ghost_rows
+            ids.extend([0] * g)
+            positions.extend([0] * g)
+            slots.extend([self.scratch_slot] * g)
+            scratch = torch.full((g, 1), self.scratch_slot // bs, dtype=torch.long)
+            visible = torch.arange(bs).view(1, 1, 1, 1, bs) > 0
+            decode.append(PagedContext(scratch.to(self.device), visible.expand(1, g, 1, 1, bs).to(self.device)))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
             prefill=rows,
@@ -102,6 +117,19 @@ class ModelRunner:
         query_pos = torch.tensor(starts).view(-1, 1) + torch.arange(L).view(1, -1)
         hidden = torch.arange(width * bs).view(1, 1, -1) > query_pos.unsqueeze(-1)
         return PagedContext(tables.to(self.device), hidden.view(1, len(seqs), 1, L, -1).to(self.device))
+
+
+def _length_groups(context_lens: list[int], offset: int, slack: float = 1.25) -> list[tuple[int, int]]:
+    """Split rows sorted by context length into runs whose longest is within ``slack`` of
+    their shortest: decode attention reads every row's K/V padded to its group's longest,
+    and one group for all would read the longest context once per row (3x the bytes on
+    ShareGPT-like mixes, where reading K/V is most of a decode step)."""
+    groups, start = [], 0
+    for i in range(1, len(context_lens) + 1):
+        if i == len(context_lens) or context_lens[i] > slack * context_lens[start] + 16:
+            groups.append((offset + start, offset + i))
+            start = i
+    return groups
 
 
 def _banned_tokens(seq: Sequence) -> list[int]:

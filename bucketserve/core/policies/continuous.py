@@ -3,11 +3,23 @@ preemption by recompute when the KV cache runs out."""
 
 from __future__ import annotations
 
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
 from bucketserve.core.sequence import Sequence
+from bucketserve.errors import ConfigError
 
 
 class ContinuousScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+        super().__init__(config, block_manager, max_model_len)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"without chunked prefill a whole prompt must fit in one step: "
+                f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({max_model_len})"
+            )
+
     def schedule(self, now: float) -> ScheduledBatch | None:
         cfg, bm = self.config, self.block_manager
         budget = cfg.max_num_batched_tokens
@@ -58,4 +70,4 @@ class ContinuousScheduler(Scheduler):
 
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, preempted)
+        return ScheduledBatch(seqs, counts, preempted, scheduled_at=now)

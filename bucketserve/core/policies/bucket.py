@@ -1,0 +1,159 @@
+"""BucketServe: bucket-based dynamic batching (DESIGN section 3; arXiv 2507.17120).
+
+Each step decodes every running sequence (continuous decode) and, when a bucket is ready,
+adds one prefill batch drawn from that bucket alone, so that the prompts batched together
+have similar lengths. The batch size comes from the free KV memory: M_safe = safety x free,
+N_b = floor(M_safe / S_b) with S_b the longest sequence the bucket's batch can reach.
+Admission reserves KV for a request's whole life (``reserve="max_tokens"``: never a
+preemption) or for its predicted output (``reserve="predicted"``: preempt by recompute, the
+least urgent first, should a sequence outgrow its reservation while memory is short).
+"""
+
+from __future__ import annotations
+
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.block_manager import BlockManager, blocks_for
+from bucketserve.core.buckets import Bucket, BucketManager, optimal_boundaries
+from bucketserve.core.ordering import urgency
+from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.sequence import Sequence, SequenceStatus
+
+
+class BucketScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
+        super().__init__(config, block_manager, max_model_len)
+        self.cfg = config.bucket
+        self.buckets = BucketManager(max_model_len, self.cfg.initial_boundaries)
+        self.n_max = self.cfg.n_max or config.max_num_seqs
+        self._keys: dict[str, float] = {}
+
+    # -- queue: the buckets ------------------------------------------------------------
+    def _enqueue(self, seq: Sequence) -> None:
+        key = self._keys.setdefault(seq.seq_id, urgency(seq, self.config.order))
+        self.buckets.push(seq, key)
+
+    _requeue = _enqueue  # a preempted sequence keeps its urgency, so it goes back ahead
+
+    def _dequeue(self, seq: Sequence) -> None:
+        self.buckets.remove(seq)
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        super()._finish(seq, now)
+        self._keys.pop(seq.seq_id, None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.buckets)
+
+    def waiting_seqs(self):  # noqa: ANN201
+        return iter(self.buckets)
+
+    def _adapt(self) -> None:
+        """Split or merge buckets for the current load (once per step, not per arrival)."""
+        edges = None
+        crowded = len(self.buckets) > self.n_max and any(len(b) > self.n_max for b in self.buckets.buckets)
+        if self.cfg.split_mode == "optimal" and crowded:
+            m = self.monitor
+            edges = optimal_boundaries(m.histogram, m.bin_width, self.max_model_len, len(self.buckets.buckets) + 1)
+        self.buckets.adapt(self.n_max, self.cfg.theta, edges)
+
+    # -- memory ----------------------------------------------------------------------------
+    def reserved_tokens(self, seq: Sequence) -> int:
+        """KV tokens admission sets aside for ``seq``."""
+        if self.cfg.reserve == "predicted" and seq.predicted_output_len is not None:
+            return min(seq.max_len, len(seq) + max(1, seq.predicted_output_len - seq.num_output_tokens))
+        return seq.max_len
+
+    def safe_free_blocks(self) -> int:
+        """M_safe in blocks: the safety share of the blocks not yet promised to running sequences.
+
+        With nothing running the margin has nothing to protect, and a request that needs more
+        than the safety share of the pool (admission lets in up to all of it) must still run.
+        """
+        bm = self.block_manager
+        if not self.running:
+            return bm.num_free_blocks
+        promised = sum(
+            max(0, blocks_for(self.reserved_tokens(s), bm.block_size) - len(s.block_table)) for s in self.running
+        )
+        return int(self.cfg.memory_safety * max(0, bm.num_free_blocks - promised))
+
+    def batch_size(self, bucket: Bucket, safe_blocks: int) -> int:
+        """N_b = floor(M_safe / S_b), S_b = the bucket's length bound plus the output reserved
+        by its most urgent request; capped by free seats and the step's token budget."""
+        head = bucket.head()
+        assert head is not None
+        s_b = min(self.max_model_len, bucket.upper + self.reserved_tokens(head) - head.prompt_len)
+        by_memory = safe_blocks // blocks_for(s_b, self.block_manager.block_size)
+        if by_memory == 0 and blocks_for(self.reserved_tokens(head), self.block_manager.block_size) <= safe_blocks:
+            by_memory = 1  # S_b is a bound; the head itself fits
+        by_budget = max(1, self.config.max_num_batched_tokens // max(1, bucket.upper))
+        seats = self.config.max_num_seqs - len(self.running)
+        return max(0, min(by_memory, by_budget, seats))
+
+    # -- the step --------------------------------------------------------------------------
+    def schedule(self, now: float) -> ScheduledBatch | None:
+        bm = self.block_manager
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        preempted: list[Sequence] = []
+
+        # Continuous decode over all running sequences, most urgent first.
+        self.running.sort(key=lambda s: self._keys[s.seq_id])
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted below by a more urgent sequence
+            while not bm.can_allocate(bm.blocks_needed(seq, len(seq))):
+                # Only with reserve="predicted": a sequence outgrew its prediction.
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                bm.allocate(seq, len(seq))
+                seqs.append(seq)
+                counts.append(seq.num_uncomputed_tokens)
+
+        # One prefill batch from the most urgent ready bucket.
+        self._adapt()
+        bucket = self._pick_bucket(now)
+        bounds = None
+        if bucket is not None:
+            bounds = (bucket.lower, bucket.upper)
+            safe = self.safe_free_blocks()
+            budget = self.config.max_num_batched_tokens
+            for _ in range(self.batch_size(bucket, safe)):
+                seq = bucket.head()
+                if seq is None or seq in preempted:
+                    break
+                need = blocks_for(self.reserved_tokens(seq), bm.block_size)
+                n = seq.num_uncomputed_tokens
+                first = not any(c > 1 for c in counts)
+                if need > safe or (n > budget and not first):
+                    break
+                self.buckets.pop(bucket)
+                bm.allocate(seq, len(seq))
+                self._start(seq, now)
+                seqs.append(seq)
+                counts.append(n)
+                safe -= need
+                budget -= n
+
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, counts, preempted, bucket=bounds, scheduled_at=now)
+
+    def _pick_bucket(self, now: float) -> Bucket | None:
+        """The most urgent bucket that is full (N_b queued), has waited a window, or would
+        otherwise leave the executor idle."""
+        safe = self.safe_free_blocks()
+        idle = not self.running
+        for bucket in sorted((b for b in self.buckets.buckets if len(b)), key=Bucket.head_key):
+            n_b = self.batch_size(bucket, safe)
+            if n_b == 0:
+                continue
+            waited = now - bucket.oldest_arrival() >= self.cfg.dispatch_window_s
+            if idle or waited or len(bucket) >= n_b:
+                return bucket
+        return None
