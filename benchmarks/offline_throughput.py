@@ -68,8 +68,12 @@ class Result:
         return self.requests / self.elapsed_s
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "output_tok_s": self.output_tok_s, "total_tok_s": self.total_tok_s,
-                "req_s": self.req_s}
+        return {
+            **asdict(self),
+            "output_tok_s": self.output_tok_s,
+            "total_tok_s": self.total_tok_s,
+            "req_s": self.req_s,
+        }
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -116,10 +120,12 @@ def run_bucketserve(llm: Any, requests: list[SampledRequest]) -> Result:
             )
     steps = stats.steps - steps0
     return Result(
-        system="bucketserve", requests=len(requests),
+        system="bucketserve",
+        requests=len(requests),
         prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
         output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
-        elapsed_s=elapsed, peak_rss_mib=peak_rss_mib(),
+        elapsed_s=elapsed,
+        peak_rss_mib=peak_rss_mib(),
         extra={
             "padding_ratio": stats.padding_ratio,
             "steps": steps,
@@ -138,18 +144,24 @@ def run_hf(model_path: Path, dtype: Any, requests: list[SampledRequest], batch_s
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+    batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     generated = 0  # tokens HF actually computed, padding to each batch's longest output included
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in tqdm(batches, desc="HF batches", unit="batch"):
-            enc = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+            enc = tokenizer(
+                [r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             if enc["attention_mask"].sum(dim=1).tolist() != [r.prompt_len for r in batch]:
                 raise RuntimeError("the HF tokenizer split a prompt differently from the engine's")
             new = max(r.output_len for r in batch)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=new, min_new_tokens=new,
-                                 pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=tokenizer.eos_token_id,
+            )
             got = out.shape[1] - enc["input_ids"].shape[1]
             if got != new:
                 raise RuntimeError(f"HF generated {got} tokens for a batch that asked for {new}")
@@ -157,11 +169,17 @@ def run_hf(model_path: Path, dtype: Any, requests: list[SampledRequest], batch_s
     elapsed = time.perf_counter() - start
     useful = sum(r.output_len for r in requests)
     return Result(
-        system="hf-transformers", requests=len(requests),
-        prompt_tokens=sum(r.prompt_len for r in requests), output_tokens=useful,
-        elapsed_s=elapsed, peak_rss_mib=peak_rss_mib(),
-        extra={"batch_size": batch_size, "generated_tokens": generated,
-               "wasted_output_ratio": 1 - useful / generated if generated else 0.0},
+        system="hf-transformers",
+        requests=len(requests),
+        prompt_tokens=sum(r.prompt_len for r in requests),
+        output_tokens=useful,
+        elapsed_s=elapsed,
+        peak_rss_mib=peak_rss_mib(),
+        extra={
+            "batch_size": batch_size,
+            "generated_tokens": generated,
+            "wasted_output_ratio": 1 - useful / generated if generated else 0.0,
+        },
     )
 
 
@@ -190,8 +208,9 @@ def print_result(r: Result) -> None:
 def speedup_line(ours: Result, hf: Result) -> tuple[float, str]:
     ratio = ours.output_tok_s / hf.output_tok_s
     verdict = "met" if ratio >= TARGET_SPEEDUP else "NOT met"
-    return ratio, (f"speed-up (output tok/s, bucketserve / HF): {ratio:.2f}x  "
-                   f"(target {TARGET_SPEEDUP:.0f}x: {verdict})")
+    return ratio, (
+        f"speed-up (output tok/s, bucketserve / HF): {ratio:.2f}x  (target {TARGET_SPEEDUP:.0f}x: {verdict})"
+    )
 
 
 # -- main --------------------------------------------------------------------------------
@@ -215,17 +234,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=8, help="static batch size of the HF baseline")
     p.add_argument("--skip-hf", action="store_true", help="run bucketserve only")
     sched = SchedulerConfig()
-    p.add_argument("--max-num-seqs", type=int, default=sched.max_num_seqs,
-                   help="bucketserve: most sequences running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=sched.max_num_batched_tokens,
-                   help="bucketserve: token budget per step (prefill chunks + decodes)")
-    p.add_argument("--kv-cache-memory", type=size_arg, default="2GiB", metavar="BYTES",
-                   help="bucketserve: bytes for the KV-cache pool, e.g. 2GiB or 512MB")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype of both systems; auto = bfloat16 where the CPU runs it fast, "
-                        "else float32")
-    p.add_argument("--output-json", type=Path, default=None, metavar="PATH",
-                   help="also write the figures here as JSON")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=sched.max_num_seqs,
+        help="bucketserve: most sequences running at once",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=sched.max_num_batched_tokens,
+        help="bucketserve: token budget per step (prefill chunks + decodes)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=size_arg,
+        default="2GiB",
+        metavar="BYTES",
+        help="bucketserve: bytes for the KV-cache pool, e.g. 2GiB or 512MB",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype of both systems; auto = bfloat16 where the CPU runs it fast, else float32",
+    )
+    p.add_argument(
+        "--output-json", type=Path, default=None, metavar="PATH", help="also write the figures here as JSON"
+    )
     a = p.parse_args(argv)
     if a.num_prompts < 1 or a.hf_batch_size < 1:
         p.error("--num-prompts and --hf-batch-size must be >= 1")
@@ -233,8 +269,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_llm(a: argparse.Namespace) -> Any:
-    return LLM(kv_cache_memory=a.kv_cache_memory, dtype=a.dtype, max_num_seqs=a.max_num_seqs,
-               max_num_batched_tokens=a.max_num_batched_tokens)
+    return LLM(
+        kv_cache_memory=a.kv_cache_memory,
+        dtype=a.dtype,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,12 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     llm = build_llm(a)
     model_path, dtype = llm.engine.model_path, llm.engine.dtype
     conversations = load_conversations()
-    requests = sample_sharegpt(llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_prompt_len=MAX_PROMPT_LEN,
-                               max_output_len=MAX_OUTPUT_LEN)
+    requests = sample_sharegpt(
+        llm.get_tokenizer(),
+        a.num_prompts,
+        seed=a.seed,
+        max_prompt_len=MAX_PROMPT_LEN,
+        max_output_len=MAX_OUTPUT_LEN,
+    )
     prompt_tokens, output_tokens = sum(r.prompt_len for r in requests), sum(r.output_len for r in requests)
-    print(f"model {model_path} ({str(dtype).removeprefix('torch.')}); {len(conversations)} ShareGPT "
-          f"conversations, sampled {len(requests)} requests (seed {a.seed}): "
-          f"{prompt_tokens} prompt + {output_tokens} output tokens")
+    print(
+        f"model {model_path} ({str(dtype).removeprefix('torch.')}); {len(conversations)} ShareGPT "
+        f"conversations, sampled {len(requests)} requests (seed {a.seed}): "
+        f"{prompt_tokens} prompt + {output_tokens} output tokens"
+    )
 
     ours = run_bucketserve(llm, requests)
     print_result(ours)
@@ -258,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-        "model_path": str(model_path), "dtype": str(dtype).removeprefix("torch."),
+        "model_path": str(model_path),
+        "dtype": str(dtype).removeprefix("torch."),
         "bucketserve": ours.to_dict(),
     }
     if not a.skip_hf:

@@ -109,8 +109,10 @@ class DistServeConfig:
     prefill_saturation_tokens: int = 512
 
     def __post_init__(self) -> None:
-        _check(self.prefill_saturation_tokens >= 1,
-               f"prefill_saturation_tokens must be >= 1, got {self.prefill_saturation_tokens}")
+        _check(
+            self.prefill_saturation_tokens >= 1,
+            f"prefill_saturation_tokens must be >= 1, got {self.prefill_saturation_tokens}",
+        )
 
 
 @dataclass
@@ -128,8 +130,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         _one_of("policy", self.policy, POLICIES)
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _check(self.max_num_batched_tokens >= 1,
-               f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(
+            self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
+        )
 
 
 @dataclass
@@ -162,8 +166,19 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1e3,
+    "KB": 1e3,
+    "M": 1e6,
+    "MB": 1e6,
+    "G": 1e9,
+    "GB": 1e9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -172,7 +187,7 @@ def parse_bytes(text: str | int) -> int:
         return text
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num) * _UNITS[unit]
     except (ValueError, KeyError):

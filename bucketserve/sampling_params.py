@@ -40,15 +40,11 @@ class SamplingParams:
                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
             )
         if self.temperature < 0:
-            raise InvalidRequestError(
-                f"temperature must be >= 0, got {self.temperature}", "temperature"
-            )
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise InvalidRequestError(
-                f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k"
-            )
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}", "top_k")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",

@@ -10,14 +10,24 @@ import pytest
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 TINY_CONFIG = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
 )
 
 CORPUS = [
@@ -43,7 +53,10 @@ def build_tokenizer(path: Path) -> None:
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
         pad_token="<|im_end|>",
     )
     fast.chat_template = CHATML
@@ -66,7 +79,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def assert_no_leaks(engine) -> None:  # noqa: ANN001
+def assert_no_leaks(engine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished_requests(), "requests left unfinished"
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_used_blocks} KV blocks leaked"
@@ -91,5 +104,5 @@ def make_llm(tiny_model_dir: Path) -> Iterator:
 
 
 @pytest.fixture
-def llm(make_llm):  # noqa: ANN001, ANN201
+def llm(make_llm):
     return make_llm()

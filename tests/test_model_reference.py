@@ -25,12 +25,12 @@ class LogitsCapture:
     def __init__(self) -> None:
         self.logits: list[dict[str, torch.Tensor]] = []
 
-    def __call__(self, logits, seq_ids, params, banned):  # noqa: ANN001, ANN204
+    def __call__(self, logits, seq_ids, params, banned):
         self.logits.append({sid: row.clone() for sid, row in zip(seq_ids, logits, strict=True)})
         return logits.argmax(-1).tolist()
 
 
-def make_runner(path, num_blocks: int = 64):  # noqa: ANN001, ANN201
+def make_runner(path, num_blocks: int = 64):
     args = ModelArgs.from_hf_config(read_config(path))
     model = LlamaModel(args)
     model.load_hf_state_dict(load_state_dict(path))
@@ -40,18 +40,18 @@ def make_runner(path, num_blocks: int = 64):  # noqa: ANN001, ANN201
     return ModelRunner(model, cache, BLOCK, capture), BlockManager(num_blocks, BLOCK), capture
 
 
-def hf_model(path):  # noqa: ANN001, ANN201
+def hf_model(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hf_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def run_step(runner, bm, seqs, counts, padded=False):  # noqa: ANN001, ANN201
+def run_step(runner, bm, seqs, counts, padded=False):
     for seq, n in zip(seqs, counts, strict=True):
         bm.allocate(seq, seq.num_computed_tokens + n)
     batch = ScheduledBatch(list(seqs), list(counts), padded=padded)
@@ -65,7 +65,7 @@ PROMPTS = [[5, 17, 33, 101, 7, 9, 250, 3, 44], [12, 400, 8], [60, 61, 62, 63, 64
 
 
 @pytest.fixture(scope="module", params=["llama", "llama-untied-llama3-rope", "qwen2"])
-def model_dir(request, tmp_path_factory):  # noqa: ANN001, ANN201
+def model_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     if request.param == "llama":
         return build_tiny_model(path)
@@ -86,14 +86,22 @@ def model_dir(request, tmp_path_factory):  # noqa: ANN001, ANN201
         build_tokenizer(path)
         return path
     return build_tiny_model(
-        path, seed=2, tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        path,
+        seed=2,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     )
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
-def test_batched_prefill_of_different_lengths_matches_hf(model_dir, padded: bool) -> None:  # noqa: ANN001
+def test_batched_prefill_of_different_lengths_matches_hf(model_dir, padded: bool) -> None:
     runner, bm, capture = make_runner(model_dir)
     ref = hf_model(model_dir)
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(PROMPTS)]
@@ -104,7 +112,7 @@ def test_batched_prefill_of_different_lengths_matches_hf(model_dir, padded: bool
         assert diff < TOL, f"prompt {i}: max abs diff {diff}"
 
 
-def test_step_by_step_decode_matches_hf(model_dir) -> None:  # noqa: ANN001
+def test_step_by_step_decode_matches_hf(model_dir) -> None:
     runner, bm, capture = make_runner(model_dir)
     ref = hf_model(model_dir)
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(PROMPTS)]
@@ -119,7 +127,7 @@ def test_step_by_step_decode_matches_hf(model_dir) -> None:  # noqa: ANN001
             assert diff < TOL, f"seq {i} at length {len(seq)}: max abs diff {diff}"
 
 
-def test_chunked_prefill_matches_hf(model_dir) -> None:  # noqa: ANN001
+def test_chunked_prefill_matches_hf(model_dir) -> None:
     """A prompt computed in uneven chunks, beside another sequence, gives the same logits."""
     runner, bm, capture = make_runner(model_dir)
     ref = hf_model(model_dir)

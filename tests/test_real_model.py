@@ -36,7 +36,7 @@ def test_greedy_outputs_equal_hf_greedy(smol: LLM) -> None:
     for conv, out in zip(convs, ours, strict=True):
         ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         gen = ref.generate(**ids, max_new_tokens=24, do_sample=False)
-        expected = gen[0, ids["input_ids"].shape[1]:].tolist()
+        expected = gen[0, ids["input_ids"].shape[1] :].tolist()
         assert out.outputs[0].token_ids == expected, conv[0]["content"]
     bm = smol.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
@@ -44,9 +44,21 @@ def test_greedy_outputs_equal_hf_greedy(smol: LLM) -> None:
 
 def test_cli_answers_paris() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "bucketserve", "generate", "--prompt", "What is the capital of France?",
-         "--kv-cache-memory", "256MiB", "--max-tokens", "32"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bucketserve",
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--kv-cache-memory",
+            "256MiB",
+            "--max-tokens",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ class BucketManager:
         self.max_len = max_len
         inner = sorted(b for b in set(boundaries) if 0 < b < max_len)
         edges = [0, *inner, max_len]
-        self.buckets = [Bucket(lo, hi) for lo, hi in zip(edges, edges[1:], strict=False)]
+        self.buckets = [Bucket(lo, hi) for lo, hi in itertools.pairwise(edges)]
         self._counter = 0  # ties in urgency break by insertion order
         self.num_splits = 0
         self.num_merges = 0
@@ -113,8 +114,10 @@ class BucketManager:
                 i += 1
         elif total < n_max:
             while len(self.buckets) > 1:
-                i = min(range(len(self.buckets) - 1),
-                        key=lambda j: len(self.buckets[j]) + len(self.buckets[j + 1]))
+                i = min(
+                    range(len(self.buckets) - 1),
+                    key=lambda j: len(self.buckets[j]) + len(self.buckets[j + 1]),
+                )
                 self._merge(i)
                 self.num_merges += 1
 
@@ -136,7 +139,7 @@ class BucketManager:
 
     def _reshape(self, edges: list[int]) -> None:
         entries = [e for b in self.buckets for e in b.heap]
-        self.buckets = [Bucket(lo, hi) for lo, hi in zip(edges, edges[1:], strict=False)]
+        self.buckets = [Bucket(lo, hi) for lo, hi in itertools.pairwise(edges)]
         for entry in entries:
             self.bucket_of(entry[2].prompt_len).heap.append(entry)
         for b in self.buckets:

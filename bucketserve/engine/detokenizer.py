@@ -25,7 +25,9 @@ class Detokenizer:
     def add(self, token_id: int) -> str | None:
         """Append a token; return the stop string it completed, if any (text cut before it)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        prefix = self.tokenizer.decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith(INCOMPLETE):
             old_len = len(self.text)

@@ -56,8 +56,12 @@ def plan_num_blocks(
         )
     log.info(
         "KV cache: %d blocks x %d tokens = %d tokens, %s (%d bytes/token, %s)",
-        num_blocks, config.block_size, num_blocks * config.block_size,
-        fmt_bytes(num_blocks * per_block), per_token, source,
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        fmt_bytes(num_blocks * per_block),
+        per_token,
+        source,
     )
     return num_blocks
 

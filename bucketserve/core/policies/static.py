@@ -29,8 +29,13 @@ class StaticScheduler(Scheduler):
         if self.running:
             # Decode the live members; finished ones still cost a row each.
             counts = [1] * len(self.running)
-            return ScheduledBatch(list(self.running), counts, num_ghost_rows=self.batch_rows - len(self.running),
-                                  padded=True, scheduled_at=now)
+            return ScheduledBatch(
+                list(self.running),
+                counts,
+                num_ghost_rows=self.batch_rows - len(self.running),
+                padded=True,
+                scheduled_at=now,
+            )
         if not self.waiting:
             return None
         bm = self.block_manager
@@ -49,7 +54,9 @@ class StaticScheduler(Scheduler):
             bm.allocate(seq, seq.max_len)  # the whole life up front: never a preemption
             self._start(seq, now)
         self.batch_rows = len(chosen)
-        return ScheduledBatch(chosen, [s.num_uncomputed_tokens for s in chosen], padded=True, scheduled_at=now)
+        return ScheduledBatch(
+            chosen, [s.num_uncomputed_tokens for s in chosen], padded=True, scheduled_at=now
+        )
 
 
 class UELLMScheduler(StaticScheduler):

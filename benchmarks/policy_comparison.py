@@ -1,0 +1,137 @@
+"""The real engine on ShareGPT requests, per scheduling policy: offline and Poisson arrivals.
+
+For each policy it builds one engine over the embedded model, then replays the same seeded
+ShareGPT sample (first human turn as raw prompt; output = reference reply length capped at
+--max-output, EOS ignored) twice: all requests at t=0, and Poisson arrivals at --rate
+requests/s. It prints output tokens/s, TTFT and TPOT p50/p99, p99 TTFT of the short
+requests (prompt below the sample's median), padding ratio, preemptions, and the share of
+step time spent in schedule().
+
+    .venv/bin/python benchmarks/policy_comparison.py --num-prompts 100 --rate 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+from bucketserve import LLM, SamplingParams
+from bucketserve.config import POLICIES, parse_bytes
+from bucketserve.metrics import RequestRecord, percentile, summarize
+from bucketserve.workloads.sharegpt import sample_sharegpt
+
+
+def replay(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[RequestRecord], float, dict]:
+    engine = llm.engine
+    stats_before = (
+        engine.stats.steps,
+        engine.stats.real_tokens,
+        engine.stats.padded_tokens,
+        engine.stats.preemptions,
+        engine.stats.schedule_time,
+        engine.stats.busy_time,
+    )
+    start = time.monotonic()
+    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    records: dict[str, RequestRecord] = {}
+    prompt_lens: dict[str, int] = {}
+    nxt = 0
+    while nxt < len(pending) or engine.has_unfinished_requests():
+        now = time.monotonic() - start
+        while nxt < len(pending) and arrivals[pending[nxt]] <= now:
+            i = pending[nxt]
+            r = requests[i]
+            rid = f"{id(requests)}-{i}"
+            engine.add_request(
+                rid,
+                r.prompt,
+                SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True),
+                arrival_time=start + arrivals[i],
+            )
+            prompt_lens[rid] = r.prompt_len
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.01, arrivals[pending[nxt]] - now)))
+            continue
+        for out in engine.step():
+            if out.finished:
+                m = out.metrics
+                records[out.request_id] = RequestRecord(
+                    m.arrival_time,
+                    m.first_token_time,
+                    m.finished_time,
+                    len(out.prompt_token_ids),
+                    len(out.outputs[0].token_ids),
+                )
+    duration = time.monotonic() - start
+    s = engine.stats
+    steps, real, padded, pre, sched_t, busy = (
+        a - b
+        for a, b in zip(
+            (s.steps, s.real_tokens, s.padded_tokens, s.preemptions, s.schedule_time, s.busy_time),
+            stats_before,
+            strict=True,
+        )
+    )
+    extra = {
+        "steps": steps,
+        "padding_ratio": 1 - real / padded if padded else 0.0,
+        "preemptions": pre,
+        "schedule_share": sched_t / busy if busy else 0.0,
+        "mean_schedule_ms": sched_t / steps * 1e3,
+    }
+    short = statistics.median(prompt_lens.values())
+    extra["p99_ttft_short_ms"] = percentile(
+        [r.ttft * 1e3 for rid, r in records.items() if prompt_lens[rid] < short], 99
+    )
+    return list(records.values()), duration, extra
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--max-output", type=int, default=128)
+    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("2GiB"))
+    p.add_argument("--modes", default="offline,poisson")
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+
+    results = []
+    for policy in a.policies.split(","):
+        llm = LLM(policy=policy, kv_cache_memory=a.kv_cache_memory, max_model_len=2048)
+        requests = sample_sharegpt(
+            llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_output_len=a.max_output
+        )
+        rng = random.Random(a.seed)
+        poisson, t = [], 0.0
+        for _ in requests:
+            t += rng.expovariate(a.rate)
+            poisson.append(t)
+        for mode in a.modes.split(","):
+            arrivals = [0.0] * len(requests) if mode == "offline" else poisson
+            records, duration, extra = replay(llm, requests, arrivals)
+            row = {"policy": policy, "mode": mode, **summarize(records, duration), **extra}
+            results.append(row)
+            print(
+                f"{policy:<11}{mode:<8} out tok/s {row['output_throughput']:7.1f} | TTFT p50/p99 "
+                f"{row['p50_ttft_ms']:8.0f}/{row['p99_ttft_ms']:8.0f} ms"
+                f" | short p99 {row['p99_ttft_short_ms']:8.0f} ms"
+                f" | TPOT p50/p99 {row['p50_tpot_ms']:6.0f}/{row['p99_tpot_ms']:6.0f} ms"
+                f" | pad {row['padding_ratio']:.3f} | preempt {row['preemptions']}"
+                f" | sched {row['schedule_share']:.2%}",
+                flush=True,
+            )
+        del llm
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

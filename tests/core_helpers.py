@@ -1,0 +1,68 @@
+"""A fake executor for the scheduling core: deterministic step times, no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.block_manager import BlockManager
+from bucketserve.core.policies import make_scheduler
+from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.sequence import Sequence
+from bucketserve.sampling_params import SamplingParams
+
+
+def make(
+    policy: str, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, **cfg: object
+) -> Scheduler:
+    return make_scheduler(
+        SchedulerConfig(policy=policy, **cfg), BlockManager(num_blocks, block_size), max_model_len
+    )
+
+
+def seq(i: int, prompt_len: int, max_tokens: int, arrival: float = 0.0, **kw: object) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Sequence(f"r{i}", list(range(1, prompt_len + 1)), params, arrival_time=arrival, **kw)
+
+
+@dataclass
+class FakeExecutor:
+    """Runs a scheduler in virtual time: a step costs base + per_token x computed tokens."""
+
+    sched: Scheduler
+    base: float = 0.01
+    per_token: float = 0.0001
+    now: float = 0.0
+    batches: list[ScheduledBatch] = field(default_factory=list)
+    max_used_blocks: int = 0
+
+    def step(self) -> list[Sequence]:
+        batch = self.sched.schedule(self.now)
+        if batch is None:
+            self.now += self.base
+            return []
+        self.batches.append(batch)
+        bm = self.sched.block_manager
+        self.max_used_blocks = max(self.max_used_blocks, bm.num_used_blocks)
+        for i, s in enumerate(batch.seqs):
+            assert len(s.block_table) * bm.block_size >= s.num_computed_tokens + batch.num_new_tokens[i]
+            if batch.samples(i):
+                if s.first_token_time is None:
+                    s.first_token_time = self.now
+                s.finish_reason = s.append_token(7)
+        self.now += self.base + self.per_token * batch.num_padded_tokens
+        return self.sched.update(batch, self.now)
+
+    def run(self, arrivals: list[Sequence], max_steps: int = 100_000) -> list[Sequence]:
+        pending = sorted(arrivals, key=lambda s: s.arrival_time)
+        done: list[Sequence] = []
+        for _ in range(max_steps):
+            while pending and pending[0].arrival_time <= self.now:
+                self.sched.add(pending.pop(0))
+            if not pending and not self.sched.has_unfinished():
+                return done
+            if not self.sched.has_unfinished():
+                self.now = pending[0].arrival_time
+                continue
+            done += self.step()
+        raise AssertionError("the scheduler made no progress")

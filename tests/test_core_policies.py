@@ -1,0 +1,252 @@
+"""Safety properties every policy must hold, and what makes BucketServe BucketServe."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bucketserve.config import BucketConfig, OrderConfig
+from bucketserve.core.buckets import BucketManager, optimal_boundaries
+from bucketserve.errors import InvalidRequestError
+from tests.core_helpers import FakeExecutor, make, seq
+
+POLICIES = ["bucket", "continuous", "static", "uellm", "distserve"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    policy=st.sampled_from(POLICIES),
+    workload=st.lists(
+        st.tuples(st.integers(1, 60), st.integers(1, 20), st.floats(0, 2), st.integers(-2, 2)),
+        min_size=1,
+        max_size=30,
+    ),
+    num_blocks=st.integers(22, 80),
+    abort_seed=st.integers(0, 10_000),
+)
+def test_any_policy_respects_memory_finishes_everything_and_leaks_nothing(
+    policy, workload, num_blocks, abort_seed
+) -> None:
+    sched = make(policy, num_blocks=num_blocks, max_model_len=84, max_num_batched_tokens=128)
+    rng = random.Random(abort_seed)
+    arrivals = [seq(i, p, o, arrival=t, priority=pr) for i, (p, o, t, pr) in enumerate(workload)]
+    ex = FakeExecutor(sched)
+    pending = sorted(arrivals, key=lambda s: s.arrival_time)
+    admitted, finished, aborted = [], set(), set()
+    for _ in range(20_000):
+        while pending and pending[0].arrival_time <= ex.now:
+            s = pending.pop(0)
+            sched.add(s)
+            admitted.append(s)
+        if admitted and rng.random() < 0.03:
+            victim = rng.choice(admitted)
+            if sched.abort(victim.seq_id, ex.now) is not None:
+                aborted.add(victim.seq_id)
+        finished.update(s.seq_id for s in ex.step())
+        assert sched.block_manager.num_used_blocks <= num_blocks
+        if not pending and not sched.has_unfinished():
+            break
+    else:
+        raise AssertionError("the scheduler made no progress")
+    assert {s.seq_id for s in admitted} == finished | aborted
+    assert all(s.num_output_tokens == s.params.max_tokens for s in admitted if s.seq_id in finished)
+    assert sched.block_manager.num_free_blocks == num_blocks
+    if policy in ("bucket", "static", "uellm", "distserve"):
+        assert sched.num_preemptions == 0  # they reserve prompt + max_tokens at admission
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    max_len=st.integers(2, 5000),
+    lengths=st.lists(st.integers(0, 5000), max_size=200),
+    n_max=st.integers(1, 20),
+    ops=st.lists(st.booleans(), max_size=30),
+)
+def test_bucket_intervals_always_partition_the_length_range(max_len, lengths, n_max, ops) -> None:
+    manager = BucketManager(max_len)
+    queued = []
+    for i, n in enumerate(lengths):
+        s = seq(i, max(1, min(n, max_len - 1)), 1)
+        manager.push(s, float(i))
+        queued.append(s)
+        if i % 7 == 0:
+            manager.adapt(n_max, 0.5)
+    for drain in ops:  # drain some, then adapt again: merges
+        if drain:
+            for b in manager.buckets:
+                while len(b):
+                    manager.pop(b)
+        manager.adapt(n_max, 0.5)
+    edges = manager.boundaries
+    assert edges[0] == 0 and edges[-1] == max_len
+    assert all(a < b for a, b in itertools.pairwise(edges)), edges
+    for b in manager.buckets:
+        assert all(b.lower <= min(s.prompt_len, max_len - 1) < b.upper for _, _, s in b.heap)
+
+
+def test_buckets_split_under_load_and_merge_when_it_falls() -> None:
+    manager = BucketManager(1000)
+    for i in range(30):  # 30 short prompts, all below the midpoint 500
+        manager.push(seq(i, 10 + i, 1), float(i))
+    manager.adapt(n_max=10, theta=0.5)
+    assert len(manager.buckets) > 1 and manager.num_splits >= 1
+    assert manager.buckets[0].upper <= 500
+    while len(manager):
+        for b in manager.buckets:
+            if len(b):
+                manager.pop(b)
+    manager.adapt(n_max=10, theta=0.5)
+    assert [(b.lower, b.upper) for b in manager.buckets] == [(0, 1000)]
+
+
+def test_optimal_boundaries_separate_two_length_clusters() -> None:
+    hist = [0] * 64
+    hist[1] = 50  # lengths ~ 16-32
+    hist[40] = 50  # lengths ~ 640-656
+    edges = optimal_boundaries(hist, bin_width=16, max_len=1024, num_buckets=2)
+    assert len(edges) == 3 and 32 <= edges[1] <= 640
+
+
+def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
+    sched = make(
+        "bucket",
+        num_blocks=4000,
+        max_model_len=1024,
+        max_num_batched_tokens=4096,
+        bucket=BucketConfig(n_max=4, dispatch_window_s=0.0),
+    )
+    rng = random.Random(0)
+    arrivals = [
+        seq(i, rng.choice([rng.randint(4, 60), rng.randint(400, 900)]), 4, arrival=i * 0.001)
+        for i in range(200)
+    ]
+    ex = FakeExecutor(sched)
+    ex.run(arrivals)
+    prefill_batches = [b for b in ex.batches if b.num_prefill_rows]
+    assert any(len(sched.buckets.buckets) > 1 for _ in [0]) or sched.buckets.num_splits > 0
+    for b in prefill_batches:
+        lower, upper = b.bucket
+        prompts = [s.prompt_len for s, n in zip(b.seqs, b.num_new_tokens, strict=True) if n > 1]
+        assert all(lower <= p < upper for p in prompts), (b.bucket, prompts)
+
+
+def test_bucket_pads_less_than_static_on_a_mixed_workload() -> None:
+    """Run with padded execution for both (as a static-batch engine would), so that the
+    comparison measures how well each policy groups lengths."""
+    rng = random.Random(42)
+
+    def workload() -> list:
+        r = random.Random(42)
+        return [
+            seq(i, r.choice([r.randint(4, 40), r.randint(300, 600)]), r.randint(4, 32), arrival=0.0)
+            for i in range(120)
+        ]
+
+    def padding(policy: str, **cfg: object) -> float:
+        sched = make(policy, num_blocks=6000, max_model_len=1024, max_num_batched_tokens=4096, **cfg)
+        ex = FakeExecutor(sched)
+        original = sched.schedule
+
+        def padded_schedule(now: float):
+            batch = original(now)
+            if batch is not None:
+                batch.padded = True
+            return batch
+
+        sched.schedule = padded_schedule  # type: ignore[method-assign]
+        ex.run(workload())
+        real = sum(b.num_real_tokens for b in ex.batches)
+        padded = sum(b.num_padded_tokens for b in ex.batches)
+        return 1 - real / padded
+
+    assert rng  # the workload is fixed by its own seed
+    bucket = padding("bucket", bucket=BucketConfig(n_max=16, dispatch_window_s=0.0))
+    static = padding("static")
+    assert bucket < static, (bucket, static)
+
+
+def test_a_request_that_can_never_fit_is_rejected_at_admission() -> None:
+    for policy in POLICIES:
+        sched = make(policy, num_blocks=4, block_size=4, max_model_len=1000)  # 16 tokens of KV
+        with pytest.raises(InvalidRequestError, match="whole KV cache holds 4 blocks"):
+            sched.add(seq(0, 16, 1))
+        assert not sched.has_unfinished()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_same_workload_gives_the_same_schedule(policy: str) -> None:
+    def trace() -> list:
+        rng = random.Random(7)
+        arrivals = [
+            seq(i, rng.randint(1, 100), rng.randint(1, 30), arrival=rng.random() * 2) for i in range(60)
+        ]
+        ex = FakeExecutor(make(policy, num_blocks=200, max_model_len=256))
+        ex.run(arrivals)
+        return [(tuple(s.seq_id for s in b.seqs), tuple(b.num_new_tokens)) for b in ex.batches]
+
+    assert trace() == trace()
+
+
+def test_priority_runs_first_but_aging_bounds_the_wait() -> None:
+    """With aging_s = 0.5, a priority-4 request is overtaken only by requests that arrive
+    less than 4 x 0.5 = 2 s after it (at equal priority 0). Stated bound on its queueing
+    delay: 2 s plus the work of the requests ahead of it (here under 1 s)."""
+    order = OrderConfig(aging_s=0.5)
+    sched = make(
+        "bucket",
+        num_blocks=2000,
+        max_model_len=256,
+        max_num_seqs=2,
+        order=order,
+        bucket=BucketConfig(dispatch_window_s=0.0),
+    )
+    low = seq(0, 10, 4, arrival=0.0, priority=4)
+    stream = [seq(i, 10, 4, arrival=0.01 * i, priority=0) for i in range(1, 1500)]  # 15 s of arrivals
+    ex = FakeExecutor(sched)
+    ex.run([low, *stream])
+    assert low.first_scheduled_time is not None
+    assert low.first_scheduled_time > 0.5  # priority made it wait for some later arrivals
+    assert low.first_scheduled_time <= 4 * order.aging_s + 1.0
+    overtook = [s for s in stream if s.first_scheduled_time < low.first_scheduled_time]
+    assert overtook and all(s.arrival_time < low.arrival_time + 4 * order.aging_s for s in overtook)
+
+
+def test_edf_serves_the_tightest_deadline_first() -> None:
+    sched = make(
+        "bucket",
+        num_blocks=2000,
+        max_model_len=256,
+        max_num_seqs=1,
+        order=OrderConfig(order="edf"),
+        bucket=BucketConfig(dispatch_window_s=0.0),
+    )
+    relaxed = seq(0, 10, 2, arrival=0.0, ttft_slo=5.0)
+    urgent = seq(1, 10, 2, arrival=0.0, ttft_slo=0.1)
+    sched.add(relaxed)
+    sched.add(urgent)
+    batch = sched.schedule(0.0)
+    assert [s.seq_id for s in batch.seqs] == ["r1"]
+
+
+def test_bucket_batch_size_follows_free_memory() -> None:
+    """N_b = floor(M_safe / S_b): a pool of 100 blocks x 4 tokens, bucket bound 256 + 4 output
+    tokens = 65 blocks per sequence -> with nothing running one fits, never two."""
+    sched = make(
+        "bucket",
+        num_blocks=100,
+        block_size=4,
+        max_model_len=256,
+        max_num_batched_tokens=4096,
+        bucket=BucketConfig(dispatch_window_s=0.0),
+    )
+    for i in range(5):
+        sched.add(seq(i, 50, 4))
+    batch = sched.schedule(0.0)
+    # each request reserves 54 tokens = 14 blocks; S_b = 256 + 4 = 65 blocks -> N_b = 1
+    assert batch.num_prefill_rows == 1
+    assert sched.batch_size(sched.buckets.buckets[0], 100) == 1
+    assert sched.batch_size(sched.buckets.buckets[0], 200) == 3
