@@ -60,7 +60,7 @@ class BucketConfig:
 
     n_max: int | None = None  # split threshold on queued requests; None: max_num_seqs
     theta: float = 0.5  # split a crowded bucket when more than this share sits below its midpoint
-    dispatch_window_s: float = 0.05  # dispatch a bucket whose oldest request waited this long
+    dispatch_window_s: float = 0.05  # dispatch a bucket whose most urgent request waited this long
     initial_boundaries: tuple[int, ...] = ()  # inner boundaries to start with; () = one bucket
     split_mode: str = "bisect"  # bisect at the midpoint (paper) | optimal (least expected padding)
     reserve: str = "max_tokens"  # KV reserved per request: prompt + max_tokens | + predicted output

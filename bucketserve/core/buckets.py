@@ -21,6 +21,10 @@ class Bucket:
     lower: int  # inclusive
     upper: int  # exclusive
     heap: list[tuple[float, int, Sequence]] = field(default_factory=list)
+    below: int = 0  # queued requests shorter than the midpoint, kept up to date for splits
+
+    def __post_init__(self) -> None:
+        self.below = sum(1 for _, _, s in self.heap if s.prompt_len < self.midpoint)
 
     def __len__(self) -> int:
         return len(self.heap)
@@ -35,8 +39,8 @@ class Bucket:
     def head_key(self) -> float:
         return self.heap[0][0] if self.heap else float("inf")
 
-    def oldest_arrival(self) -> float:
-        return min((s.arrival_time for _, _, s in self.heap), default=float("inf"))
+    def head_arrival(self) -> float:
+        return self.heap[0][2].arrival_time if self.heap else float("inf")
 
 
 class BucketManager:
@@ -71,10 +75,14 @@ class BucketManager:
 
     def push(self, seq: Sequence, key: float) -> None:
         self._counter += 1
-        heapq.heappush(self.bucket_of(seq.prompt_len).heap, (key, self._counter, seq))
+        bucket = self.bucket_of(seq.prompt_len)
+        heapq.heappush(bucket.heap, (key, self._counter, seq))
+        bucket.below += seq.prompt_len < bucket.midpoint
 
     def pop(self, bucket: Bucket) -> Sequence:
-        return heapq.heappop(bucket.heap)[2]
+        seq = heapq.heappop(bucket.heap)[2]
+        bucket.below -= seq.prompt_len < bucket.midpoint
+        return seq
 
     def remove(self, seq: Sequence) -> bool:
         bucket = self.bucket_of(seq.prompt_len)
@@ -83,6 +91,7 @@ class BucketManager:
                 bucket.heap[i] = bucket.heap[-1]
                 bucket.heap.pop()
                 heapq.heapify(bucket.heap)
+                bucket.below -= seq.prompt_len < bucket.midpoint
                 return True
         return False
 
@@ -106,8 +115,7 @@ class BucketManager:
             i = 0
             while i < len(self.buckets):
                 b = self.buckets[i]
-                below = sum(1 for _, _, s in b.heap if s.prompt_len < b.midpoint)
-                if len(b) > n_max and below > theta * len(b) and b.upper - b.lower >= 2:
+                if len(b) > n_max and b.below > theta * len(b) and b.upper - b.lower >= 2:
                     self._split(i)
                     self.num_splits += 1
                     continue  # the lower half may need splitting again
@@ -124,9 +132,8 @@ class BucketManager:
     def _split(self, i: int) -> None:
         b = self.buckets[i]
         mid = b.midpoint
-        low, high = Bucket(b.lower, mid), Bucket(mid, b.upper)
-        for entry in b.heap:
-            (low if entry[2].prompt_len < mid else high).heap.append(entry)
+        low = Bucket(b.lower, mid, [e for e in b.heap if e[2].prompt_len < mid])
+        high = Bucket(mid, b.upper, [e for e in b.heap if e[2].prompt_len >= mid])
         heapq.heapify(low.heap)
         heapq.heapify(high.heap)
         self.buckets[i : i + 1] = [low, high]
@@ -139,11 +146,14 @@ class BucketManager:
 
     def _reshape(self, edges: list[int]) -> None:
         entries = [e for b in self.buckets for e in b.heap]
-        self.buckets = [Bucket(lo, hi) for lo, hi in itertools.pairwise(edges)]
+        heaps: list[list[tuple[float, int, Sequence]]] = [[] for _ in edges[1:]]
         for entry in entries:
-            self.bucket_of(entry[2].prompt_len).heap.append(entry)
-        for b in self.buckets:
-            heapq.heapify(b.heap)
+            heaps[bisect.bisect_right(edges, min(entry[2].prompt_len, self.max_len - 1)) - 1].append(entry)
+        for heap in heaps:
+            heapq.heapify(heap)
+        self.buckets = [
+            Bucket(lo, hi, h) for (lo, hi), h in zip(itertools.pairwise(edges), heaps, strict=True)
+        ]
 
 
 def optimal_boundaries(histogram: list[int], bin_width: int, max_len: int, num_buckets: int) -> list[int]:

@@ -151,15 +151,15 @@ class BucketScheduler(Scheduler):
         return ScheduledBatch(seqs, counts, preempted, bucket=bounds, scheduled_at=now)
 
     def _pick_bucket(self, now: float) -> Bucket | None:
-        """The most urgent bucket that is full (N_b queued), has waited a window, or would
-        otherwise leave the executor idle."""
+        """The most urgent bucket that is full (N_b queued), whose most urgent request has
+        waited a window, or that would otherwise leave the executor idle."""
         safe = self.safe_free_blocks()
         idle = not self.running
         for bucket in sorted((b for b in self.buckets.buckets if len(b)), key=Bucket.head_key):
             n_b = self.batch_size(bucket, safe)
             if n_b == 0:
                 continue
-            waited = now - bucket.oldest_arrival() >= self.cfg.dispatch_window_s
+            waited = now - bucket.head_arrival() >= self.cfg.dispatch_window_s
             if idle or waited or len(bucket) >= n_b:
                 return bucket
         return None
