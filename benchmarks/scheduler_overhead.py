@@ -72,11 +72,17 @@ def main() -> None:
         for waiting in (100, 1_000, 10_000):
             sched = build(policy, 256, waiting)
             times = sorted(step(sched, 1.0 + k * 0.01) for k in range(args.steps))
-            print(
+            line = (
                 f"{policy:<11}{sched.num_waiting:>9}{sched.num_running:>9}"
                 f"{statistics.mean(times) * 1e3:>10.3f}{times[len(times) // 2] * 1e3:>9.3f}"
                 f"{times[int(len(times) * 0.99)] * 1e3:>9.3f}"
             )
+            if hasattr(sched, "form_batch"):
+                # Whole-batch policies form a batch only when the last one ends; time that too.
+                t0 = time.perf_counter()
+                sched.form_batch()
+                line += f"   (forming a batch: {(time.perf_counter() - t0) * 1e3:.3f} ms)"
+            print(line)
 
 
 if __name__ == "__main__":
