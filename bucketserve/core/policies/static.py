@@ -8,6 +8,8 @@ prompt + max_tokens, so nothing is ever preempted.
 
 from __future__ import annotations
 
+import itertools
+
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
 from bucketserve.core.ordering import job_tokens
@@ -23,7 +25,7 @@ class StaticScheduler(Scheduler):
 
     def form_batch(self) -> list[Sequence]:
         """The next batch, in the waiting order: FCFS up to batch_size (UELLM overrides)."""
-        return list(self.waiting)[: self.batch_size]
+        return list(itertools.islice(self.waiting, self.batch_size))
 
     def schedule(self, now: float) -> ScheduledBatch | None:
         if self.running:
