@@ -83,7 +83,8 @@ class BucketScheduler(Scheduler):
 
     def batch_size(self, bucket: Bucket, safe_blocks: int) -> int:
         """N_b = floor(M_safe / S_b), S_b = the bucket's length bound plus the output reserved
-        by its most urgent request; capped by free seats and the step's token budget."""
+        by its most urgent request; capped by free seats. (The step's token budget then caps
+        the prompt tokens actually taken, one prompt always allowed.)"""
         head = bucket.head()
         assert head is not None
         s_b = min(self.max_model_len, bucket.upper + self.reserved_tokens(head) - head.prompt_len)
@@ -93,9 +94,8 @@ class BucketScheduler(Scheduler):
             and blocks_for(self.reserved_tokens(head), self.block_manager.block_size) <= safe_blocks
         ):
             by_memory = 1  # S_b is a bound; the head itself fits
-        by_budget = max(1, self.config.max_num_batched_tokens // max(1, bucket.upper))
         seats = self.config.max_num_seqs - len(self.running)
-        return max(0, min(by_memory, by_budget, seats))
+        return max(0, min(by_memory, seats))
 
     # -- the step --------------------------------------------------------------------------
     def schedule(self, now: float) -> ScheduledBatch | None:
