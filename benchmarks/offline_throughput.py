@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketserve import LLM, SamplingParams
-from bucketserve.config import DTYPES, SchedulerConfig, parse_bytes
+from bucketserve.config import DTYPES, POLICIES, SchedulerConfig, parse_bytes
 from bucketserve.errors import BucketServeError
 from bucketserve.workloads.sharegpt import SampledRequest, load_conversations, sample_sharegpt
 
@@ -234,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=8, help="static batch size of the HF baseline")
     p.add_argument("--skip-hf", action="store_true", help="run bucketserve only")
     sched = SchedulerConfig()
+    p.add_argument("--policy", choices=POLICIES, default=sched.policy, help="bucketserve: scheduling policy")
     p.add_argument(
         "--max-num-seqs",
         type=int,
@@ -270,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_llm(a: argparse.Namespace) -> Any:
     return LLM(
+        policy=a.policy,
         kv_cache_memory=a.kv_cache_memory,
         dtype=a.dtype,
         max_num_seqs=a.max_num_seqs,

@@ -256,3 +256,26 @@ def test_bucket_batch_size_follows_free_memory() -> None:
     assert batch.num_prefill_rows == 1
     assert sched.batch_size(sched.buckets.buckets[0], 100) == 1
     assert sched.batch_size(sched.buckets.buckets[0], 200) == 3
+
+
+def test_predicted_reservation_admits_more_and_preempts_when_a_prediction_is_short() -> None:
+    def run(reserve: str) -> tuple[int, int, list]:
+        sched = make(
+            "bucket",
+            num_blocks=40,
+            block_size=4,
+            max_model_len=128,
+            max_num_batched_tokens=512,
+            bucket=BucketConfig(reserve=reserve, dispatch_window_s=0.0),
+        )
+        arrivals = [seq(i, 8, 40, predicted_output_len=4) for i in range(8)]  # predictions far too short
+        ex = FakeExecutor(sched)
+        done = ex.run(arrivals)
+        return max(len(b) for b in ex.batches), sched.num_preemptions, done
+
+    rows_max, preempt_max, done_max = run("max_tokens")
+    rows_pred, preempt_pred, done_pred = run("predicted")
+    assert preempt_max == 0 and len(done_max) == 8
+    assert rows_pred > rows_max  # smaller reservations let more run at once
+    assert preempt_pred > 0 and len(done_pred) == 8  # and overflow is handled by recompute
+    assert all(s.num_output_tokens == 40 for s in done_pred)

@@ -149,8 +149,12 @@ class LLMEngine:
         priority: int = 0,
         ttft_slo: float | None = None,
         tpot_slo: float | None = None,
+        predicted_output_len: int | None = None,
     ) -> Sequence:
-        """Validate and queue a request; raises InvalidRequestError and queues nothing if bad."""
+        """Validate, annotate and queue a request (the gateway's job): its arrival time,
+        priority (lower first), TTFT/TPOT targets in seconds and, optionally, a predicted
+        output length (used by ``--bucket-reserve predicted``, SJF/LJF and UELLM).
+        Raises InvalidRequestError and queues nothing if the request is bad."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -172,6 +176,7 @@ class LLMEngine:
             priority=priority,
             ttft_slo=ttft_slo,
             tpot_slo=tpot_slo,
+            predicted_output_len=predicted_output_len,
             eos_token_id=self.eos_token_id,
         )
         self.scheduler.add(seq)  # raises if it can never be served
