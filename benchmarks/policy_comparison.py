@@ -19,7 +19,7 @@ import statistics
 import time
 
 from bucketserve import LLM, SamplingParams
-from bucketserve.config import POLICIES, parse_bytes
+from bucketserve.config import ORDERS, POLICIES, OrderConfig, parse_bytes
 from bucketserve.metrics import RequestRecord, percentile, summarize
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
@@ -99,12 +99,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("2GiB"))
     p.add_argument("--modes", default="offline,poisson")
+    p.add_argument("--order", choices=ORDERS, default="fcfs", help="request ordering (bucket policy)")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
 
     results = []
     for policy in a.policies.split(","):
-        llm = LLM(policy=policy, kv_cache_memory=a.kv_cache_memory, max_model_len=2048)
+        llm = LLM(
+            policy=policy,
+            kv_cache_memory=a.kv_cache_memory,
+            max_model_len=2048,
+            order=OrderConfig(order=a.order),
+        )
         requests = sample_sharegpt(
             llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_output_len=a.max_output
         )
@@ -116,7 +122,7 @@ def main() -> None:
         for mode in a.modes.split(","):
             arrivals = [0.0] * len(requests) if mode == "offline" else poisson
             records, duration, extra = replay(llm, requests, arrivals)
-            row = {"policy": policy, "mode": mode, **summarize(records, duration), **extra}
+            row = {"policy": policy, "order": a.order, "mode": mode, **summarize(records, duration), **extra}
             results.append(row)
             print(
                 f"{policy:<11}{mode:<8} out tok/s {row['output_throughput']:7.1f} | TTFT p50/p99 "

@@ -129,14 +129,13 @@ class BucketScheduler(Scheduler):
             bounds = (bucket.lower, bucket.upper)
             safe = self.safe_free_blocks()
             budget = self.config.max_num_batched_tokens
-            for _ in range(self.batch_size(bucket, safe)):
+            for taken in range(self.batch_size(bucket, safe)):
                 seq = bucket.head()
                 if seq is None or seq in preempted:
                     break
                 need = blocks_for(self.reserved_tokens(seq), bm.block_size)
                 n = seq.num_uncomputed_tokens
-                first = not any(c > 1 for c in counts)
-                if need > safe or (n > budget and not first):
+                if need > safe or (n > budget and taken > 0):  # one prompt may exceed the budget
                     break
                 self.buckets.pop(bucket)
                 bm.allocate(seq, len(seq))
