@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from bucketserve.server.launch import serve
+
+    engine_config, scheduler_config = engine_configs(a)
+    return serve(
+        engine_config,
+        scheduler_config,
+        host=a.host,
+        port=a.port,
+        served_model_name=a.served_model_name,
+        api_key=a.api_key or os.environ.get("BUCKETSERVE_API_KEY") or None,
+        max_waiting_requests=a.max_waiting_requests,
+        shutdown_grace_s=a.shutdown_grace,
+        log_level=a.log_level,
+    )
+
+
 def _llm_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     engine, sched = engine_configs(a)
     kwargs = {k: getattr(engine, k) for k in EngineConfig.__dataclass_fields__ if k != "model"}
@@ -343,6 +361,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics.",
+    )
+    h = srv.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    h.add_argument(
+        "--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)"
+    )
+    h.add_argument(
+        "--served-model-name",
+        default="SmolLM2-135M-Instruct",
+        help="the model name clients send (the --model path is accepted too)",
+    )
+    h.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="answer 429 (with Retry-After) beyond this many waiting requests (default 256)",
+    )
+    h.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $BUCKETSERVE_API_KEY, else none)",
+    )
+    h.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, let in-flight requests finish for this long (default 10)",
+    )
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

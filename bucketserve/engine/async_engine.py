@@ -1,0 +1,350 @@
+"""An asyncio front for :class:`LLMEngine`: one background thread runs the step loop.
+
+The engine is not thread-safe, so only the engine thread touches it. Callers (coroutines on
+an event loop) put commands (add, abort) in a thread-safe inbox that the loop drains between
+steps; the loop hands each request's outputs back to the caller's event loop with
+``loop.call_soon_threadsafe`` into a per-request ``asyncio.Queue``.
+
+    engine = AsyncEngine(LLMEngine(config, scheduler_config), max_waiting_requests=256)
+    async for out in engine.generate("req-1", "Hello", SamplingParams(max_tokens=16)):
+        print(out.outputs[0].text)        # cumulative text so far
+    await engine.shutdown(grace_s=5)
+
+Validation errors (:class:`InvalidRequestError`) and a full waiting queue
+(:class:`QueueFullError`) are raised by ``add_request`` (and so by the first step of
+``generate``) before any output. Leaving ``generate`` early (``aclose``, cancellation, a
+client that disconnects) aborts the request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from bucketserve.engine.llm_engine import LLMEngine
+from bucketserve.errors import BucketServeError, ConfigError
+from bucketserve.outputs import RequestOutput
+from bucketserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(BucketServeError):
+    """The waiting queue holds ``max_waiting_requests``; retry later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(BucketServeError):
+    """The engine is shutting down (or its loop died) and takes no more requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's state after its latest step or command, for /metrics and /health."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    padding_ratio: float = 0.0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the KV pool's blocks in use, in [0, 1]."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+_ACCEPTED = object()  # put in a request's queue once the engine has queued it
+
+
+class RequestStream:
+    """One request's outputs as they arrive; iterate it with ``async for``."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException | object) -> None:
+        """Called from the engine thread."""
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        assert isinstance(item, RequestOutput)
+        if item.finished:
+            self.finished = True
+        return item
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int
+    ttft_slo: float | None
+    tpot_slo: float | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    """Runs ``engine``'s step loop in a background thread and serves requests to coroutines."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        max_waiting_requests: int = 256,
+        idle_poll_s: float = 0.002,
+    ) -> None:
+        if max_waiting_requests < 1:
+            raise ConfigError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._idle_poll_s = idle_poll_s
+        self._cond = threading.Condition()
+        self._inbox: deque[_Add | _Abort] = deque()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._stopping = False
+        self._deadline = float("inf")
+        self._snapshot = EngineSnapshot(kv_blocks_total=engine.block_manager.num_blocks)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bucketserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (any thread with a running event loop) ---------------------------
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> EngineSnapshot:
+        return self._snapshot
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """The tokenizer is read-only and thread-safe; callers may tokenize on their side."""
+        return self.engine.tokenize(prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.engine.apply_chat_template(messages)
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        ttft_slo: float | None = None,
+        tpot_slo: float | None = None,
+    ) -> RequestStream:
+        """Queue a request and return its output stream once the engine has accepted it.
+
+        Raises InvalidRequestError, QueueFullError or EngineStoppedError (nothing queued)."""
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        self._send(_Add(stream, prompt, params, time.monotonic(), priority, ttft_slo, tpot_slo))
+        try:
+            item = await stream.queue.get()
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        if isinstance(item, BaseException):
+            raise item
+        assert item is _ACCEPTED
+        return stream
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        ttft_slo: float | None = None,
+        tpot_slo: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs (cumulative text and token ids), the last one finished.
+
+        Closing or cancelling the iterator before the end aborts the request."""
+        stream = await self.add_request(
+            request_id, prompt, params, priority=priority, ttft_slo=ttft_slo, tpot_slo=tpot_slo
+        )
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe, returns at once); the engine frees its KV blocks
+        before its next step. Unknown or finished ids are ignored."""
+        with self._cond:
+            self._inbox.append(_Abort(request_id))
+            self._cond.notify()
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Refuse new requests, let running ones finish for up to ``grace_s`` seconds, abort
+        the rest (their streams raise EngineStoppedError) and stop the engine thread."""
+        with self._cond:
+            if not self._stopping:
+                self._stopping = True
+                self._deadline = time.monotonic() + grace_s
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    def _send(self, cmd: _Add | _Abort) -> None:
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise EngineStoppedError("the server is shutting down; retry on another instance")
+            self._inbox.append(cmd)
+            self._cond.notify()
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the engine: fail every request, refuse new ones
+            log.exception("the engine loop died")
+            self._error = e
+            with self._cond:
+                self._stopping = True
+                cmds = list(self._inbox)
+                self._inbox.clear()
+            err = EngineStoppedError(f"the engine failed: {e}")
+            for cmd in cmds:
+                if isinstance(cmd, _Add):
+                    cmd.stream.put(err)
+            for stream in self._streams.values():
+                stream.put(err)
+            self._streams.clear()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._inbox and not self._streams and not self._stopping:
+                    self._cond.wait()
+                cmds = list(self._inbox)
+                self._inbox.clear()
+                stopping, deadline = self._stopping, self._deadline
+            for cmd in cmds:
+                self._apply(cmd)
+            if stopping and (not self._streams or time.monotonic() >= deadline):
+                self._abort_all(EngineStoppedError("the server shut down before this request finished"))
+                self._update_snapshot()
+                return
+            if not engine.has_unfinished_requests():
+                if self._streams:  # requests the engine no longer knows: never wait for them forever
+                    log.error("the engine lost %d requests; failing them", len(self._streams))
+                    self._abort_all(EngineStoppedError("the engine lost this request; retry it"))
+                self._update_snapshot()
+                continue
+            steps = engine.stats.steps
+            try:
+                outputs = engine.step()
+            except Exception as e:  # the scheduler itself failed: fail the in-flight requests
+                log.exception("an engine step failed; failing %d requests", len(self._streams))
+                self._abort_all(e)
+                outputs = []
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                stream.put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+            self._update_snapshot()
+            if engine.stats.steps == steps:
+                # The policy chose to wait (a bucket's dispatch window); don't spin.
+                with self._cond:
+                    if not self._inbox:
+                        self._cond.wait(self._idle_poll_s)
+
+    def _apply(self, cmd: _Add | _Abort) -> None:
+        engine = self.engine
+        if isinstance(cmd, _Abort):
+            engine.abort_request(cmd.request_id)
+            self._streams.pop(cmd.request_id, None)
+            return
+        stream = cmd.stream
+        if self._stopping:
+            stream.put(EngineStoppedError("the server is shutting down; retry on another instance"))
+            return
+        if engine.scheduler.num_waiting >= self.max_waiting_requests:
+            stream.put(
+                QueueFullError(
+                    f"the server is overloaded: {engine.scheduler.num_waiting} requests are already "
+                    f"waiting (max_waiting_requests={self.max_waiting_requests}); retry later"
+                )
+            )
+            return
+        try:
+            engine.add_request(
+                stream.request_id,
+                cmd.prompt,
+                cmd.params,
+                arrival_time=cmd.arrival_time,
+                priority=cmd.priority,
+                ttft_slo=cmd.ttft_slo,
+                tpot_slo=cmd.tpot_slo,
+            )
+        except Exception as e:  # InvalidRequestError, or a tokenizer failure on odd input
+            stream.put(e)
+            return
+        self._streams[stream.request_id] = stream
+        stream.put(_ACCEPTED)
+
+    def _abort_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort_request(rid)
+            stream.put(error)
+        self._streams.clear()
+
+    def _update_snapshot(self) -> None:
+        engine = self.engine
+        bm = engine.block_manager
+        self._snapshot = EngineSnapshot(
+            num_running=engine.scheduler.num_running,
+            num_waiting=engine.scheduler.num_waiting,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            num_preemptions=engine.stats.preemptions,
+            num_steps=engine.stats.steps,
+            padding_ratio=engine.stats.padding_ratio,
+        )

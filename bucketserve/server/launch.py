@@ -1,0 +1,95 @@
+"""Run the HTTP server: load the engine, bind the socket, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from types import FrameType
+
+import uvicorn
+
+from bucketserve.config import EngineConfig, SchedulerConfig
+from bucketserve.engine.async_engine import AsyncEngine
+from bucketserve.engine.llm_engine import LLMEngine
+from bucketserve.errors import ConfigError
+from bucketserve.server.app import build_app
+
+log = logging.getLogger("bucketserve.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, logging the URL once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self.url = url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            log.info("serving on %s (OpenAI API under %s/v1)", self.url, self.url)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    engine_config: EngineConfig,
+    scheduler_config: SchedulerConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str = "SmolLM2-135M-Instruct",
+    api_key: str | None = None,
+    max_waiting_requests: int = 256,
+    shutdown_grace_s: float = 10.0,
+    log_level: str = "info",
+) -> int:
+    """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s`` to finish.
+    Returns 0 after a SIGTERM (a clean stop); SIGINT raises KeyboardInterrupt afterwards."""
+    if max_waiting_requests < 1:
+        raise ConfigError(f"--max-waiting-requests must be >= 1, got {max_waiting_requests}")
+    sock = bind(host, port)  # fail fast, before loading the model
+    engine = LLMEngine(engine_config, scheduler_config)
+    async_engine = AsyncEngine(engine, max_waiting_requests=max_waiting_requests)
+    app = build_app(async_engine, served_model_name, api_key, shutdown_grace_s=shutdown_grace_s)
+    actual_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        log_config=None,  # uvicorn logs through the CLI's logging setup
+        timeout_graceful_shutdown=int(shutdown_grace_s) + 1,
+        access_log=log_level == "debug",
+    )
+    server = _Server(config, f"http://{shown_host}:{actual_port}")
+    # uvicorn re-raises a captured signal after its graceful shutdown, to the handler installed
+    # before it ran: SIGTERM's is replaced so that a requested stop exits with status 0.
+    terminated: list[int] = []
+
+    def on_term(sig: int, frame: FrameType | None) -> None:
+        terminated.append(sig)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    if not server.started:
+        return 1
+    log.info("server stopped")
+    return 0

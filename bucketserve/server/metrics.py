@@ -1,0 +1,97 @@
+"""Prometheus metrics, named like vLLM's (``bucketserve:`` instead of ``vllm:``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from bucketserve.engine.async_engine import EngineSnapshot
+
+LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class _EngineCollector(Collector):
+    """Engine state, read from the engine's latest snapshot at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+        self.snapshot = snapshot
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot()
+        labels = ["model_name"]
+        value = [self.model_name]
+        for name, doc, v in (
+            ("bucketserve:num_requests_running", "Requests in the running batch.", s.num_running),
+            ("bucketserve:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("bucketserve:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", s.kv_cache_usage),
+            ("bucketserve:padding_ratio", "Share of computed tokens that were padding.", s.padding_ratio),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(value, v)
+            yield g
+        c = CounterMetricFamily(
+            "bucketserve:num_preemptions", "Preemptions (recompute) since start.", labels=labels
+        )
+        c.add_metric(value, s.num_preemptions)
+        yield c
+        c = CounterMetricFamily("bucketserve:engine_steps", "Engine steps since start.", labels=labels)
+        c.add_metric(value, s.num_steps)
+        yield c
+
+
+class ServerMetrics:
+    """Per-request metrics, observed by the HTTP handlers; one registry per app."""
+
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        r, m = self.registry, ["model_name"]
+        self.ttft = Histogram(
+            "bucketserve:time_to_first_token_seconds",
+            "Time to first token, from arrival.",
+            m,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            "bucketserve:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            m,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "bucketserve:e2e_request_latency_seconds",
+            "End-to-end request latency, from arrival to the last token.",
+            m,
+            registry=r,
+            buckets=E2E_BUCKETS,
+        )
+        self.success = Counter(
+            "bucketserve:request_success",
+            "Finished requests, by finish reason.",
+            [*m, "finished_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "bucketserve:request_rejected",
+            "Requests refused before running, by reason (invalid, queue_full, unauthorized, shutdown).",
+            [*m, "reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "bucketserve:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r
+        )
+        self.generation_tokens = Counter("bucketserve:generation_tokens", "Generated tokens.", m, registry=r)
+        self.registry.register(_EngineCollector(snapshot, model_name))
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self.model_name, reason).inc()
