@@ -251,7 +251,8 @@ def build_app(
             raise APIError(503, str(e), type="service_unavailable", code="shutting_down") from None
 
     async def collect(stream: RequestStream, request: Request, tracker: _Tracker) -> RequestOutput | None:
-        """Run a request to the end; None (and the request aborted) if the client left."""
+        """Run a request to the end; None (and the request aborted) if the client left.
+        Raises the APIError of a request whose batch failed."""
         final: RequestOutput | None = None
 
         async def consume() -> None:
@@ -277,6 +278,9 @@ def build_app(
             raise APIError(503, str(exc), type="service_unavailable", code="shutting_down")
         if exc is not None:
             raise exc
+        err = finished_error(final) if final is not None else None
+        if err is not None:
+            raise err
         return final
 
     def finished_error(out: RequestOutput) -> APIError | None:
@@ -368,9 +372,6 @@ def build_app(
         final = await collect(stream, request, tracker)
         if final is None:
             return Response(status_code=499)
-        err = finished_error(final)
-        if err is not None:
-            raise err
         c = final.outputs[0]
         return JSONResponse(
             {
@@ -435,9 +436,6 @@ def build_app(
         final = await collect(stream, request, tracker)
         if final is None:
             return Response(status_code=499)
-        err = finished_error(final)
-        if err is not None:
-            raise err
         c = final.outputs[0]
         return JSONResponse(
             {
