@@ -8,23 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketserve.config import SchedulerConfig
-from bucketserve.core.block_manager import BlockManager
-from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import Scheduler
 from bucketserve.core.sequence import FinishReason, Sequence
 from bucketserve.errors import ConfigError, InvalidRequestError
-from bucketserve.sampling_params import SamplingParams
+from tests import core_helpers as helpers
+from tests.core_helpers import seq
 
 
-def make(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, **cfg: object) -> Scheduler:
+def make(**cfg: object) -> Scheduler:
     cfg.setdefault("policy", "continuous")
-    return make_scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size), max_model_len)
-
-
-def seq(i: int, prompt_len: int, max_tokens: int, arrival: float = 0.0) -> Sequence:
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    return Sequence(f"r{i}", list(range(1, prompt_len + 1)), params, arrival_time=arrival)
+    return helpers.make(**cfg)  # type: ignore[arg-type]
 
 
 def fake_step(sched: Scheduler, now: float) -> list[Sequence] | None:
@@ -152,9 +145,9 @@ def test_random_workloads_respect_memory_finish_and_leak_nothing(
     if not chunked:
         budget = max(budget, max_model_len)
     sched = make(
-        num_blocks,
-        block_size,
-        max_model_len,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_model_len=max_model_len,
         max_num_batched_tokens=budget,
         max_num_seqs=max_seqs,
         enable_chunked_prefill=chunked,

@@ -127,7 +127,7 @@ def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
     ex = FakeExecutor(sched)
     ex.run(arrivals)
     prefill_batches = [b for b in ex.batches if b.num_prefill_rows]
-    assert any(len(sched.buckets.buckets) > 1 for _ in [0]) or sched.buckets.num_splits > 0
+    assert sched.buckets.num_splits > 0  # the load did split the single starting bucket
     for b in prefill_batches:
         lower, upper = b.bucket
         prompts = [s.prompt_len for s, n in zip(b.seqs, b.num_new_tokens, strict=True) if n > 1]
@@ -137,7 +137,6 @@ def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
 def test_bucket_pads_less_than_static_on_a_mixed_workload() -> None:
     """Run with padded execution for both (as a static-batch engine would), so that the
     comparison measures how well each policy groups lengths."""
-    rng = random.Random(42)
 
     def workload() -> list:
         r = random.Random(42)
@@ -163,7 +162,6 @@ def test_bucket_pads_less_than_static_on_a_mixed_workload() -> None:
         padded = sum(b.num_padded_tokens for b in ex.batches)
         return 1 - real / padded
 
-    assert rng  # the workload is fixed by its own seed
     bucket = padding("bucket", bucket=BucketConfig(n_max=16, dispatch_window_s=0.0))
     static = padding("static")
     assert bucket < static, (bucket, static)

@@ -55,7 +55,3 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)
         seq.block_table = []
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Flat KV slot of token ``position`` of ``seq``."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 
@@ -44,21 +43,3 @@ class Monitor:
 
     def _ewma(self, old: float, sample: float) -> float:
         return sample if old == 0.0 else (1 - self.alpha) * old + self.alpha * sample
-
-    def length_quantile(self, q: float) -> int:
-        """Approximate prompt-length quantile from the histogram (upper edge of its bin)."""
-        total = sum(self.histogram)
-        if not total:
-            return self.max_len
-        cumulative, target = 0, q * total
-        for i, count in enumerate(self.histogram):
-            cumulative += count
-            if cumulative >= target:
-                return min((i + 1) * self.bin_width, self.max_len)
-        return self.max_len
-
-    def bin_edges(self) -> list[int]:
-        return [i * self.bin_width for i in range(self.num_bins + 1)]
-
-    def bin_of(self, length: int) -> int:
-        return min(bisect.bisect_right(self.bin_edges(), length) - 1, self.num_bins - 1)

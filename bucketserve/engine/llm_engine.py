@@ -195,10 +195,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._requests)
-
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; return the outputs of the requests it advanced."""
