@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 from bucketserve.config import EngineConfig, SchedulerConfig
-from bucketserve.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from bucketserve.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, retry_after
 from bucketserve.engine.llm_engine import LLMEngine
 from bucketserve.errors import InvalidRequestError
 from bucketserve.sampling_params import SamplingParams
@@ -120,6 +121,14 @@ def test_a_full_waiting_queue_refuses_with_queue_full(make_engine) -> None:
         del waiting
 
     asyncio.run(run())
+
+
+def test_retry_after_is_the_time_to_start_half_the_queue_at_the_recent_finish_rate() -> None:
+    two_per_second = deque([0.0, 0.5, 1.0, 1.5, 2.0])
+    assert retry_after(10, two_per_second) == 3  # 5 requests at 2/s: 2.5 s, rounded up
+    assert retry_after(1000, two_per_second, cap_s=60) == 60
+    assert retry_after(1, two_per_second) == 1
+    assert retry_after(50, deque([3.0])) == 1  # nothing measured yet
 
 
 def test_shutdown_aborts_what_outlives_the_grace_and_refuses_new_requests(make_engine) -> None:

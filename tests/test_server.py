@@ -177,8 +177,8 @@ def test_the_model_path_is_accepted_as_model_name_and_listed_models(
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
-def test_sixteen_concurrent_streams_each_get_their_own_tokens(server: Server) -> None:
-    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+def test_sixty_four_concurrent_streams_each_get_their_own_tokens_in_order(server: Server) -> None:
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(64)]
     params = dict(model=MODEL, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     client = server.client()
     alone = [client.completions.create(prompt=p, **params).choices[0].text for p in prompts]
@@ -202,7 +202,7 @@ def test_sixteen_concurrent_streams_each_get_their_own_tokens(server: Server) ->
 
     results = asyncio.run(all_at_once())
     assert [t for t, _ in results] == alone
-    assert [n for _, n in results] == [24] * 16
+    assert [n for _, n in results] == [24] * 64
     assert len(set(alone)) > 1  # different prompts: a mix-up between streams would show
 
 
@@ -312,12 +312,16 @@ def test_metrics_parse_and_count_requests(server: Server) -> None:
     assert delta("bucketserve:request_success_total", finished_reason="length") == 1
     assert delta("bucketserve:time_to_first_token_seconds_count") == 1
     assert delta("bucketserve:e2e_request_latency_seconds_count") == 1
+    assert delta("bucketserve:request_queue_time_seconds_count") == 1
     assert delta("bucketserve:inter_token_latency_seconds_count") == 4
     assert delta("bucketserve:generation_tokens_total") == 5
     assert delta("bucketserve:request_rejected_total", reason="invalid") == 1
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert ("bucketserve:" + gauge, ()) in after
     assert ("bucketserve:num_preemptions_total", ()) in after
+    # the default policy is bucket: one queue per bucket, labelled by its length range
+    assert metric(after, "bucketserve:num_buckets") >= 1
+    assert ("bucketserve:bucket_queue_length", (("bucket", "[0,256)"),)) in after
 
 
 # -- the guarded server: API key, a full queue, SIGTERM ---------------------------------------

@@ -147,6 +147,41 @@ class Scheduler(abc.ABC):
         self._finish(seq, now)
         return seq
 
+    # -- disaggregated serving (the simulator's prefill and decode instances) ---------------
+    def detach(self, seq: Sequence) -> list[int]:
+        """Hand a running sequence over to another instance; return its KV block ids here.
+
+        The sequence leaves this scheduler unfinished. Its blocks stay allocated (the KV still
+        has to be copied out); the caller frees them with ``release_blocks`` once it has.
+        The engine never calls this: it serves prefill and decode in one instance.
+        """
+        self.running.remove(seq)
+        del self.seqs[seq.seq_id]
+        blocks, seq.block_table = seq.block_table, []
+        return blocks
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Free blocks returned by ``detach``."""
+        self.block_manager.free_blocks(blocks)
+
+    def can_attach(self, seq: Sequence) -> bool:
+        """Whether ``attach`` would find seats and KV blocks for ``seq``'s whole life here."""
+        bm = self.block_manager
+        need = bm.blocks_needed(seq, seq.max_len)
+        return len(self.running) < self.config.max_num_seqs and bm.can_allocate(need)
+
+    def reserve(self, seq: Sequence) -> None:
+        """Allocate ``seq``'s blocks for its whole life (prompt + max_tokens) before its KV
+        arrives, so that nothing admitted meanwhile can take them."""
+        self.block_manager.allocate(seq, seq.max_len)
+
+    def attach(self, seq: Sequence, now: float) -> None:
+        """Run a sequence whose KV has arrived from another instance (reserved here first)."""
+        self.reserve(seq)  # a no-op when reserved already
+        self.seqs[seq.seq_id] = seq
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def _finish(self, seq: Sequence, now: float) -> None:
         self.block_manager.free(seq)
         if seq.status is SequenceStatus.RUNNING:
@@ -190,6 +225,10 @@ class Scheduler(abc.ABC):
 
     def waiting_seqs(self) -> Iterable[Sequence]:
         return iter(self.waiting)
+
+    def queue_lengths(self) -> list[tuple[str, int]]:
+        """Waiting requests per queue, labelled (one queue here; a bucket each for ``bucket``)."""
+        return [("all", self.num_waiting)]
 
     # -- state -------------------------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -37,9 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class QueueFullError(BucketServeError):
-    """The waiting queue holds ``max_waiting_requests``; retry later (HTTP 429)."""
+    """The waiting queue holds ``max_waiting_requests``; retry after ``retry_after_s`` (HTTP 429)."""
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
@@ -59,11 +60,24 @@ class EngineSnapshot:
     num_preemptions: int = 0
     num_steps: int = 0
     padding_ratio: float = 0.0
+    queues: tuple[tuple[str, int], ...] = ()  # (bucket or queue label, waiting requests)
 
     @property
     def kv_cache_usage(self) -> float:
         """Share of the KV pool's blocks in use, in [0, 1]."""
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+def retry_after(num_waiting: int, finish_times: deque[float], cap_s: int = 60) -> int:
+    """Seconds until about half of the waiting queue has been started, at the rate requests
+    recently finished (each finish frees room for one waiting request); 1 to ``cap_s``.
+
+    Half the queue, not one slot: every refused client gets the same hint, and they should not
+    all come back for the same freed slot at once."""
+    if len(finish_times) < 2 or finish_times[-1] <= finish_times[0]:
+        return 1
+    rate = (len(finish_times) - 1) / (finish_times[-1] - finish_times[0])
+    return max(1, min(cap_s, math.ceil(0.5 * num_waiting / rate)))
 
 
 _ACCEPTED = object()  # put in a request's queue once the engine has queued it
@@ -138,6 +152,7 @@ class AsyncEngine:
         self._deadline = float("inf")
         self._snapshot = EngineSnapshot(kv_blocks_total=engine.block_manager.num_blocks)
         self._error: BaseException | None = None
+        self._finish_times: deque[float] = deque(maxlen=32)  # engine thread only
         self._thread = threading.Thread(target=self._run, name="bucketserve-engine", daemon=True)
         self._thread.start()
 
@@ -289,6 +304,7 @@ class AsyncEngine:
                 stream.put(out)
                 if out.finished:
                     del self._streams[out.request_id]
+                    self._finish_times.append(time.monotonic())
             self._update_snapshot()
             if engine.stats.steps == steps:
                 # The policy chose to wait (a bucket's dispatch window); don't spin.
@@ -306,11 +322,14 @@ class AsyncEngine:
         if self._stopping:
             stream.put(EngineStoppedError("the server is shutting down; retry on another instance"))
             return
-        if engine.scheduler.num_waiting >= self.max_waiting_requests:
+        waiting = engine.scheduler.num_waiting
+        if waiting >= self.max_waiting_requests:
+            wait_s = retry_after(waiting, self._finish_times)
             stream.put(
                 QueueFullError(
-                    f"the server is overloaded: {engine.scheduler.num_waiting} requests are already "
-                    f"waiting (max_waiting_requests={self.max_waiting_requests}); retry later"
+                    f"the server is overloaded: {waiting} requests are already waiting "
+                    f"(max_waiting_requests={self.max_waiting_requests}); retry in {wait_s} s",
+                    retry_after_s=wait_s,
                 )
             )
             return
@@ -347,4 +366,5 @@ class AsyncEngine:
             num_preemptions=engine.stats.preemptions,
             num_steps=engine.stats.steps,
             padding_ratio=engine.stats.padding_ratio,
+            queues=tuple(engine.scheduler.queue_lengths()),
         )

@@ -118,10 +118,11 @@ class _Tracker:
         n = len(out.outputs[0].token_ids)
         new = n - self.num_tokens
         if new > 0:
-            if self.num_tokens == 0 and out.metrics.first_token_time is not None:
-                m.ttft.labels(label).observe(
-                    max(0.0, out.metrics.first_token_time - out.metrics.arrival_time)
-                )
+            t = out.metrics
+            if self.num_tokens == 0 and t.first_token_time is not None:
+                m.ttft.labels(label).observe(max(0.0, t.first_token_time - t.arrival_time))
+                if t.first_scheduled_time is not None:
+                    m.queue_time.labels(label).observe(max(0.0, t.first_scheduled_time - t.arrival_time))
             elif self.last is not None:
                 gap = (now - self.last) / new
                 for _ in range(new):
@@ -151,7 +152,6 @@ def build_app(
     api_key: str | None = None,
     *,
     shutdown_grace_s: float = 5.0,
-    retry_after_s: int = 1,
 ) -> FastAPI:
     """The FastAPI app serving ``async_engine`` as ``model_name`` (the engine's own model
     path is accepted too). With ``api_key``, /v1/* needs ``Authorization: Bearer KEY``."""
@@ -244,7 +244,7 @@ def build_app(
                 str(e),
                 type="rate_limit_error",
                 code="queue_full",
-                headers={"Retry-After": str(max(1, retry_after_s))},
+                headers={"Retry-After": str(e.retry_after_s)},
             ) from None
         except EngineStoppedError as e:
             metrics.reject("shutdown")

@@ -45,6 +45,19 @@ class _EngineCollector(Collector):
         c = CounterMetricFamily("bucketserve:engine_steps", "Engine steps since start.", labels=labels)
         c.add_metric(value, s.num_steps)
         yield c
+        g = GaugeMetricFamily(
+            "bucketserve:num_buckets", "Waiting queues: buckets for --policy bucket, else 1.", labels=labels
+        )
+        g.add_metric(value, len(s.queues))
+        yield g
+        g = GaugeMetricFamily(
+            "bucketserve:bucket_queue_length",
+            "Waiting requests per bucket (its prompt-length range [lower,upper)).",
+            labels=[*labels, "bucket"],
+        )
+        for bucket, n in s.queues:
+            g.add_metric([*value, bucket], n)
+        yield g
 
 
 class ServerMetrics:
@@ -53,44 +66,32 @@ class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        r, m = self.registry, ["model_name"]
-        self.ttft = Histogram(
-            "bucketserve:time_to_first_token_seconds",
-            "Time to first token, from arrival.",
-            m,
-            registry=r,
-            buckets=LATENCY_BUCKETS,
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(
+                f"bucketserve:{name}", doc, ["model_name"], registry=self.registry, buckets=buckets
+            )
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"bucketserve:{name}", doc, ["model_name", *labels], registry=self.registry)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token, from arrival.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.")
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency, from arrival to the last token.",
+            E2E_BUCKETS,
+        )  # fmt: skip
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Time from arrival to first being scheduled.", E2E_BUCKETS
         )
-        self.itl = Histogram(
-            "bucketserve:inter_token_latency_seconds",
-            "Time between consecutive output tokens.",
-            m,
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "bucketserve:e2e_request_latency_seconds",
-            "End-to-end request latency, from arrival to the last token.",
-            m,
-            registry=r,
-            buckets=E2E_BUCKETS,
-        )
-        self.success = Counter(
-            "bucketserve:request_success",
-            "Finished requests, by finish reason.",
-            [*m, "finished_reason"],
-            registry=r,
-        )
-        self.rejected = Counter(
-            "bucketserve:request_rejected",
+        self.success = counter("request_success", "Finished requests, by finish reason.", "finished_reason")
+        self.rejected = counter(
+            "request_rejected",
             "Requests refused before running, by reason (invalid, queue_full, unauthorized, shutdown).",
-            [*m, "reason"],
-            registry=r,
+            "reason",
         )
-        self.prompt_tokens = Counter(
-            "bucketserve:prompt_tokens", "Prompt tokens of finished requests.", m, registry=r
-        )
-        self.generation_tokens = Counter("bucketserve:generation_tokens", "Generated tokens.", m, registry=r)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.registry.register(_EngineCollector(snapshot, model_name))
 
     def reject(self, reason: str) -> None:

@@ -11,6 +11,8 @@ least urgent first, should a sequence outgrow its reservation while memory is sh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
 from bucketserve.core.buckets import Bucket, BucketManager, optimal_boundaries
@@ -45,8 +47,11 @@ class BucketScheduler(Scheduler):
     def num_waiting(self) -> int:
         return len(self.buckets)
 
-    def waiting_seqs(self):
+    def waiting_seqs(self) -> Iterator[Sequence]:
         return iter(self.buckets)
+
+    def queue_lengths(self) -> list[tuple[str, int]]:
+        return [(f"[{b.lower},{b.upper})", len(b)) for b in self.buckets.buckets]
 
     def _adapt(self) -> None:
         """Split or merge buckets for the current load (once per step, not per arrival)."""
