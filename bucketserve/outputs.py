@@ -5,6 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of one sampled token and of the most likely alternatives at its
+    position, from the model's own distribution (before temperature, top-k and top-p, as
+    vLLM reports them by default)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -12,6 +23,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
 
 
 @dataclass

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from bucketserve.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -14,7 +16,8 @@ class SamplingParams:
     temperature == 0 means greedy decoding. ``seed`` makes a sampled output reproducible.
     ``stop`` strings end the output (and are not part of it); ``stop_token_ids`` end it
     after the token is produced. ``ignore_eos`` keeps generating past the end-of-sequence
-    token until ``max_tokens``, as benchmarks need.
+    token until ``max_tokens``, as benchmarks need. ``logprobs=k`` returns each output
+    token's log-probability and the k most likely tokens at its position.
     """
 
     max_tokens: int = 16
@@ -26,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +53,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
                 "min_tokens",
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
             )
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")

@@ -191,6 +191,8 @@ def test_sampling_params_validate() -> None:
         SamplingParams(top_p=0)
     with pytest.raises(InvalidRequestError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(InvalidRequestError, match=r"logprobs must be in \[0, 20\]"):
+        SamplingParams(logprobs=21)
 
 
 def test_kv_budget_too_small_says_how_much_is_needed(make_llm) -> None:
@@ -204,3 +206,32 @@ def test_missing_model_path_is_a_clear_error(make_llm) -> None:
 
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         LLM("/nonexistent/model")
+
+
+def test_logprobs_are_the_models_log_softmax_at_each_output_position(llm, tiny_model_dir) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True, logprobs=3)
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.logprobs is not None and [lp.token_id for lp in c.logprobs] == c.token_ids
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    ids = out.prompt_token_ids + c.token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    for i, lp in enumerate(c.logprobs):
+        expected = logp[len(out.prompt_token_ids) - 1 + i]
+        assert lp.logprob == pytest.approx(expected[lp.token_id].item(), abs=1e-3)
+        top = torch.topk(expected, 3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-3)
+
+
+def test_no_logprobs_unless_asked(llm) -> None:
+    assert llm.generate("Hello", GREEDY, use_tqdm=False)[0].outputs[0].logprobs is None
+    zero = llm.generate(
+        "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0), use_tqdm=False
+    )
+    assert [lp.top for lp in zero[0].outputs[0].logprobs] == [(), (), ()]

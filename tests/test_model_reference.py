@@ -55,7 +55,7 @@ def run_step(runner, bm, seqs, counts, padded=False):
     for seq, n in zip(seqs, counts, strict=True):
         bm.allocate(seq, seq.num_computed_tokens + n)
     batch = ScheduledBatch(list(seqs), list(counts), padded=padded)
-    tokens = runner.execute(batch)
+    tokens = runner.execute(batch).tokens
     for seq, n in zip(seqs, counts, strict=True):
         seq.num_computed_tokens += n
     return tokens

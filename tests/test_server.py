@@ -167,6 +167,35 @@ def test_chat_text_equals_the_concatenated_stream(server: Server) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_logprobs_in_both_shapes_streamed_and_not(server: Server) -> None:
+    client = server.client()
+    params = dict(model=MODEL, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(prompt=PROMPTS[0], logprobs=2, **params).choices[0]
+    lp = whole.logprobs
+    assert "".join(lp.tokens) == whole.text and len(lp.token_logprobs) == 5
+    # greedy: each token is the most likely one, listed first among the top 2
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and value <= 0 and top[tok] == pytest.approx(value)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+
+    streamed = client.completions.create(prompt=PROMPTS[0], logprobs=2, stream=True, **params)
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert [v for p in pieces for v in p.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [o for p in pieces for o in p.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    chat = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, **params)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in content)
+    chunks = client.chat.completions.create(messages=messages, logprobs=True, stream=True, **params)
+    streamed_chat = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert [t.logprob for t in streamed_chat] == pytest.approx([t.logprob for t in content])
+    assert client.completions.create(prompt="Hi", **params).choices[0].logprobs is None
+
+
 def test_the_model_path_is_accepted_as_model_name_and_listed_models(
     server: Server, tiny_model_dir: Path
 ) -> None:
@@ -265,6 +294,7 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv_blocks(s
         ),
         ('{"prompt": ""}', 400, "the prompt is empty"),
         ('{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+        ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs must be in [0, 20]"),
         ('{"prompt": "' + "The quick brown fox " * 60 + '"}', 400, "maximum context length is 256 tokens"),
     ],
 )

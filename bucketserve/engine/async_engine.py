@@ -179,6 +179,9 @@ class AsyncEngine:
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.engine.apply_chat_template(messages)
 
+    def decode_token(self, token_id: int) -> str:
+        return self.engine.decode_token(token_id)
+
     async def add_request(
         self,
         request_id: str,

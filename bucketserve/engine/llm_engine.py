@@ -25,10 +25,10 @@ from bucketserve.engine.loader import (
     resolve_model_path,
 )
 from bucketserve.engine.model import LlamaModel, ModelArgs
-from bucketserve.engine.model_runner import ModelRunner
+from bucketserve.engine.model_runner import ModelRunner, StepResult
 from bucketserve.engine.sampler import Sampler
 from bucketserve.errors import ConfigError, InvalidRequestError
-from bucketserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from bucketserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from bucketserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class _Request:
     prompt: str | None
     detok: Detokenizer
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # when the request asked
 
 
 class LLMEngine:
@@ -121,6 +122,10 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's text on its own (a piece of a multi-byte character decodes to U+FFFD)."""
+        return self.tokenizer.decode([token_id])
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -204,15 +209,15 @@ class LLMEngine:
         if batch is None:
             return []
         try:
-            tokens = self.runner.execute(batch)
+            result = self.runner.execute(batch)
         except Exception:
             # One bad batch fails its own requests only; the engine and the rest go on.
             log.exception("a batch of %d sequences failed; their requests end with an error", len(batch))
-            tokens = [None] * len(batch)
+            result = StepResult([None] * len(batch), [None] * len(batch))
             for seq in batch.seqs:
                 seq.finish_reason = FinishReason.ERROR
         now = time.monotonic()
-        advanced = self._process_tokens(batch, tokens, now)
+        advanced = self._process_tokens(batch, result, now)
         finished = self.scheduler.update(batch, now)
         self._record(batch, start, now, schedule_time)
         outputs = [self._output(self._requests[s.seq_id]) for s in advanced]
@@ -221,9 +226,9 @@ class LLMEngine:
             self.sampler.forget(seq.seq_id)
         return outputs
 
-    def _process_tokens(self, batch: ScheduledBatch, tokens: list[int | None], now: float) -> list[Sequence]:
+    def _process_tokens(self, batch: ScheduledBatch, result: StepResult, now: float) -> list[Sequence]:
         advanced = []
-        for seq, tok in zip(batch.seqs, tokens, strict=True):
+        for seq, tok, lp in zip(batch.seqs, result.tokens, result.logprobs, strict=True):
             if seq.finish_reason is FinishReason.ERROR:
                 advanced.append(seq)
                 continue
@@ -233,6 +238,8 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = seq.append_token(tok)
+            if lp is not None:
+                req.logprobs.append(lp)
             if reason is FinishReason.STOP and tok != seq.eos_token_id:
                 req.stop_reason = tok
             stop_str = req.detok.add(tok)
@@ -280,6 +287,7 @@ class LLMEngine:
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason.value if done else None,
                     stop_reason=req.stop_reason,
+                    logprobs=list(req.logprobs) if seq.params.logprobs is not None else None,
                 )
             ],
             finished=done,

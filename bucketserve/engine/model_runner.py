@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from bucketserve.core.block_manager import blocks_for
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
 from bucketserve.engine.model import AttentionMetadata, LlamaModel, PagedContext, PrefillRow
-from bucketserve.engine.sampler import Sampler
+from bucketserve.engine.sampler import Sampler, token_logprobs
+from bucketserve.outputs import TokenLogprobs
+
+
+class StepResult(NamedTuple):
+    """Per batch row: the sampled token (None for a row that does not sample yet) and, where
+    the request asked for them, its logprobs."""
+
+    tokens: list[int | None]
+    logprobs: list[TokenLogprobs | None]
 
 
 class ModelRunner:
@@ -23,8 +34,8 @@ class ModelRunner:
         self.max_position = model.rotary.cos.shape[0] - 1
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; return the sampled token of each row that samples, else None.
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step; return the sampled token of each row that samples (else None).
 
         All rows run in one forward pass over their tokens packed without padding (vLLM's
         layout): prefill chunks first, then the decode rows' single tokens. A ``padded``
@@ -100,17 +111,26 @@ class ModelRunner:
             meta,
             torch.tensor(logits_index, dtype=torch.long, device=self.device),
         )
-        result: list[int | None] = [None] * len(batch)
-        if sampled_rows:
-            chosen = [seqs[r] for r in sampled_rows]
-            tokens = self.sampler(
-                logits,
-                [s.seq_id for s in chosen],
-                [s.params for s in chosen],
-                [_banned_tokens(s) for s in chosen],
+        result = StepResult([None] * len(batch), [None] * len(batch))
+        if not sampled_rows:
+            return result
+        chosen = [seqs[r] for r in sampled_rows]
+        wants = [j for j, s in enumerate(chosen) if s.params.logprobs is not None]
+        raw = logits[wants].clone() if wants else None  # the sampler masks logits in place
+        tokens = self.sampler(
+            logits,
+            [s.seq_id for s in chosen],
+            [s.params for s in chosen],
+            [_banned_tokens(s) for s in chosen],
+        )
+        for r, tok in zip(sampled_rows, tokens, strict=True):
+            result.tokens[order[r]] = tok
+        if raw is not None:
+            lps = token_logprobs(
+                raw, [tokens[j] for j in wants], [chosen[j].params.logprobs or 0 for j in wants]
             )
-            for r, tok in zip(sampled_rows, tokens, strict=True):
-                result[order[r]] = tok
+            for j, lp in zip(wants, lps, strict=True):
+                result.logprobs[order[sampled_rows[j]]] = lp
         return result
 
     def _paged_context(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> PagedContext:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bucketserve.outputs import TokenLogprobs
 from bucketserve.sampling_params import SamplingParams
 
 
@@ -80,3 +81,18 @@ class Sampler:
         for j, tok in enumerate(drawn.flatten().tolist()):
             out[rows[j]] = tok
         return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Each row's sampled token's log-probability and its ``num_top[i]`` most likely tokens,
+    from raw ``logits`` [N, vocab] (taken before the sampler masks or scales them)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).view(-1, 1)).flatten().tolist()
+    k = max(num_top, default=0)
+    top_lp, top_ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    out = []
+    for i, (tok, lp) in enumerate(zip(tokens, chosen, strict=True)):
+        n = num_top[i]
+        top = tuple(zip(top_ids[i, :n].tolist(), top_lp[i, :n].tolist(), strict=True))
+        out.append(TokenLogprobs(tok, lp, top))
+    return out

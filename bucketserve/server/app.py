@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bucketserve.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestStream
 from bucketserve.errors import InvalidRequestError
-from bucketserve.outputs import RequestOutput
+from bucketserve.outputs import RequestOutput, TokenLogprobs
 from bucketserve.sampling_params import SamplingParams
+from bucketserve.server.logprobs import chat_logprobs, completion_logprobs
 from bucketserve.server.metrics import ServerMetrics
 from bucketserve.server.protocol import (
     DEFAULT_CHAT_MAX_TOKENS,
@@ -300,12 +301,12 @@ def build_app(
     def stream_response(
         stream: RequestStream,
         tracker: _Tracker,
-        chunk: Callable[[str | None, str | None], dict[str, Any]],
+        chunk: Callable[[str | None, str | None, list[TokenLogprobs] | None], dict[str, Any]],
         head: dict[str, Any] | None,
         include_usage: bool,
     ) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
-            sent = ""
+            sent, num_lps_sent = "", 0
             last: RequestOutput | None = None
             try:
                 if head is not None:
@@ -321,11 +322,13 @@ def build_app(
                             break
                         delta, sent = c.text[len(sent) :], c.text
                         if delta or c.finish_reason is not None:
-                            yield _sse(chunk(delta, c.finish_reason))
+                            lps = None if c.logprobs is None else c.logprobs[num_lps_sent:]
+                            num_lps_sent += len(lps or ())
+                            yield _sse(chunk(delta, c.finish_reason, lps))
                 except EngineStoppedError as e:
                     yield _sse(APIError(503, str(e), type="service_unavailable").response_body())
                 if include_usage and last is not None:
-                    payload = chunk(None, None)
+                    payload = chunk(None, None, None)
                     payload["choices"], payload["usage"] = [], usage(last)
                     yield _sse(payload)
                 yield "data: [DONE]\n\n"
@@ -356,12 +359,19 @@ def build_app(
         now = int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
 
+        decode = engine.decode_token
         if req.stream:
+            offset = 0
 
-            def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(
+                delta: str | None, finish: str | None, lps: list[TokenLogprobs] | None
+            ) -> dict[str, Any]:
+                nonlocal offset
+                logprobs = None if lps is None else completion_logprobs(lps, decode, offset)
+                offset += len(delta or "")
                 out: dict[str, Any] = {
                     **base,
-                    "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}],
+                    "choices": [{"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}],
                 }
                 if req.include_usage:
                     out["usage"] = None
@@ -380,7 +390,7 @@ def build_app(
                     {
                         "index": 0,
                         "text": c.text,
-                        "logprobs": None,
+                        "logprobs": None if c.logprobs is None else completion_logprobs(c.logprobs, decode),
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
                     }
@@ -413,14 +423,16 @@ def build_app(
         if req.stream:
             base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
 
-            def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(
+                delta: str | None, finish: str | None, lps: list[TokenLogprobs] | None
+            ) -> dict[str, Any]:
                 out: dict[str, Any] = {
                     **base,
                     "choices": [
                         {
                             "index": 0,
                             "delta": {} if delta is None else {"content": delta},
-                            "logprobs": None,
+                            "logprobs": None if lps is None else chat_logprobs(lps, engine.decode_token),
                             "finish_reason": finish,
                         }
                     ],
@@ -429,7 +441,7 @@ def build_app(
                     out["usage"] = None
                 return out
 
-            head = chunk("", None)
+            head = chunk("", None, None)
             head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             return stream_response(stream, tracker, chunk, head, req.include_usage)
 
@@ -447,7 +459,9 @@ def build_app(
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None,
+                        "logprobs": None
+                        if c.logprobs is None
+                        else chat_logprobs(c.logprobs, engine.decode_token),
                         "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason,
                     }

@@ -59,7 +59,13 @@ class _GenerationRequest(BaseModel):
             stop=stop,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            logprobs=self.num_logprobs,
         )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many top alternatives to return per token; None when logprobs are off."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -98,8 +104,10 @@ class CompletionRequest(_GenerationRequest):
         self.check_common()
         if self.echo:
             raise InvalidRequestError("echo is not supported", "echo")
-        if self.logprobs is not None:
-            raise InvalidRequestError("logprobs are not supported", "logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
         if self.suffix is not None:
             raise InvalidRequestError("suffix is not supported", "suffix")
 
@@ -128,13 +136,18 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None
 
     def check(self) -> None:
         self.check_common()
         if not self.messages:
             raise InvalidRequestError("messages must not be empty", "messages")
-        if self.logprobs:
-            raise InvalidRequestError("logprobs are not supported", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true", "top_logprobs")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
