@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bucketserve.bench.cli import add_bench_parser
 from bucketserve.config import (
     DEVICES,
     DTYPES,
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+    add_bench_parser(sub)
     return parser
 
 

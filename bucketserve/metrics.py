@@ -1,21 +1,39 @@
 """Request metrics with one set of definitions for the engine, the simulator and the bench
-(DESIGN section 5). Pure Python."""
+(DESIGN section 5). Pure Python; nothing here knows about HTTP.
+
+Summary keys follow vLLM's ``bench serve``: request_throughput, output_throughput,
+mean/median/p99 _ttft_ms, _tpot_ms, _itl_ms, _e2el_ms (plus p50/p90).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass
 class RequestRecord:
-    """What one finished request looked like, in seconds on one clock."""
+    """What one request looked like, in seconds on one clock.
+
+    A failed request keeps ``error`` set (e.g. "HTTP 500", "timeout"); its times may be nan and
+    it counts as a miss in SLO attainment and goodput, never as a latency sample.
+    ``itls`` holds every gap between consecutive streamed tokens (empty when not observed);
+    ``queue_time`` is the time from arrival to the first scheduling, where an executor knows it.
+    """
 
     arrival: float
     first_token: float
     finished: float
     prompt_tokens: int
     output_tokens: int
+    itls: list[float] = field(default_factory=list)
+    error: str | None = None
+    queue_time: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     @property
     def ttft(self) -> float:
@@ -43,20 +61,83 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def _stats(out: dict[str, float], name: str, values_ms: list[float]) -> None:
+    out[f"mean_{name}_ms"] = sum(values_ms) / len(values_ms) if values_ms else math.nan
+    out[f"median_{name}_ms"] = percentile(values_ms, 50)
+    for q in (50, 90, 99):
+        out[f"p{q}_{name}_ms"] = percentile(values_ms, q)
+
+
 def summarize(records: list[RequestRecord], duration: float) -> dict[str, float]:
-    """Throughputs and mean/p50/p90/p99 of TTFT, TPOT and E2E (in ms)."""
+    """Throughputs over ``duration`` (completed requests only) and mean/median/p50/p90/p99 of
+    TTFT, TPOT, ITL and E2E latency (``e2el``) in ms, vLLM's names.
+
+    As in vLLM, TPOT statistics skip single-token outputs and ITL pools every gap of every
+    request; ``requests`` counts all records, ``completed``/``failed`` split them.
+    """
+    ok = [r for r in records if r.ok]
+
+    def per_s(x: float) -> float:
+        return x / duration if duration else math.nan
+
     out: dict[str, float] = {
         "requests": len(records),
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
         "duration_s": duration,
-        "request_throughput": len(records) / duration if duration else math.nan,
-        "output_throughput": sum(r.output_tokens for r in records) / duration if duration else math.nan,
-        "total_token_throughput": sum(r.output_tokens + r.prompt_tokens for r in records) / duration
-        if duration
-        else math.nan,
+        "total_input_tokens": sum(r.prompt_tokens for r in ok),
+        "total_output_tokens": sum(r.output_tokens for r in ok),
+        "request_throughput": per_s(len(ok)),
+        "output_throughput": per_s(sum(r.output_tokens for r in ok)),
+        "total_token_throughput": per_s(sum(r.output_tokens + r.prompt_tokens for r in ok)),
     }
-    for name in ("ttft", "tpot", "e2e"):
-        values = [getattr(r, name) * 1e3 for r in records]
-        out[f"mean_{name}_ms"] = sum(values) / len(values) if values else math.nan
-        for q in (50, 90, 99):
-            out[f"p{q}_{name}_ms"] = percentile(values, q)
+    _stats(out, "ttft", [r.ttft * 1e3 for r in ok])
+    _stats(out, "tpot", [r.tpot * 1e3 for r in ok if r.output_tokens > 1])
+    _stats(out, "itl", [gap * 1e3 for r in ok for gap in r.itls])
+    _stats(out, "e2el", [r.e2e * 1e3 for r in ok])
+    queue = [r.queue_time * 1e3 for r in ok if r.queue_time is not None]
+    if queue:
+        _stats(out, "queue", queue)
     return out
+
+
+def meets_slo(record: RequestRecord, ttft_s: float | None, tpot_s: float | None) -> bool:
+    """Completed, with TTFT <= ttft_s and TPOT <= tpot_s (a None target is not checked)."""
+    return (
+        record.ok and (ttft_s is None or record.ttft <= ttft_s) and (tpot_s is None or record.tpot <= tpot_s)
+    )
+
+
+def slo_attainment(records: list[RequestRecord], ttft_s: float | None, tpot_s: float | None) -> float:
+    """Share of ALL requests (failed ones are misses) meeting both targets; nan for none."""
+    if not records:
+        return math.nan
+    return sum(meets_slo(r, ttft_s, tpot_s) for r in records) / len(records)
+
+
+def goodput(
+    records: list[RequestRecord], ttft_s: float | None, tpot_s: float | None, duration: float
+) -> float:
+    """Requests per second that met their SLOs (vLLM's request_goodput)."""
+    return sum(meets_slo(r, ttft_s, tpot_s) for r in records) / duration if duration else math.nan
+
+
+def load_capacity(rates: Sequence[float], attainments: Sequence[float], target: float = 0.8) -> float:
+    """The highest request rate whose SLO attainment stays >= ``target``, from a sweep.
+
+    Points are sorted by rate. Take the highest-rate point at or above the target: if it is
+    the last point, its rate is returned (a lower bound: the sweep never failed); otherwise the
+    rate where the line to the next point crosses the target. nan when no point reaches it
+    (the capacity is below the sweep's lowest rate).
+    """
+    if len(rates) != len(attainments):
+        raise ValueError(f"{len(rates)} rates but {len(attainments)} attainments")
+    points = sorted(zip(rates, attainments, strict=True))
+    above = [i for i, (_, a) in enumerate(points) if a >= target]
+    if not above:
+        return math.nan
+    i = above[-1]
+    if i == len(points) - 1:
+        return points[i][0]
+    (r0, a0), (r1, a1) = points[i], points[i + 1]
+    return r0 + (a0 - target) / (a0 - a1) * (r1 - r0)

@@ -122,7 +122,7 @@ def load_conversations(path: str | None = None) -> list[dict[str, Any]]:
     return list(_load(path or _default_path()))
 
 
-def _prompt_reply_pairs(conversations: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def prompt_reply_pairs(conversations: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(first human turn, following gpt turn) of each conversation that starts that way."""
     pairs = []
     for conv in conversations:
@@ -161,7 +161,7 @@ def sample_sharegpt(
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
     if min_prompt_len > max_prompt_len:
         raise ValueError(f"min_prompt_len {min_prompt_len} > max_prompt_len {max_prompt_len}")
-    pairs = _prompt_reply_pairs(load_conversations(path))
+    pairs = prompt_reply_pairs(load_conversations(path))
     random.Random(seed).shuffle(pairs)
     sampled: list[SampledRequest] = []
     for prompt, reply in pairs:

@@ -1,0 +1,133 @@
+"""What the HTTP server costs: the same ShareGPT requests through `bucketserve serve` (streamed
+by concurrent clients) and through `LLM.generate` in-process.
+
+What it measures
+    N ShareGPT requests (seeded; vLLM's filters; output = the reference reply's length capped at
+    --max-output-len; greedy, EOS ignored, so both sides generate exactly the same tokens).
+
+    1. In-process: ``LLM.generate`` with every request at once and ``--max-num-seqs`` = the
+       client concurrency, so at most that many run together, as behind the server.
+    2. HTTP: a `bucketserve serve` subprocess with the same engine options, driven by the bench
+       client (`bucketserve.bench`) with ``--concurrency`` streaming clients, each sending its
+       next request as soon as its previous one ends.
+
+    For each: wall time, output tokens/s, mean and median TPOT. Then the server's cost: the
+    throughput it loses against in-process (target < 10%) and its TPOT change. The model load
+    and one warm-up request are not timed.
+
+How to run
+    .venv/bin/python benchmarks/server_overhead.py                    # 96 requests, 32 clients
+    .venv/bin/python benchmarks/server_overhead.py --num-prompts 16   # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bucketserve import LLM, SamplingParams
+from bucketserve.bench.client import ClientConfig
+from bucketserve.bench.datasets import BenchRequest, load_tokenizer, sharegpt_requests
+from bucketserve.bench.runner import run_workload
+from bucketserve.bench.servers import managed_server
+from bucketserve.metrics import RequestRecord, summarize
+
+TARGET_OVERHEAD = 0.10
+
+
+def in_process(requests: list[BenchRequest], concurrency: int, engine_args: dict[str, Any]) -> dict:
+    llm = LLM(max_num_seqs=concurrency, **engine_args)
+    llm.generate("Warm up.", SamplingParams(max_tokens=4), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
+    duration = time.perf_counter() - start
+    records = []
+    for r, out in zip(requests, outputs, strict=True):
+        m, got = out.metrics, len(out.outputs[0].token_ids)
+        if got != r.output_len:
+            raise RuntimeError(f"{out.request_id}: asked {r.output_len} tokens, got {got}")
+        assert m.first_token_time is not None and m.finished_time is not None
+        records.append(RequestRecord(m.arrival_time, m.first_token_time, m.finished_time, r.prompt_len, got))
+    del llm
+    gc.collect()
+    return summarize(records, duration)
+
+
+def over_http(requests: list[BenchRequest], concurrency: int, server_args: list[str], log_path: Path) -> dict:
+    with managed_server(None, ["--max-num-seqs", str(concurrency), *server_args], log_path) as url:
+        cfg = ClientConfig(base_url=url, model="SmolLM2-135M-Instruct", request_timeout=1800)
+        warm = BenchRequest("Warm up.", 3, 4)
+        asyncio.run(run_workload([warm], [0.0], cfg, progress=False))
+        result = asyncio.run(run_workload(requests, [0.0] * len(requests), cfg, concurrency, desc="HTTP"))
+    records = [o.record for o in result.outcomes]
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed over HTTP, e.g. {failed[0]}")
+    for r, rec in zip(requests, records, strict=True):
+        if rec.output_tokens != r.output_len:
+            raise RuntimeError(f"asked {r.output_len} tokens over HTTP, got {rec.output_tokens}")
+    return summarize(records, result.duration)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=96, help="ShareGPT requests (default 96)")
+    p.add_argument("--concurrency", type=int, default=32, help="streaming clients (default 32)")
+    p.add_argument("--max-output-len", type=int, default=128, help="cap on output tokens (default 128)")
+    p.add_argument("--max-prompt-len", type=int, default=1024, help="cap on prompt tokens (default 1024)")
+    p.add_argument("--policy", default="bucket", help="scheduling policy on both sides (default bucket)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", type=Path, default=Path("results/server_overhead.json"))
+    a = p.parse_args()
+
+    tokenizer = load_tokenizer(None)
+    requests = sharegpt_requests(
+        tokenizer, a.num_prompts, a.seed, max_prompt_len=a.max_prompt_len, max_output_len=a.max_output_len
+    )
+    print(
+        f"{len(requests)} ShareGPT requests: {sum(r.prompt_len for r in requests)} prompt + "
+        f"{sum(r.output_len for r in requests)} output tokens; {a.concurrency} concurrent; policy {a.policy}"
+    )
+    a.output_json.parent.mkdir(parents=True, exist_ok=True)
+    local = in_process(requests, a.concurrency, {"policy": a.policy})
+    http = over_http(
+        requests, a.concurrency, ["--policy", a.policy], a.output_json.with_suffix(".server.log")
+    )
+
+    print(f"\n{'':24}{'in-process':>12}{'HTTP':>12}")
+    for key, label in [
+        ("duration_s", "wall time (s)"),
+        ("output_throughput", "output tokens/s"),
+        ("mean_tpot_ms", "mean TPOT (ms)"),
+        ("median_tpot_ms", "median TPOT (ms)"),
+        ("p99_tpot_ms", "p99 TPOT (ms)"),
+    ]:
+        print(f"{label:24}{local[key]:12.2f}{http[key]:12.2f}")
+    cost = 1 - http["output_throughput"] / local["output_throughput"]
+    tpot = http["mean_tpot_ms"] / local["mean_tpot_ms"] - 1
+    verdict = "meets" if cost < TARGET_OVERHEAD else "misses"
+    print(f"\nserver cost: {cost:+.1%} of output throughput ({verdict} the < {TARGET_OVERHEAD:.0%} target); "
+          f"mean TPOT {tpot:+.1%}")  # fmt: skip
+    a.output_json.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(a).items()},
+                "in_process": local,
+                "http": http,
+                "throughput_cost": cost,
+                "tpot_change": tpot,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {a.output_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""`bucketserve bench run | sweep | compare` end to end against fake servers, and the lifecycle
+of the servers `compare` starts itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import build_tokenizer
+from fake_openai_server import FakeServer
+
+from bucketserve.bench import servers
+from bucketserve.cli import main
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer(path)
+    return str(path)
+
+
+def workload_args(tokenizer_dir: str, n: int = 4) -> list[str]:
+    return ["--tokenizer", tokenizer_dir, "--dataset", "fixed", "--num-prompts", str(n),
+            "--prompt-len", "16", "--output-len", "5", "--no-progress"]  # fmt: skip
+
+
+def test_help_explains_every_option_with_its_default() -> None:
+    from bucketserve.bench.cli import Fmt
+    from bucketserve.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    for name, parser in bench._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        for action in parser._actions:
+            flag = isinstance(action.default, bool) or action.dest == "help"
+            if flag or action.required:
+                assert action.help, f"bench {name} {action.option_strings} has no help"
+                continue
+            text = Fmt(parser.prog)._get_help_string(action)
+            assert "default" in text, f"bench {name} {action.option_strings}: {text!r} names no default"
+
+
+def test_run_prints_the_table_and_writes_config_summary_and_records(
+    tokenizer_dir: str, tmp_path: Path, capsys
+):
+    out = tmp_path / "run.json"
+    with FakeServer(0.01, 0.005) as server:
+        code = main(["bench", "run", "--base-url", server.url, *workload_args(tokenizer_dir),
+                     "--goodput", "ttft:1000", "tpot:500", "--output-json", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"Successful requests:\s+4", printed) and "SLO attainment:" in printed
+    data = json.loads(out.read_text())
+    assert data["config"]["dataset"] == "fixed" and data["config"]["base_url"] == server.url
+    assert data["summary"]["completed"] == 4 and data["summary"]["slo_attainment"] == 1.0
+    assert len(data["requests"]) == 4 and all(r["output_tokens"] == 5 for r in data["requests"])
+    assert all(b["model"] == "fake-model" and b["max_tokens"] == 5 for b in server.bodies)
+
+
+def test_run_against_a_failing_server_reports_the_failures_and_exits_1(tokenizer_dir: str, capsys) -> None:
+    with FakeServer(mode="error") as server:
+        code = main(["bench", "run", "--base-url", server.url, "--model", "m", *workload_args(tokenizer_dir)])
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert re.search(r"Failed requests:\s+4", printed) and re.search(r"HTTP 500:\s+4", printed)
+
+
+def test_sweep_writes_attainment_per_rate_load_capacity_and_a_plot(
+    tokenizer_dir: str, tmp_path: Path, capsys
+):
+    with FakeServer(0.01, 0.005) as server:
+        code = main(["bench", "sweep", "--base-url", server.url, *workload_args(tokenizer_dir),
+                     "--request-rates", "50,100", "--goodput", "ttft:2000",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "sweep-fixed.json").read_text())
+    assert [p["request_rate"] for p in data["points"]] == [50, 100]
+    assert all(p["summary"]["slo_attainment"] == 1.0 for p in data["points"])
+    assert data["load_capacity"] == 100  # never below the target: the highest rate
+    assert (tmp_path / "sweep-fixed.png").read_bytes()[:4] == b"\x89PNG"
+    assert "load capacity at 80% SLO attainment" in capsys.readouterr().out
+
+
+def test_compare_runs_the_same_workload_on_each_url_and_tells_them_apart(tokenizer_dir: str, tmp_path: Path):
+    with FakeServer(0.01, 0.005) as fast, FakeServer(0.3, 0.005) as slow:
+        code = main(["bench", "compare", "--url", f"fast={fast.url}", "--url", f"slow={slow.url}",
+                     *workload_args(tokenizer_dir), "--goodput", "ttft:200",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert sorted(b["prompt"] for b in fast.bodies) == sorted(b["prompt"] for b in slow.bodies)
+    data = json.loads((tmp_path / "compare-fixed.json").read_text())
+    attainment = {n: s["points"][0]["summary"]["slo_attainment"] for n, s in data["servers"].items()}
+    assert attainment == {"fast": 1.0, "slow": 0.0}
+    assert (tmp_path / "compare-fixed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unreachable_server_is_one_line_and_exit_code_2(capsys) -> None:
+    port = servers.free_port()  # nothing listens there
+    assert main(["bench", "run", "--base-url", f"http://127.0.0.1:{port}", "--no-progress"]) == 2
+    assert "cannot get the model name" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_bad_url() -> None:
+    with pytest.raises(SystemExit, match="NAME=http"):
+        main(["bench", "compare", "--url", "fast=localhost:1"])
+
+
+# -- servers that compare starts ---------------------------------------------------------------
+
+FAKE_SERVE = (
+    "import sys, http.server\n"
+    "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+    "http.server.HTTPServer(('127.0.0.1', port), H).serve_forever()\n"
+)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("benchmark broke"), KeyboardInterrupt()])
+def test_a_started_server_is_stopped_on_errors_and_ctrl_c(monkeypatch, failure: BaseException) -> None:
+    monkeypatch.setattr(
+        servers,
+        "server_command",
+        lambda port, policy, extra: [sys.executable, "-c", FAKE_SERVE, "--port", str(port)],
+    )
+    with pytest.raises(type(failure)), servers.managed_server("bucket") as url:
+        assert httpx.get(url + "/health").status_code == 200
+        raise failure
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
+
+
+def test_a_server_that_exits_at_start_up_is_reported_with_its_log(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(
+        servers, "server_command", lambda port, policy, extra: [sys.executable, "-c", "raise SystemExit(3)"]
+    )
+    log = tmp_path / "server.log"
+    with (
+        pytest.raises(servers.ServerStartError, match="status 3"),
+        servers.managed_server("bucket", log_path=log),
+    ):
+        pass
+
+
+def test_compare_starts_a_real_server_per_policy_and_stops_it(tiny_model_dir: Path, tmp_path: Path, capsys):
+    server_args = (
+        f"--model {tiny_model_dir} --dtype float32 --device cpu --kv-cache-memory 1MiB --num-threads 1"
+    )
+    code = main(["bench", "compare", "--policies", "continuous", f"--server-args={server_args}",
+                 "--tokenizer", str(tiny_model_dir), "--dataset", "fixed", "--num-prompts", "3",
+                 "--prompt-len", "8", "--output-len", "4", "--max-total-len", "64", "--no-progress",
+                 "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "compare-fixed.json").read_text())
+    summary = data["servers"]["continuous"]["points"][0]["summary"]
+    assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
+    log = (tmp_path / "server-continuous.log").read_text()
+    url = re.search(r"serving on (http://\S+)", log).group(1)  # type: ignore[union-attr]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
