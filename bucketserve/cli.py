@@ -29,6 +29,8 @@ from bucketserve.config import (
 )
 from bucketserve.errors import BucketServeError, InvalidRequestError
 from bucketserve.sampling_params import SamplingParams
+from bucketserve.sim.cli import add_simulate_parser
+from bucketserve.sim.profile import add_profile_parser
 
 log = logging.getLogger("bucketserve")
 
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
+    add_simulate_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

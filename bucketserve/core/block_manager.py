@@ -53,5 +53,9 @@ class BlockManager:
         seq.block_table.extend(self._free.popleft() for _ in range(need))
 
     def free(self, seq: Sequence) -> None:
-        self._free.extend(seq.block_table)
+        self.free_blocks(seq.block_table)
         seq.block_table = []
+
+    def free_blocks(self, blocks: list[int]) -> None:
+        """Return blocks that no sequence holds any more (e.g. after a KV transfer)."""
+        self._free.extend(blocks)

@@ -1,0 +1,112 @@
+"""Validate the simulator against the real engine, in process (no HTTP in between).
+
+For each policy: replay a seeded ShareGPT sample on the real engine (Poisson arrivals, or
+all at t=0), write the per-request records as a bench-shaped result file, then simulate the
+same arrivals and lengths with a profile measured by `bucketserve profile` and print the
+error table (output throughput, TTFT p50, TPOT p50; target within 15%).
+
+    .venv/bin/python -m bucketserve profile --kv-cache-memory 2GiB -o results/sim/profile-cpu.json
+    .venv/bin/python benchmarks/sim_validation.py --profile results/sim/profile-cpu.json
+
+The engine and the simulation share the settings below (KV budget, max_num_seqs, token
+budget, max_model_len). `bucketserve simulate --validate FILE:POLICY` reads the same files,
+and those `bucketserve bench run --output-json` writes against a live server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from bucketserve import LLM, SamplingParams
+from bucketserve.config import POLICIES, parse_bytes
+from bucketserve.sim.validate import error_table, validate_run
+from bucketserve.workloads.sharegpt import sample_sharegpt
+
+
+def replay(llm: LLM, requests: list, arrivals: list[float]) -> list[dict]:
+    """Run the requests at their arrival offsets on the engine; bench-shaped rows."""
+    engine = llm.engine
+    start = time.monotonic()
+    order = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    rows: dict[str, dict] = {}
+    nxt = 0
+    while nxt < len(order) or engine.has_unfinished_requests():
+        now = time.monotonic() - start
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            i = order[nxt]
+            r = requests[i]
+            params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+            engine.add_request(f"v{i}", r.prompt, params, arrival_time=start + arrivals[i])
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.01, arrivals[order[nxt]] - now)))
+            continue
+        for out in engine.step():
+            if out.finished:
+                m = out.metrics
+                rows[out.request_id] = {
+                    "sent": m.arrival_time - start,
+                    "ttft": m.first_token_time - m.arrival_time,
+                    "e2el": m.finished_time - m.arrival_time,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "output_tokens": len(out.outputs[0].token_ids),
+                    "error": None,
+                }
+    return [rows[f"v{i}"] for i in range(len(requests))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--max-output", type=int, default=128, help="output length cap (default 128)")
+    p.add_argument("--rate", type=float, default=2.0, help="Poisson requests/s; 0 = all at t=0 (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("2GiB"))
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--profile", default=None, help="profile JSON; without it only the result files are written"
+    )
+    p.add_argument("--output-dir", default="results/sim/validation")
+    a = p.parse_args()
+
+    out_dir = Path(a.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sched = {"max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens}
+    files = []
+    for policy in a.policies.split(","):
+        llm = LLM(policy=policy, kv_cache_memory=a.kv_cache_memory, max_model_len=a.max_model_len, **sched)
+        requests = sample_sharegpt(
+            llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_output_len=a.max_output
+        )
+        rng = random.Random(a.seed)
+        arrivals, t = [], 0.0
+        for _ in requests:
+            t += rng.expovariate(a.rate) if a.rate > 0 else 0.0
+            arrivals.append(t)
+        rows = replay(llm, requests, arrivals)
+        path = out_dir / f"{policy}-rate{a.rate:g}.json"
+        config = {"policy": policy, "kv_cache_memory": a.kv_cache_memory, "rate": a.rate, **sched}
+        path.write_text(json.dumps({"config": config, "requests": rows}, indent=1) + "\n")
+        print(f"wrote {path}", flush=True)
+        files.append((path, policy))
+        del llm
+    if a.profile:
+        comparisons = [
+            c
+            for path, policy in files
+            for c in validate_run(
+                path, a.profile, a.kv_cache_memory, policy, sched, max_model_len=a.max_model_len
+            )
+        ]
+        print(error_table(comparisons))
+
+
+if __name__ == "__main__":
+    main()

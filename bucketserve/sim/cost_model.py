@@ -1,0 +1,171 @@
+"""Step latency, KV capacity and KV transfer time: what the simulator charges for a batch.
+
+The formula family is DistServe's (see ``bucketserve/data/profiles/README.md``), in ms:
+
+    prefill  t = a + b * sum(len) + c * sum(len**2)
+    decode   t = a + b * sum(context) + c * batch      (small- or large-batch row)
+
+A step that mixes prefill rows and decode rows (bucket, continuous) pays the prefill time
+plus the decode time without its constant ``a``: one forward pass has one fixed overhead.
+A prefill chunk of n tokens after s cached tokens counts n toward sum(len) and n*(n + 2s)
+toward sum(len**2): its attention reads the cached s tokens too. A ``padded`` batch (static,
+uellm) pays for every prefill row padded to the longest one and every decode row (ghost
+rows included) at the longest context, as a static-batching engine computes them.
+``pad_prefill`` charges every policy's prefill rows padded to the longest in their batch:
+an engine without ragged attention kernels, where BucketServe's length buckets pay off.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bucketserve.core.scheduler import ScheduledBatch
+
+PUBLISHED = {"a100-distserve": "a100-80g-distserve.json", "a100-vllm": "a100-80g-vllm.json"}
+
+# OPT-13B (40 layers, hidden 5120, MHA): the published profiles' model.
+OPT_13B_KV_BYTES_PER_TOKEN = 2 * 40 * 5120 * 2  # K and V, fp16
+OPT_13B_WEIGHT_BYTES = 13_000_000_000 * 2  # fp16; stands in for LLaMA-2-13B (13.0B params)
+GB = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Latency coefficients (ms) of one model at one tensor-parallel degree."""
+
+    prefill: tuple[float, float, float]
+    decode_small: tuple[float, float, float]
+    decode_large: tuple[float, float, float]
+    large_batch_threshold: int = 95
+    name: str = ""
+    # Our profiles only: the engine's own work per step around the forward pass (scheduling,
+    # appending tokens, detokenizing) = a + b * rows, in ms. Published profiles: none.
+    step_overhead: tuple[float, float] = (0.0, 0.0)
+
+    def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
+        a, b, c = self.prefill
+        return a + b * sum_len + c * sum_len_sq
+
+    def decode_ms(self, sum_ctx: float, batch: int) -> float:
+        a, b, c = self.decode_large if batch >= self.large_batch_threshold else self.decode_small
+        return a + b * sum_ctx + c * batch
+
+    def decode_fixed_ms(self, batch: int) -> float:
+        return (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
+
+
+def _read_json(source: str) -> dict[str, Any]:
+    if source in PUBLISHED:
+        text = resources.files("bucketserve").joinpath("data", "profiles", PUBLISHED[source]).read_text()
+        return json.loads(text)
+    return json.loads(Path(source).read_text())
+
+
+def load_profile(source: str, model: str | None = None, tp: int = 1) -> tuple[Profile, dict[str, Any]]:
+    """A profile from a published name ("a100-distserve", "a100-vllm") or a JSON path.
+
+    Returns the coefficients and the raw entry (which for our measured profiles also holds
+    ``kv_bytes_per_token``, ``weight_bytes`` and ``meta``). ``model`` may be left out when
+    the file holds one model; published files default to facebook/opt-13b.
+    """
+    data = _read_json(source)
+    models = [k for k in data if isinstance(data[k], dict) and k != "meta"]
+    if model is None:
+        model = (
+            "facebook/opt-13b" if "facebook/opt-13b" in models else (models[0] if len(models) == 1 else None)
+        )
+    if model not in data:
+        raise ValueError(f"profile {source!r} has no model {model!r}; it has {', '.join(models)}")
+    entry = data[model].get(str(tp))
+    if entry is None:
+        raise ValueError(f"profile {source!r} has no tensor-parallel degree {tp} for {model}")
+    profile = Profile(
+        prefill=tuple(entry["prefill"]),
+        decode_small=tuple(entry["decoding_smallbs"]),
+        decode_large=tuple(entry["decoding_largebs"]),
+        large_batch_threshold=int(entry.get("decoding_large_small_bs_threshold", 95)),
+        name=f"{source}:{model}:tp{tp}",
+        step_overhead=tuple(entry.get("step_overhead_ms", (0.0, 0.0))),
+    )
+    return profile, entry
+
+
+def kv_capacity_tokens(
+    gpu_memory_bytes: float,
+    num_gpus: int,
+    weight_bytes: float,
+    kv_bytes_per_token: int,
+    utilization: float = 0.9,
+) -> int:
+    """KV tokens that fit on ``num_gpus`` GPUs: ``utilization`` of their memory (the rest is
+    activations and the CUDA context, as vLLM's gpu_memory_utilization) minus the weights."""
+    free = gpu_memory_bytes * num_gpus * utilization - weight_bytes
+    if free <= 0:
+        raise ValueError(
+            f"the weights ({weight_bytes / GB:.1f} GB) do not fit in {num_gpus} x "
+            f"{gpu_memory_bytes / GB:.0f} GB at utilization {utilization}"
+        )
+    return int(free // kv_bytes_per_token)
+
+
+def kv_transfer_s(num_tokens: int, kv_bytes_per_token: int, bandwidth_bytes_per_s: float) -> float:
+    """Seconds to move ``num_tokens`` tokens of KV cache over a link."""
+    return num_tokens * kv_bytes_per_token / bandwidth_bytes_per_s
+
+
+@dataclass
+class CostModel:
+    """Charges a ScheduledBatch in seconds of virtual time from a Profile."""
+
+    profile: Profile
+    pad_prefill: bool = False  # charge every prefill batch padded (an engine without ragged kernels)
+
+    def computed_tokens(self, batch: ScheduledBatch) -> int:
+        """Tokens the executor computes for ``batch``, padding and ghost rows included."""
+        if not self.pad_prefill or batch.padded:
+            return batch.num_padded_tokens
+        prefill = [n for n in batch.num_new_tokens if n > 1]
+        return len(prefill) * max(prefill, default=0) + len(batch.num_new_tokens) - len(prefill)
+
+    def step_time(self, batch: ScheduledBatch) -> float:
+        sum_len = sum_sq = 0.0
+        prefill_rows = 0
+        max_chunk = 0
+        sum_ctx = 0
+        max_ctx = 0
+        decode_rows = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if n > 1:
+                s = seq.num_computed_tokens
+                prefill_rows += 1
+                max_chunk = max(max_chunk, n)
+                sum_len += n
+                sum_sq += n * (n + 2 * s)
+            else:
+                ctx = len(seq)
+                decode_rows += 1
+                sum_ctx += ctx
+                max_ctx = max(max_ctx, ctx)
+        if batch.padded or self.pad_prefill:
+            sum_len = prefill_rows * max_chunk
+            sum_sq = prefill_rows * max_chunk * max_chunk
+        if batch.padded:
+            decode_rows += batch.num_ghost_rows
+            sum_ctx = decode_rows * max_ctx
+        p = self.profile
+        if prefill_rows and decode_rows:
+            ms = (
+                p.prefill_ms(sum_len, sum_sq)
+                + p.decode_ms(sum_ctx, decode_rows)
+                - p.decode_fixed_ms(decode_rows)
+            )
+        elif prefill_rows:
+            ms = p.prefill_ms(sum_len, sum_sq)
+        else:
+            ms = p.decode_ms(sum_ctx, decode_rows)
+        ms += p.step_overhead[0] + p.step_overhead[1] * len(batch.seqs)
+        return max(ms, 0.0) / 1e3

@@ -1,0 +1,88 @@
+"""One simulated serving instance: a scheduler from the core driven by a cost model.
+
+It does what the engine's step does (schedule, execute, append tokens, update), with the
+forward pass replaced by the cost model's latency in virtual time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.sequence import Sequence
+from bucketserve.sim.cost_model import CostModel
+
+# The token every simulated step "samples": requests ignore EOS and run to max_tokens.
+SIM_TOKEN = 7
+
+
+@dataclass
+class InstanceStats:
+    steps: int = 0
+    busy_s: float = 0.0  # virtual seconds spent computing batches
+    real_tokens: int = 0
+    padded_tokens: int = 0  # tokens computed, padding and ghost rows included
+    schedule_wall_s: float = 0.0  # real seconds spent in scheduler.schedule()
+    max_schedule_wall_s: float = 0.0
+    preemptions: int = 0
+
+    @property
+    def padding_ratio(self) -> float:
+        """Share of computed tokens that were padding (the engine's definition)."""
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+class Instance:
+    """A scheduler plus a cost model; runs one batch at a time."""
+
+    def __init__(self, name: str, scheduler: Scheduler, cost: CostModel, num_gpus: int = 1) -> None:
+        self.name = name
+        self.scheduler = scheduler
+        self.cost = cost
+        self.num_gpus = num_gpus
+        self.batch: ScheduledBatch | None = None
+        self.stats = InstanceStats()
+        self.wake_pending = False
+
+    @property
+    def busy(self) -> bool:
+        return self.batch is not None
+
+    def start(self, now: float) -> float | None:
+        """Schedule a batch at ``now``; return when it completes, or None if there is none."""
+        assert self.batch is None, "an instance runs one batch at a time"
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule(now)
+        wall = time.perf_counter() - t0
+        self.stats.schedule_wall_s += wall
+        self.stats.max_schedule_wall_s = max(self.stats.max_schedule_wall_s, wall)
+        if batch is None:
+            return None
+        duration = self.cost.step_time(batch)
+        self.batch = batch
+        s = self.stats
+        s.steps += 1
+        s.busy_s += duration
+        s.real_tokens += batch.num_real_tokens
+        s.padded_tokens += self.cost.computed_tokens(batch)
+        s.preemptions += len(batch.preempted)
+        return now + duration
+
+    def finish(self, now: float) -> list[Sequence]:
+        """Complete the running batch at ``now``: each row that samples gets a token (the
+        first one's time is its TTFT); return the sequences that finished."""
+        batch, self.batch = self.batch, None
+        assert batch is not None
+        for i, seq in enumerate(batch.seqs):
+            if seq.is_finished or not batch.samples(i):
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.finish_reason = seq.append_token(SIM_TOKEN)
+        return self.scheduler.update(batch, now)
+
+    @property
+    def load(self) -> int:
+        """Requests here, queued or running: new requests go to the instance with fewest."""
+        return self.scheduler.num_waiting + self.scheduler.num_running

@@ -1,0 +1,328 @@
+"""``bucketserve profile``: time the real engine here and fit the simulator's cost model.
+
+Prefill is timed over a grid of batch size x prompt length, decode over batch size x
+context length, each point the median of a few runs of ``ModelRunner.execute`` on batches
+built by hand (the scheduler plays no part: this measures the forward pass alone). The
+points are fitted by least squares to the published profiles' formula family (see
+``cost_model``) and written as a profile file the simulator loads. A short workload through
+``engine.step()`` then measures what a step costs beyond the forward pass (scheduling,
+appending tokens, detokenizing), kept as ``step_overhead_ms`` = [a, b]: a + b * rows.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FULL_PREFILL = [(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024) if b * n <= 4096]
+FULL_DECODE = [(b, c) for b in (1, 4, 16, 32, 64, 128) for c in (64, 256, 512, 1024)]
+QUICK_PREFILL = [(1, 8), (1, 32), (2, 16), (4, 32)]
+QUICK_DECODE = [(1, 16), (2, 32), (4, 8), (8, 32)]
+
+
+@dataclass
+class Point:
+    batch: int
+    length: int  # prompt length (prefill) or context length (decode)
+    ms: float
+
+
+def fit(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """[a, b, c] for y = a + b*x1 + c*x2, least squares on the relative error: the grid spans
+    two decades of latency, and plain least squares would fit the slowest points only."""
+    import numpy as np
+
+    y = np.array(ys)
+    a = np.array([[1.0, *x] for x in xs]) / y[:, None]
+    coef, *_ = np.linalg.lstsq(a, np.ones_like(y), rcond=None)
+    return [float(c) for c in coef]
+
+
+NO_SPLIT = 1 << 30
+
+
+def fit_decode(points: list[Point]) -> tuple[list[float], list[float], int]:
+    """Decode rows as the published profiles have them: a small-batch and a large-batch row
+    split at the batch size (from the grid) that gives the smallest worst relative error;
+    NO_SPLIT when one row does best."""
+    feats = [decode_features(p) for p in points]
+    ys = [p.ms for p in points]
+    one = fit(feats, ys)
+    best = (max_relative_error(one, feats, ys), one, one, NO_SPLIT)
+    for t in sorted({p.batch for p in points})[1:]:
+        small = [i for i, p in enumerate(points) if p.batch < t]
+        large = [i for i, p in enumerate(points) if p.batch >= t]
+        if len(small) < 3 or len(large) < 3:
+            continue
+        s = fit([feats[i] for i in small], [ys[i] for i in small])
+        g = fit([feats[i] for i in large], [ys[i] for i in large])
+        err = max(
+            max_relative_error(s, [feats[i] for i in small], [ys[i] for i in small]),
+            max_relative_error(g, [feats[i] for i in large], [ys[i] for i in large]),
+        )
+        if err < best[0]:
+            best = (err, s, g, t)
+    return best[1], best[2], best[3]
+
+
+def prefill_features(p: Point) -> list[float]:
+    return [p.batch * p.length, p.batch * p.length**2]
+
+
+def decode_features(p: Point) -> list[float]:
+    return [p.batch * p.length, p.batch]
+
+
+def max_relative_error(coef: list[float], feats: list[list[float]], ys: list[float]) -> float:
+    pred = [coef[0] + coef[1] * f[0] + coef[2] * f[1] for f in feats]
+    return max(abs(p - y) / y for p, y in zip(pred, ys, strict=True))
+
+
+def time_rows(engine: Any, rows: list[tuple[int, bool]], repeats: int = 3, seed: int = 0) -> float:
+    """Median ms of ``ModelRunner.execute`` on one hand-built batch (after a warm-up run):
+    each row is (length, is_decode): a prompt of that length, or one decode token after a
+    context of that length (whose cached values do not matter for timing)."""
+    import random
+
+    from bucketserve.core.scheduler import ScheduledBatch
+    from bucketserve.core.sequence import Sequence
+    from bucketserve.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    bm = engine.block_manager
+    seqs, counts = [], []
+    for i, (length, decode) in enumerate(rows):
+        ids = [rng.randrange(3, engine.args.vocab_size) for _ in range(length)]
+        s = Sequence(f"profile-{i}", ids, SamplingParams(max_tokens=1, ignore_eos=True))
+        bm.allocate(s, length)
+        if decode:
+            s.num_computed_tokens = length - 1
+        seqs.append(s)
+        counts.append(1 if decode else length)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            engine.runner.execute(ScheduledBatch(seqs, counts))
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for s in seqs:
+            bm.free(s)
+            engine.sampler.forget(s.seq_id)
+    return statistics.median(times[1:])
+
+
+def measure(
+    engine: Any,
+    prefill_grid: list[tuple[int, int]],
+    decode_grid: list[tuple[int, int]],
+    repeats: int = 3,
+    progress: Any = None,
+) -> tuple[list[Point], list[Point]]:
+    """Time the engine's forward pass on each grid point (median of ``repeats``, after a warm-up)."""
+    prefill, decode = [], []
+    for b, n in prefill_grid:
+        prefill.append(Point(b, n, time_rows(engine, [(n, False)] * b, repeats)))
+        if progress:
+            progress()
+    for b, c in decode_grid:
+        decode.append(Point(b, c, time_rows(engine, [(c, True)] * b, repeats)))
+        if progress:
+            progress()
+    return prefill, decode
+
+
+# Mixed steps (prefill rows + decode rows, as bucket and continuous run them): measured only
+# to check the cost model's assumption that their costs add, with one fixed overhead.
+MIXED = [(1, 64, 16, 256), (2, 128, 32, 256), (1, 256, 64, 512), (4, 64, 8, 128)]
+QUICK_MIXED = [(1, 16, 2, 16)]
+
+
+def mixed_check(
+    engine: Any, entry: dict[str, Any], grid: list[tuple[int, int, int, int]], repeats: int
+) -> list:
+    """[prefill rows, prompt len, decode rows, context, measured ms, modelled ms] per point."""
+    from bucketserve.sim.cost_model import Profile
+
+    prof = Profile(
+        tuple(entry["prefill"]),
+        tuple(entry["decoding_smallbs"]),
+        tuple(entry["decoding_largebs"]),
+        entry["decoding_large_small_bs_threshold"],
+    )
+    out = []
+    for pb, n, db, c in grid:
+        ms = time_rows(engine, [(n, False)] * pb + [(c, True)] * db, repeats)
+        model = prof.prefill_ms(pb * n, pb * n * n) + prof.decode_ms(db * c, db) - prof.decode_fixed_ms(db)
+        out.append([pb, n, db, c, ms, model])
+    return out
+
+
+def measure_overhead(
+    engine: Any, num_requests: int = 32, prompt_len: int = 32, output_len: int = 32
+) -> list[float]:
+    """The engine's per-step work outside the forward pass, fitted as a + b * rows (ms).
+
+    Runs a small workload through ``engine.step()`` and times each step against the
+    ``ModelRunner.execute`` call inside it.
+    """
+    import random
+
+    from bucketserve.sampling_params import SamplingParams
+
+    rng = random.Random(1)
+    runner = engine.runner
+    inner = runner.execute
+    calls: list[tuple[int, float]] = []
+
+    def timed(batch: Any) -> Any:
+        t0 = time.perf_counter()
+        out = inner(batch)
+        calls.append((len(batch), (time.perf_counter() - t0) * 1e3))
+        return out
+
+    runner.execute = timed
+    rows: list[tuple[int, float]] = []
+    try:
+        for i in range(num_requests):
+            ids = [rng.randrange(3, engine.args.vocab_size) for _ in range(prompt_len)]
+            engine.add_request(f"overhead-{i}", ids, SamplingParams(max_tokens=output_len, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            n = len(calls)
+            t0 = time.perf_counter()
+            engine.step()
+            step_ms = (time.perf_counter() - t0) * 1e3
+            if len(calls) > n:
+                batch_rows, exec_ms = calls[-1]
+                rows.append((batch_rows, max(0.0, step_ms - exec_ms)))
+    finally:
+        runner.execute = inner
+    import numpy as np
+
+    a = np.array([[1.0, r] for r, _ in rows])
+    coef, *_ = np.linalg.lstsq(a, np.array([ms for _, ms in rows]), rcond=None)
+    return [max(0.0, float(c)) for c in coef]
+
+
+def build_profile(
+    engine: Any, prefill: list[Point], decode: list[Point], overhead: list[float] | None = None
+) -> dict[str, Any]:
+    """The profile file's content: DistServe's structure for one model at TP 1, plus the KV
+    and weight sizes and how the measurement was made."""
+    import platform
+
+    import torch
+
+    from bucketserve.engine.kv_cache import kv_bytes_per_token
+
+    pf = [prefill_features(p) for p in prefill]
+    df = [decode_features(p) for p in decode]
+    p_coef = fit(pf, [p.ms for p in prefill])
+    d_small, d_large, threshold = fit_decode(decode)
+
+    def decode_error() -> float:
+        return max(
+            abs((c[0] + c[1] * f[0] + c[2] * f[1]) - p.ms) / p.ms
+            for p, f in zip(decode, df, strict=True)
+            for c in [d_large if p.batch >= threshold else d_small]
+        )
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in engine.model.parameters())
+    return {
+        engine.model_name: {
+            "1": {
+                "decoding_large_small_bs_threshold": threshold,
+                "prefill": p_coef,
+                "decoding_smallbs": d_small,
+                "decoding_largebs": d_large,
+                "step_overhead_ms": overhead or [0.0, 0.0],
+                "kv_bytes_per_token": kv_bytes_per_token(engine.args, engine.dtype),
+                "weight_bytes": weight_bytes,
+            }
+        },
+        "meta": {
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "prefill_points": [[p.batch, p.length, p.ms] for p in prefill],
+            "decode_points": [[p.batch, p.length, p.ms] for p in decode],
+            "prefill_max_rel_error": max_relative_error(p_coef, pf, [p.ms for p in prefill]),
+            "decode_max_rel_error": decode_error(),
+        },
+    }
+
+
+def add_profile_parser(sub: Any) -> None:
+    from bucketserve.cli import add_engine_args
+
+    p = sub.add_parser(
+        "profile",
+        help="time the real engine and fit the simulator's cost model",
+        description="Time prefill (batch x prompt length) and decode (batch x context) on this "
+        "machine's engine, fit t = a + b*sum(len) + c*sum(len^2) and t = a + b*sum(ctx) + c*batch "
+        "(ms), and write a profile JSON for `bucketserve simulate --profile`.",
+    )
+    add_engine_args(p)
+    p.add_argument(
+        "--output", "-o", default="profile.json", help="profile file to write (default profile.json)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 4+4-point grid (seconds; for tests) instead of the full 23+24-point grid (minutes)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per grid point, median taken (default 3)"
+    )
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(a: Any) -> int:
+    from tqdm import tqdm
+
+    from bucketserve.cli import engine_configs
+    from bucketserve.engine.llm_engine import LLMEngine
+
+    engine_cfg, sched_cfg = engine_configs(a)
+    engine = LLMEngine(engine_cfg, sched_cfg)
+    prefill_grid = QUICK_PREFILL if a.quick else FULL_PREFILL
+    decode_grid = QUICK_DECODE if a.quick else FULL_DECODE
+    # Points must fit the context limit and the KV pool (raise --kv-cache-memory to keep them).
+    bm = engine.block_manager
+
+    def fits(b: int, n: int) -> bool:
+        return n <= engine.max_model_len and b * -(-n // bm.block_size) <= bm.num_blocks
+
+    skipped = [p for p in prefill_grid + decode_grid if not fits(*p)]
+    prefill_grid = [p for p in prefill_grid if fits(*p)]
+    decode_grid = [p for p in decode_grid if fits(*p)]
+    if skipped:
+        print(f"skipped (batch, length) points that do not fit the KV pool or context: {skipped}")
+    with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profile", unit="point") as bar:
+        prefill, decode = measure(engine, prefill_grid, decode_grid, a.repeats, bar.update)
+    overhead = measure_overhead(engine, 8 if a.quick else 32, 16 if a.quick else 32, 8 if a.quick else 32)
+    data = build_profile(engine, prefill, decode, overhead)
+    entry = data[engine.model_name]["1"]
+    mixed = [m for m in (QUICK_MIXED if a.quick else MIXED) if fits(m[0] + m[2], max(m[1], m[3]))]
+    data["meta"]["mixed_check"] = mixed_check(engine, entry, mixed, a.repeats)
+    Path(a.output).write_text(json.dumps(data, indent=1) + "\n")
+    meta = data["meta"]
+    print(f"prefill ms = {entry['prefill']} (max rel. error {meta['prefill_max_rel_error']:.1%})")
+    print(
+        f"decode  ms = {entry['decoding_smallbs']} below batch {entry['decoding_large_small_bs_threshold']}, "
+        f"{entry['decoding_largebs']} from there (max rel. error {meta['decode_max_rel_error']:.1%})"
+    )
+    print(f"engine overhead per step: {overhead[0]:.2f} ms + {overhead[1]:.3f} ms per row")
+    for pb, n, db, c, ms, model in data["meta"]["mixed_check"]:
+        print(
+            f"mixed step {pb} x {n} prefill + {db} x {c} decode: {ms:.1f} ms measured, "
+            f"{model:.1f} ms modelled ({(model - ms) / ms:+.0%})"
+        )
+    print(f"wrote {a.output}")
+    return 0

@@ -1,0 +1,61 @@
+"""`bucketserve profile --quick` on the tiny random model: a loadable profile whose fit is
+positive where it must be, and whose KV size is the engine's."""
+
+from __future__ import annotations
+
+import json
+
+from bucketserve.cli import main
+from bucketserve.sim.cost_model import load_profile
+from bucketserve.sim.profile import NO_SPLIT, Point, fit, fit_decode
+
+
+def test_fit_recovers_exact_coefficients():
+    xs = [[1.0, 2.0], [3.0, 1.0], [5.0, 7.0], [2.0, 2.0]]
+    ys = [4 + 0.5 * a + 2 * b for a, b in xs]
+    assert [round(c, 9) for c in fit(xs, ys)] == [4.0, 0.5, 2.0]
+
+
+def test_fit_decode_splits_rows_where_the_slope_changes():
+    # Below batch 16 a step costs 10 + 0.5 per row; from 16 on, 2 per row: two rows fit exactly.
+    points = [
+        Point(b, c, (10 + 0.5 * b if b < 16 else 2.0 * b) + 0.001 * b * c)
+        for b in (1, 2, 4, 8, 16, 32, 64)
+        for c in (64, 256)
+    ]
+    small, large, threshold = fit_decode(points)
+    assert threshold == 16
+    assert [round(x, 6) for x in small] == [10.0, 0.001, 0.5]
+    assert [round(x, 6) for x in large] == [0.0, 0.001, 2.0]
+
+
+def test_quick_profile_of_the_tiny_model_loads_into_the_simulator(tiny_model_dir, tmp_path):
+    out = tmp_path / "cpu.json"
+    rc = main(
+        [
+            "profile",
+            "--model",
+            str(tiny_model_dir),
+            "--dtype",
+            "float32",
+            "--kv-cache-memory",
+            "4MiB",
+            "--quick",
+            "--repeats",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["meta"]["prefill_points"]) == 4 and len(data["meta"]["decode_points"]) == 4
+    profile, entry = load_profile(str(out))
+    # tiny config: 2 layers x 2 kv heads x head_dim 16 x K and V x 4 bytes
+    assert entry["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert entry["weight_bytes"] > 0
+    assert all(ms > 0 for _, _, ms in data["meta"]["prefill_points"] + data["meta"]["decode_points"])
+    assert len(data["meta"]["mixed_check"]) == 1  # a mixed prefill + decode step, measured and modelled
+    assert len(profile.step_overhead) == 2 and min(profile.step_overhead) >= 0
+    threshold = profile.large_batch_threshold
+    assert threshold == NO_SPLIT or threshold in {b for b, _, _ in data["meta"]["decode_points"]}
