@@ -245,3 +245,22 @@ def test_disaggregated_rejects_what_the_decode_instance_could_never_hold():
     )
     result = simulate(cfg, [SimRequest(0.0, 10, 20), SimRequest(0.0, 10, 2)])
     assert result.records[0].error is not None and result.records[1].ok
+
+
+def test_a_measured_mixed_scale_multiplies_only_mixed_steps():
+    import dataclasses
+
+    from bucketserve.sim.profile import mixed_scale
+
+    scaled = dataclasses.replace(LINEAR, mixed_scale=1.5)
+    decoding = seq(0, 5, 4)
+    decoding.num_computed_tokens = 5
+    prefill, mixed = ScheduledBatch([seq(1, 8, 4)], [8]), ScheduledBatch([decoding, seq(2, 8, 4)], [1, 8])
+    # mixed: prefill (10 + 8) + decode without its fixed part (5 - 5) = 18 ms, times 1.5
+    assert CostModel(scaled).step_time(mixed) == pytest.approx(27.0 / 1e3)
+    assert CostModel(scaled).step_time(prefill) == CostModel(LINEAR).step_time(prefill)
+    assert (
+        mixed_scale([[1, 64, 16, 256, 120.0, 100.0], [2, 64, 8, 128, 130.0, 100.0], [1, 8, 1, 8, 1.0, 1.0]])
+        == 1.2
+    )
+    assert mixed_scale([]) == 1.0

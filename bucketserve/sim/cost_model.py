@@ -6,7 +6,8 @@ The formula family is DistServe's (see ``bucketserve/data/profiles/README.md``),
     decode   t = a + b * sum(context) + c * batch      (small- or large-batch row)
 
 A step that mixes prefill rows and decode rows (bucket, continuous) pays the prefill time
-plus the decode time without its constant ``a``: one forward pass has one fixed overhead.
+plus the decode time without its constant ``a``: one forward pass has one fixed overhead;
+a measured profile may scale that by ``mixed_scale``, fitted from timed mixed steps.
 A prefill chunk of n tokens after s cached tokens counts n toward sum(len) and n*(n + 2s)
 toward sum(len**2): its attention reads the cached s tokens too. A ``padded`` batch (static,
 uellm) pays for every prefill row padded to the longest one and every decode row (ghost
@@ -45,6 +46,9 @@ class Profile:
     # Our profiles only: the engine's own work per step around the forward pass (scheduling,
     # appending tokens, detokenizing) = a + b * rows, in ms. Published profiles: none.
     step_overhead: tuple[float, float] = (0.0, 0.0)
+    # Our profiles only: measured time of mixed prefill+decode steps over the formula's
+    # estimate (a CPU step runs its prefill and decode rows less overlapped than a GPU's).
+    mixed_scale: float = 1.0
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
         a, b, c = self.prefill
@@ -90,6 +94,7 @@ def load_profile(source: str, model: str | None = None, tp: int = 1) -> tuple[Pr
         large_batch_threshold=int(entry.get("decoding_large_small_bs_threshold", 95)),
         name=f"{source}:{model}:tp{tp}",
         step_overhead=tuple(entry.get("step_overhead_ms", (0.0, 0.0))),
+        mixed_scale=float(entry.get("mixed_scale", 1.0)),
     )
     return profile, entry
 
@@ -158,7 +163,7 @@ class CostModel:
             sum_ctx = decode_rows * max_ctx
         p = self.profile
         if prefill_rows and decode_rows:
-            ms = (
+            ms = p.mixed_scale * (
                 p.prefill_ms(sum_len, sum_sq)
                 + p.decode_ms(sum_ctx, decode_rows)
                 - p.decode_fixed_ms(decode_rows)

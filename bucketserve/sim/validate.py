@@ -52,6 +52,10 @@ class BenchRun:
     records: list[RequestRecord]
 
 
+def _rate(rate: float | None) -> str:
+    return "all at once" if rate is None or math.isinf(rate) else f"{rate:g}/s"  # JSON has no inf
+
+
 def read_bench(path: str | Path) -> list[BenchRun]:
     """The runs in a ``bench run`` file (one) or a ``bench compare`` file (one per server and
     rate; a server named after a policy was started with that policy)."""
@@ -62,7 +66,7 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     if isinstance(data.get("servers"), dict):
         return [
             BenchRun(
-                f"{name} {server} @ {p.get('request_rate')}",
+                f"{name} {server} @ {_rate(p.get('request_rate'))}",
                 server if server in POLICIES else None,
                 _records(p["requests"]),
             )
