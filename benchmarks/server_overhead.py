@@ -66,8 +66,8 @@ def in_process(requests: list[BenchRequest], concurrency: int, engine_args: dict
 def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dict[str, Any]) -> dict:
     """The server's arrival pattern without HTTP: ``concurrency`` asyncio clients on an in-process
     AsyncEngine, each sending its next request when its previous one ends."""
-    llm = LLM(max_num_seqs=concurrency, **engine_args)
-    engine = AsyncEngine(llm.engine)
+    # built on the engine thread, as the server builds it (see AsyncEngine)
+    engine = AsyncEngine(lambda: LLM(max_num_seqs=concurrency, **engine_args).engine)
 
     async def run() -> tuple[list[RequestRecord], float]:
         slots = asyncio.Semaphore(concurrency)
@@ -94,7 +94,6 @@ def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dic
         return list(records), duration
 
     records, duration = asyncio.run(run())
-    del llm
     gc.collect()
     return summarize(records, duration)
 
@@ -135,8 +134,10 @@ def main() -> None:
         f"{sum(r.output_len for r in requests)} output tokens; {a.concurrency} concurrent; policy {a.policy}"
     )
     a.output_json.parent.mkdir(parents=True, exist_ok=True)
-    local = in_process(requests, a.concurrency, {"policy": a.policy})
+    # The in-process LLM runs torch on this thread, which would then slow the closed-loop
+    # engine's thread (see AsyncEngine): it goes last.
     loop = closed_loop(requests, a.concurrency, {"policy": a.policy})
+    local = in_process(requests, a.concurrency, {"policy": a.policy})
     http = over_http(
         requests, a.concurrency, ["--policy", a.policy], a.output_json.with_suffix(".server.log")
     )

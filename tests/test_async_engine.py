@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from bucketserve.config import EngineConfig, SchedulerConfig
 from bucketserve.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, retry_after
 from bucketserve.engine.llm_engine import LLMEngine
-from bucketserve.errors import InvalidRequestError
+from bucketserve.errors import ConfigError, InvalidRequestError
 from bucketserve.sampling_params import SamplingParams
 
 LONG = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
@@ -24,11 +25,13 @@ def make_engine(tiny_model_dir: Path) -> Iterator:
     made: list[AsyncEngine] = []
 
     def make(max_waiting_requests: int = 256, **sched: object) -> AsyncEngine:
-        engine = LLMEngine(
-            EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", kv_cache_memory=2**20),
-            SchedulerConfig(**sched),  # type: ignore[arg-type]
-        )
-        made.append(AsyncEngine(engine, max_waiting_requests=max_waiting_requests))
+        def build() -> LLMEngine:
+            config = EngineConfig(
+                model=str(tiny_model_dir), dtype="float32", device="cpu", kv_cache_memory=2**20
+            )
+            return LLMEngine(config, SchedulerConfig(**sched))  # type: ignore[arg-type]
+
+        made.append(AsyncEngine(build, max_waiting_requests=max_waiting_requests))
         return made[-1]
 
     yield make
@@ -121,6 +124,22 @@ def test_a_full_waiting_queue_refuses_with_queue_full(make_engine) -> None:
         del waiting
 
     asyncio.run(run())
+
+
+def test_a_factory_builds_the_engine_on_the_engine_thread_and_its_errors_reach_the_caller(
+    tiny_model_dir: Path,
+) -> None:
+    threads: list[str] = []
+
+    def build() -> LLMEngine:
+        threads.append(threading.current_thread().name)
+        return LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", kv_cache_memory=2**20))
+
+    engine = AsyncEngine(build)
+    assert threads == ["bucketserve-engine"] and engine.is_running
+    asyncio.run(engine.shutdown(0))
+    with pytest.raises(ConfigError, match="KV"):
+        AsyncEngine(lambda: LLMEngine(EngineConfig(model=str(tiny_model_dir), kv_cache_memory=1000)))
 
 
 def test_retry_after_is_the_time_to_start_half_the_queue_at_the_recent_finish_rate() -> None:

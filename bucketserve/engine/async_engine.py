@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,18 +148,24 @@ class _Abort:
 
 
 class AsyncEngine:
-    """Runs ``engine``'s step loop in a background thread and serves requests to coroutines."""
+    """Runs an engine's step loop in a background thread and serves requests to coroutines.
+
+    ``engine`` is an LLMEngine, or a function that builds one: then it is built on the engine
+    thread itself (its errors raised here), so that every torch operation runs on that one
+    thread. Built on the caller's thread, the model load leaves an OpenMP thread team there
+    beside the engine thread's; on two cores that made decode steps behind the server about
+    1.6x slower (docs/RESULTS.md).
+    """
 
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: LLMEngine | Callable[[], LLMEngine],
         *,
         max_waiting_requests: int = 256,
         idle_poll_s: float = 0.002,
     ) -> None:
         if max_waiting_requests < 1:
             raise ConfigError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
-        self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self._idle_poll_s = idle_poll_s
         self._cond = threading.Condition()
@@ -167,11 +173,29 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._stopping = False
         self._deadline = float("inf")
-        self._snapshot = EngineSnapshot(kv_blocks_total=engine.block_manager.num_blocks)
         self._error: BaseException | None = None
         self._finish_times: deque[float] = deque(maxlen=32)  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="bucketserve-engine", daemon=True)
+        self.engine: LLMEngine
+        self._snapshot: EngineSnapshot
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.engine = engine if isinstance(engine, LLMEngine) else engine()
+            except BaseException as e:  # raised to the constructor's caller below
+                failure.append(e)
+                ready.set()
+                return
+            self._snapshot = EngineSnapshot(kv_blocks_total=self.engine.block_manager.num_blocks)
+            ready.set()
+            self._run()
+
+        self._thread = threading.Thread(target=run, name="bucketserve-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
 
     # -- the caller's side (any thread with a running event loop) ---------------------------
     @property

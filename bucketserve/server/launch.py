@@ -63,8 +63,10 @@ def serve(
     if max_waiting_requests < 1:
         raise ConfigError(f"--max-waiting-requests must be >= 1, got {max_waiting_requests}")
     sock = bind(host, port)  # fail fast, before loading the model
-    engine = LLMEngine(engine_config, scheduler_config)
-    async_engine = AsyncEngine(engine, max_waiting_requests=max_waiting_requests)
+    # built on the engine thread: every torch operation then runs on that one thread
+    async_engine = AsyncEngine(
+        lambda: LLMEngine(engine_config, scheduler_config), max_waiting_requests=max_waiting_requests
+    )
     app = build_app(async_engine, served_model_name, api_key, shutdown_grace_s=shutdown_grace_s)
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
