@@ -58,14 +58,7 @@ def replay(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[Reques
             continue
         for out in engine.step():
             if out.finished:
-                m = out.metrics
-                records[out.request_id] = RequestRecord(
-                    m.arrival_time,
-                    m.first_token_time,
-                    m.finished_time,
-                    len(out.prompt_token_ids),
-                    len(out.outputs[0].token_ids),
-                )
+                records[out.request_id] = RequestRecord.from_output(out)
     duration = time.monotonic() - start
     s = engine.stats
     steps, real, padded, pre, sched_t, busy = (
@@ -102,6 +95,8 @@ def main() -> None:
     p.add_argument("--order", choices=ORDERS, default="fcfs", help="request ordering (bucket policy)")
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
+    if a.rate <= 0:
+        p.error(f"--rate must be > 0 (the offline run needs no rate), got {a.rate}")
 
     results = []
     for policy in a.policies.split(","):

@@ -51,13 +51,12 @@ def in_process(requests: list[BenchRequest], concurrency: int, engine_args: dict
     start = time.perf_counter()
     outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
     duration = time.perf_counter() - start
-    records = []
     for r, out in zip(requests, outputs, strict=True):
-        m, got = out.metrics, len(out.outputs[0].token_ids)
-        if got != r.output_len:
-            raise RuntimeError(f"{out.request_id}: asked {r.output_len} tokens, got {got}")
-        assert m.first_token_time is not None and m.finished_time is not None
-        records.append(RequestRecord(m.arrival_time, m.first_token_time, m.finished_time, r.prompt_len, got))
+        if len(out.outputs[0].token_ids) != r.output_len:
+            raise RuntimeError(
+                f"{out.request_id}: asked {r.output_len} tokens, got {len(out.outputs[0].token_ids)}"
+            )
+    records = [RequestRecord.from_output(out) for out in outputs]
     del llm
     gc.collect()
     return summarize(records, duration)
@@ -77,15 +76,7 @@ def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dic
             async with slots:
                 async for out in engine.generate(f"r{i}", r.prompt, params):  # noqa: B007
                     pass
-            m = out.metrics
-            assert m.first_token_time is not None and m.finished_time is not None
-            return RequestRecord(
-                m.arrival_time,
-                m.first_token_time,
-                m.finished_time,
-                r.prompt_len,
-                len(out.outputs[0].token_ids),
-            )
+            return RequestRecord.from_output(out)
 
         start = time.perf_counter()
         records = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bucketserve import LLM, SamplingParams
 from bucketserve.config import POLICIES, parse_bytes
+from bucketserve.metrics import RequestRecord
 from bucketserve.sim.validate import error_table, validate_run
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
@@ -47,13 +48,13 @@ def replay(llm: LLM, requests: list, arrivals: list[float]) -> list[dict]:
             continue
         for out in engine.step():
             if out.finished:
-                m = out.metrics
+                rec = RequestRecord.from_output(out)
                 rows[out.request_id] = {
-                    "sent": m.arrival_time - start,
-                    "ttft": m.first_token_time - m.arrival_time,
-                    "e2el": m.finished_time - m.arrival_time,
-                    "prompt_tokens": len(out.prompt_token_ids),
-                    "output_tokens": len(out.outputs[0].token_ids),
+                    "sent": rec.arrival - start,
+                    "ttft": rec.ttft,
+                    "e2el": rec.e2e,
+                    "prompt_tokens": rec.prompt_tokens,
+                    "output_tokens": rec.output_tokens,
                     "error": None,
                 }
     return [rows[f"v{i}"] for i in range(len(requests))]

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bucketserve.outputs import RequestOutput
+
 
 @dataclass
 class RequestRecord:
@@ -30,6 +32,21 @@ class RequestRecord:
     itls: list[float] = field(default_factory=list)
     error: str | None = None
     queue_time: float | None = None
+
+    @classmethod
+    def from_output(cls, out: RequestOutput) -> RequestRecord:
+        """A finished engine output's record (engine clock; queue time from its scheduling)."""
+        m = out.metrics
+        if m.first_token_time is None or m.finished_time is None:
+            raise ValueError(f"{out.request_id} has not finished with a token")
+        return cls(
+            arrival=m.arrival_time,
+            first_token=m.first_token_time,
+            finished=m.finished_time,
+            prompt_tokens=len(out.prompt_token_ids),
+            output_tokens=len(out.outputs[0].token_ids),
+            queue_time=None if m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time,
+        )
 
     @property
     def ok(self) -> bool:

@@ -235,3 +235,15 @@ def test_no_logprobs_unless_asked(llm) -> None:
         "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0), use_tqdm=False
     )
     assert [lp.top for lp in zero[0].outputs[0].logprobs] == [(), (), ()]
+
+
+def test_a_finished_output_gives_its_metrics_record(llm) -> None:
+    from bucketserve.metrics import RequestRecord
+
+    out = llm.generate("Hello", GREEDY, use_tqdm=False)[0]
+    rec = RequestRecord.from_output(out)
+    m = out.metrics
+    assert rec.ttft == m.first_token_time - m.arrival_time > 0
+    assert rec.e2e == m.finished_time - m.arrival_time >= rec.ttft
+    assert (rec.prompt_tokens, rec.output_tokens) == (len(out.prompt_token_ids), 12)
+    assert rec.queue_time is not None and 0 <= rec.queue_time <= rec.ttft

@@ -153,8 +153,8 @@ class AsyncEngine:
     ``engine`` is an LLMEngine, or a function that builds one: then it is built on the engine
     thread itself (its errors raised here), so that every torch operation runs on that one
     thread. Built on the caller's thread, the model load leaves an OpenMP thread team there
-    beside the engine thread's; on two cores that made decode steps behind the server about
-    1.6x slower (docs/RESULTS.md).
+    beside the engine thread's; on two cores that made steps behind the server 1.3-1.7x
+    slower (docs/RESULTS.md).
     """
 
     def __init__(

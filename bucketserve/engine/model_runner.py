@@ -116,7 +116,7 @@ class ModelRunner:
             return result
         chosen = [seqs[r] for r in sampled_rows]
         wants = [j for j, s in enumerate(chosen) if s.params.logprobs is not None]
-        raw = logits[wants].clone() if wants else None  # the sampler masks logits in place
+        raw = logits[wants] if wants else None  # a copy (index list): the sampler masks logits in place
         tokens = self.sampler(
             logits,
             [s.seq_id for s in chosen],
