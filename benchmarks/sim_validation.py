@@ -24,13 +24,15 @@ from pathlib import Path
 from bucketserve import LLM, SamplingParams
 from bucketserve.config import POLICIES, parse_bytes
 from bucketserve.metrics import RequestRecord
-from bucketserve.sim.validate import error_table, validate_run
+from bucketserve.sim.validate import StepSample, error_table, repeat_table, validate_run
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
 
-def replay(llm: LLM, requests: list, arrivals: list[float]) -> list[dict]:
-    """Run the requests at their arrival offsets on the engine; bench-shaped rows."""
+def replay(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[dict], list[dict]]:
+    """Run the requests at their arrival offsets on the engine: bench-shaped rows, and every
+    step the engine ran (its start from the run's start, duration and batch shape)."""
     engine = llm.engine
+    steps: list[dict] = []
     start = time.monotonic()
     order = sorted(range(len(requests)), key=lambda i: arrivals[i])
     rows: dict[str, dict] = {}
@@ -46,7 +48,12 @@ def replay(llm: LLM, requests: list, arrivals: list[float]) -> list[dict]:
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.01, arrivals[order[nxt]] - now)))
             continue
-        for out in engine.step():
+        before = engine.stats.steps
+        outputs = engine.step()
+        if engine.stats.steps > before:
+            rec = engine.stats.recent[-1]
+            steps.append(StepSample(rec.start - start, rec.duration, rec.shape).to_json())
+        for out in outputs:
             if out.finished:
                 rec = RequestRecord.from_output(out)
                 rows[out.request_id] = {
@@ -57,7 +64,7 @@ def replay(llm: LLM, requests: list, arrivals: list[float]) -> list[dict]:
                     "output_tokens": rec.output_tokens,
                     "error": None,
                 }
-    return [rows[f"v{i}"] for i in range(len(requests))]
+    return [rows[f"v{i}"] for i in range(len(requests))], steps
 
 
 def main() -> None:
@@ -74,30 +81,38 @@ def main() -> None:
     p.add_argument(
         "--profile", default=None, help="profile JSON; without it only the result files are written"
     )
+    p.add_argument("--repeats", type=int, default=1, help="runs per policy, round-robin (default 1)")
     p.add_argument("--output-dir", default="results/sim/validation")
     a = p.parse_args()
 
     out_dir = Path(a.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sched = {"max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens}
+    policies = a.policies.split(",")
     files = []
-    for policy in a.policies.split(","):
-        llm = LLM(policy=policy, kv_cache_memory=a.kv_cache_memory, max_model_len=a.max_model_len, **sched)
-        requests = sample_sharegpt(
-            llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_output_len=a.max_output
-        )
-        rng = random.Random(a.seed)
-        arrivals, t = [], 0.0
-        for _ in requests:
-            t += rng.expovariate(a.rate) if a.rate > 0 else 0.0
-            arrivals.append(t)
-        rows = replay(llm, requests, arrivals)
-        path = out_dir / f"{policy}-rate{a.rate:g}.json"
-        config = {"policy": policy, "kv_cache_memory": a.kv_cache_memory, "rate": a.rate, **sched}
-        path.write_text(json.dumps({"config": config, "requests": rows}, indent=1) + "\n")
-        print(f"wrote {path}", flush=True)
-        files.append((path, policy))
-        del llm
+    requests: list = []
+    # Round-robin over the policies, so that the machine's drift falls on all of them alike.
+    for rep in range(a.repeats):
+        for policy in policies:
+            llm = LLM(
+                policy=policy, kv_cache_memory=a.kv_cache_memory, max_model_len=a.max_model_len, **sched
+            )
+            if not requests:
+                requests = sample_sharegpt(
+                    llm.get_tokenizer(), a.num_prompts, seed=a.seed, max_output_len=a.max_output
+                )
+            rng = random.Random(a.seed)
+            arrivals, t = [], 0.0
+            for _ in requests:
+                t += rng.expovariate(a.rate) if a.rate > 0 else 0.0
+                arrivals.append(t)
+            rows, steps = replay(llm, requests, arrivals)
+            path = out_dir / f"{policy}-rate{a.rate:g}-{rep}.json"
+            config = {"policy": policy, "kv_cache_memory": a.kv_cache_memory, "rate": a.rate, **sched}
+            path.write_text(json.dumps({"config": config, "requests": rows, "steps": steps}) + "\n")
+            print(f"wrote {path}", flush=True)
+            files.append((path, policy))
+            del llm
     if a.profile:
         comparisons = [
             c
@@ -107,6 +122,9 @@ def main() -> None:
             )
         ]
         print(error_table(comparisons))
+        if a.repeats > 1:
+            print()
+            print(repeat_table(comparisons))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,16 @@ def test_step_stats_count_tokens_and_packed_batches_carry_no_padding(llm) -> Non
     assert s.padded_tokens == s.real_tokens and s.padding_ratio == 0
 
 
+def test_each_step_record_keeps_the_shape_the_cost_model_charges(llm) -> None:
+    prompts = ["a b", "The quick brown fox jumps over the lazy dog."]
+    lens = [len(llm.engine.tokenize(p)) for p in prompts]
+    llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    first, second = list(llm.engine.stats.recent)[-2:]
+    # The prompts prefill from an empty cache, then each decodes after prompt + 1 tokens.
+    assert sorted(first.shape.prefill) == sorted((n, 0) for n in lens) and first.shape.decode == ()
+    assert second.shape.prefill == () and sorted(second.shape.decode) == sorted(n + 1 for n in lens)
+
+
 def test_a_padded_batch_counts_its_padding() -> None:
     from bucketserve.core.scheduler import ScheduledBatch
     from bucketserve.core.sequence import Sequence

@@ -10,7 +10,9 @@ import pytest
 from bucketserve.config import SchedulerConfig, StaticConfig
 from bucketserve.core.policies import POLICY_CLASSES
 from bucketserve.core.scheduler import ScheduledBatch
+from bucketserve.core.sequence import Sequence
 from bucketserve.metrics import summarize
+from bucketserve.sampling_params import SamplingParams
 from bucketserve.sim import simulator as sim_module
 from bucketserve.sim.cost_model import (
     OPT_13B_KV_BYTES_PER_TOKEN,
@@ -264,3 +266,24 @@ def test_a_measured_mixed_scale_multiplies_only_mixed_steps():
         == 1.2
     )
     assert mixed_scale([]) == 1.0
+
+
+def test_a_machine_at_half_speed_doubles_every_step():
+    # The two-request scenario above with every step taking twice as long: A's first token
+    # at 40 ms, B's (arrived at 5 ms) at 40 + 28 = 68 ms, both done at 68 + 10 = 78 ms.
+    cfg = config("continuous")
+    cfg.speed = lambda t: 2.0
+    result = simulate(cfg, [SimRequest(0.0, 10, 3), SimRequest(0.005, 4, 2)])
+    assert by_arrival(result) == [(0.040, 0.078), (0.063, 0.073)]
+
+
+def test_a_batch_shape_holds_chunks_after_their_cache_and_decode_contexts():
+    a = Sequence("a", list(range(10)), SamplingParams(max_tokens=4))
+    b = Sequence("b", list(range(6)), SamplingParams(max_tokens=4))
+    a.num_computed_tokens = 4  # a chunk of 6 after 4 cached tokens
+    b.num_computed_tokens = 5  # one decode token after a context of 6
+    shape = ScheduledBatch([a, b], [6, 1]).shape()
+    assert (shape.prefill, shape.decode, shape.num_rows) == (((6, 4),), (6,), 2)
+    # The cost model charges the shape: prefill 10 + 6 (its c, on the chunk's attention over
+    # the cache, is 0 here), plus the decode row without the step's second fixed 5 ms.
+    assert CostModel(LINEAR).shape_time(shape) == pytest.approx((10 + 6) / 1e3)

@@ -9,9 +9,10 @@ import pytest
 
 from bucketserve.cli import main
 from bucketserve.config import SchedulerConfig
-from bucketserve.sim.cost_model import load_profile
+from bucketserve.core.scheduler import BatchShape
+from bucketserve.sim.cost_model import CostModel, Profile, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
-from bucketserve.sim.validate import read_bench, validate_run
+from bucketserve.sim.validate import SpeedTrace, StepSample, error_table, read_bench, validate_run
 
 LINEAR = {
     "prefill": [10.0, 0.5, 0.0],
@@ -28,14 +29,16 @@ def profile_path(tmp_path):
     return path
 
 
-def bench_file(tmp_path, profile_path, policy: str):
-    """A bench-shaped result whose 'measurements' come from the simulator itself."""
+def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None):
+    """A bench-shaped result whose 'measurements' come from the simulator itself; with
+    ``speed``, from a machine that slower, and with steps that say so."""
     profile, _ = load_profile(str(profile_path))
     requests = [SimRequest(0.05 * i, 20 + (37 * i) % 200, 2 + (11 * i) % 30) for i in range(60)]
     cfg = SimConfig(
         SchedulerConfig(policy=policy, max_num_seqs=128, max_num_batched_tokens=1024),
         InstanceSpec(profile, (1 << 20) // 1024),
         max_model_len=8192,
+        speed=None if speed is None else (lambda t: speed),
     )
     result = simulate(cfg, requests)
     rows = [
@@ -52,8 +55,15 @@ def bench_file(tmp_path, profile_path, policy: str):
     rows.append(
         {"sent": 9.0, "ttft": None, "e2el": None, "prompt_tokens": 5, "output_tokens": 0, "error": "HTTP 500"}
     )
+    data = {"config": {}, "summary": {}, "requests": rows}
+    if speed is not None:
+        shape = BatchShape(decode=(100, 200))
+        took = speed * CostModel(profile).shape_time(shape)
+        data["steps"] = [
+            StepSample(0.01 * i, took, shape).to_json() for i in range(int(result.end * 100) + 1)
+        ]
     path = tmp_path / f"{policy}.json"
-    path.write_text(json.dumps({"config": {}, "summary": {}, "requests": rows}))
+    path.write_text(json.dumps(data))
     return path
 
 
@@ -116,3 +126,30 @@ def test_cli_validate_reads_file_colon_policy(tmp_path, profile_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "| continuous | continuous |" in out and "+0.0%" in out
+
+
+def test_a_run_on_a_slower_machine_validates_once_its_measured_drift_is_replayed(tmp_path, profile_path):
+    path = bench_file(tmp_path, profile_path, "bucket", speed=1.5)
+    [c] = validate_run(path, str(profile_path), 1 << 20, policy="bucket")
+    assert c.speed_ratio == pytest.approx(1.5)
+    assert c.error("output_throughput") > 0.2  # the profile alone thinks the machine faster
+    for metric in ("output_throughput", "p50_ttft_ms", "p50_tpot_ms"):
+        assert c.error(metric, corrected=True) == pytest.approx(0.0, abs=1e-9)
+    assert "drift replayed" in error_table([c]) and "1.50" in error_table([c])
+
+
+def test_a_speed_trace_follows_the_measured_over_modelled_step_time_in_its_window():
+    cost = CostModel(
+        Profile(*(tuple(LINEAR[k]) for k in ("prefill", "decoding_smallbs", "decoding_largebs")))
+    )
+    shape = BatchShape(decode=(64,) * 4)
+    est = cost.shape_time(shape)
+    # The machine runs as profiled for 20 s, then at a third of the speed for 20 s.
+    steps = [StepSample(0.5 * i, est * (1 if i < 40 else 3), shape) for i in range(80)]
+    trace = SpeedTrace(steps, cost, window_s=4.0)
+    assert trace(5.0) == pytest.approx(1.0)
+    assert trace(30.0) == pytest.approx(3.0)
+    assert trace.overall == pytest.approx(2.0)
+    assert trace(100.0) == pytest.approx(2.0)  # no steps there: the run's overall ratio
+    shifted = SpeedTrace(steps, cost, window_s=4.0, offset=25.0)  # sim time 5 = run time 30
+    assert shifted(5.0) == pytest.approx(3.0)

@@ -23,6 +23,25 @@ from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from bucketserve.errors import InvalidRequestError
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """What a batch's cost depends on, read before it runs: each prefill row's chunk and the
+    tokens already cached before it, each decode row's context (its token included).
+
+    The engine keeps it in its step records and the simulator's cost model charges it, so a
+    measured step can be set beside the model's estimate for the very same work.
+    """
+
+    prefill: tuple[tuple[int, int], ...] = ()  # (chunk tokens, cached tokens) per prefill row
+    decode: tuple[int, ...] = ()  # context length per decode row
+    padded: bool = False
+    num_ghost_rows: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prefill) + len(self.decode)
+
+
 @dataclass
 class ScheduledBatch:
     """One step's work: each sequence computes its next ``num_new_tokens[i]`` tokens.
@@ -60,6 +79,16 @@ class ScheduledBatch:
         prefill = [n for n in self.num_new_tokens if n > 1]
         decode = len(self.num_new_tokens) - len(prefill)
         return len(prefill) * max(prefill, default=0) + decode + self.num_ghost_rows
+
+    def shape(self) -> BatchShape:
+        """The batch's shape now; call it before the step runs and advances the sequences."""
+        prefill, decode = [], []
+        for seq, n in zip(self.seqs, self.num_new_tokens, strict=True):
+            if n > 1:
+                prefill.append((n, seq.num_computed_tokens))
+            else:
+                decode.append(len(seq))
+        return BatchShape(tuple(prefill), tuple(decode), self.padded, self.num_ghost_rows)
 
     def samples(self, i: int) -> bool:
         """Whether row i yields an output token (its chunk reaches the end of its tokens)."""

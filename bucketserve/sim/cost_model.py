@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bucketserve.core.scheduler import ScheduledBatch
+from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 
 PUBLISHED = {"a100-distserve": "a100-80g-distserve.json", "a100-vllm": "a100-80g-vllm.json"}
 
@@ -137,30 +137,26 @@ class CostModel:
         return len(prefill) * max(prefill, default=0) + len(batch.num_new_tokens) - len(prefill)
 
     def step_time(self, batch: ScheduledBatch) -> float:
+        """Seconds to run ``batch``, charged before it runs (it reads the sequences' progress)."""
+        return self.shape_time(batch.shape())
+
+    def shape_time(self, shape: BatchShape) -> float:
+        """Seconds to run a batch of this shape."""
         sum_len = sum_sq = 0.0
-        prefill_rows = 0
         max_chunk = 0
-        sum_ctx = 0
-        max_ctx = 0
-        decode_rows = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if n > 1:
-                s = seq.num_computed_tokens
-                prefill_rows += 1
-                max_chunk = max(max_chunk, n)
-                sum_len += n
-                sum_sq += n * (n + 2 * s)
-            else:
-                ctx = len(seq)
-                decode_rows += 1
-                sum_ctx += ctx
-                max_ctx = max(max_ctx, ctx)
-        if batch.padded or self.pad_prefill:
+        for n, s in shape.prefill:
+            max_chunk = max(max_chunk, n)
+            sum_len += n
+            sum_sq += n * (n + 2 * s)
+        prefill_rows = len(shape.prefill)
+        decode_rows = len(shape.decode)
+        sum_ctx = sum(shape.decode)
+        if shape.padded or self.pad_prefill:
             sum_len = prefill_rows * max_chunk
             sum_sq = prefill_rows * max_chunk * max_chunk
-        if batch.padded:
-            decode_rows += batch.num_ghost_rows
-            sum_ctx = decode_rows * max_ctx
+        if shape.padded:
+            decode_rows += shape.num_ghost_rows
+            sum_ctx = decode_rows * max(shape.decode, default=0)
         p = self.profile
         if prefill_rows and decode_rows:
             ms = p.mixed_scale * (
@@ -172,5 +168,5 @@ class CostModel:
             ms = p.prefill_ms(sum_len, sum_sq)
         else:
             ms = p.decode_ms(sum_ctx, decode_rows)
-        ms += p.step_overhead[0] + p.step_overhead[1] * len(batch.seqs)
+        ms += p.step_overhead[0] + p.step_overhead[1] * shape.num_rows
         return max(ms, 0.0) / 1e3

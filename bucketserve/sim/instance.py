@@ -7,6 +7,7 @@ forward pass replaced by the cost model's latency in virtual time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
@@ -36,8 +37,16 @@ class InstanceStats:
 class Instance:
     """A scheduler plus a cost model; runs one batch at a time."""
 
-    def __init__(self, name: str, scheduler: Scheduler, cost: CostModel, num_gpus: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        scheduler: Scheduler,
+        cost: CostModel,
+        num_gpus: int = 1,
+        speed: Callable[[float], float] | None = None,
+    ) -> None:
         self.name = name
+        self.speed = speed  # slowdown at a virtual time over the profile; None: as profiled
         self.scheduler = scheduler
         self.cost = cost
         self.num_gpus = num_gpus
@@ -60,6 +69,8 @@ class Instance:
         if batch is None:
             return None
         duration = self.cost.step_time(batch)
+        if self.speed is not None:
+            duration *= self.speed(now)
         self.batch = batch
         s = self.stats
         s.steps += 1

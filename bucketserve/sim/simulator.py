@@ -61,6 +61,9 @@ class SimConfig:
     link_bandwidth: float = 25e9  # bytes/s between a prefill and a decode instance
     pad_prefill: bool = False  # see CostModel.pad_prefill
     poll_s: float = 0.005  # an idle instance with queued work but no batch looks again after this
+    # The machine's slowdown over the profile at each virtual time (None: none). Validation
+    # replays the drift measured during a real run with it; see sim.validate.SpeedTrace.
+    speed: Callable[[float], float] | None = None
 
     @property
     def disaggregated(self) -> bool:
@@ -143,7 +146,7 @@ class Simulator:
         def make(name: str, spec: InstanceSpec) -> Instance:
             num_blocks = spec.kv_capacity_tokens // cfg.block_size
             sched = make_scheduler(cfg.scheduler, BlockManager(num_blocks, cfg.block_size), cfg.max_model_len)
-            return Instance(name, sched, CostModel(spec.profile, cfg.pad_prefill), spec.num_gpus)
+            return Instance(name, sched, CostModel(spec.profile, cfg.pad_prefill), spec.num_gpus, cfg.speed)
 
         role = "prefill" if cfg.disaggregated else "instance"
         front = [make(f"{role}{i}", cfg.instance) for i in range(cfg.num_instances)]

@@ -9,19 +9,29 @@ settings, and the two are compared on output throughput, TTFT p50 and TPOT p50.
 
 The bench cannot see a server's policy: a compare file names each server after the policy it
 started it with; for a ``bench run`` file pass ``--policy`` (or FILE:POLICY).
+
+A file written by ``benchmarks/sim_validation.py`` also holds the engine's steps, each with
+its start, duration and batch shape. Then the cost model's estimate of every measured step is
+known, and with it how much slower or faster the machine ran than when it was profiled: on
+this project's shared 2-vCPU machine that drifts by up to a third within a minute. The run is
+then simulated a second time with that drift replayed (``SpeedTrace``), which separates the
+simulator's scheduling from the machine's speed.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bucketserve.config import POLICIES, SchedulerConfig
+from bucketserve.core.scheduler import BatchShape
 from bucketserve.metrics import RequestRecord, summarize
-from bucketserve.sim.cost_model import load_profile
+from bucketserve.sim.cost_model import CostModel, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
 
 METRICS = ("output_throughput", "p50_ttft_ms", "p50_tpot_ms")
@@ -45,11 +55,95 @@ def _records(rows: list[dict[str, Any]]) -> list[RequestRecord]:
     return records
 
 
+@dataclass(frozen=True)
+class StepSample:
+    """One measured engine step: when it started (seconds from the run's start), how long it
+    took, and what it computed."""
+
+    start: float
+    duration: float
+    shape: BatchShape
+
+    @property
+    def kind(self) -> str:
+        if self.shape.prefill and self.shape.decode:
+            return "mixed"
+        return "prefill" if self.shape.prefill else "decode"
+
+    def to_json(self) -> dict[str, Any]:
+        sh = self.shape
+        return {
+            "start": round(self.start, 6),
+            "duration": round(self.duration, 6),
+            "prefill": [list(r) for r in sh.prefill],
+            "decode": list(sh.decode),
+            "padded": sh.padded,
+            "ghost_rows": sh.num_ghost_rows,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StepSample:
+        shape = BatchShape(
+            tuple((int(n), int(c)) for n, c in d.get("prefill", ())),
+            tuple(int(c) for c in d.get("decode", ())),
+            bool(d.get("padded", False)),
+            int(d.get("ghost_rows", 0)),
+        )
+        return cls(float(d["start"]), float(d["duration"]), shape)
+
+
+class SpeedTrace:
+    """The machine's measured slowdown over a profile: at time t, the sum of the measured
+    durations of the steps within ``window_s`` of t over the sum of the cost model's
+    estimates for them (1.0 = as fast as when profiled). Callable with a time in the run's
+    clock shifted by ``offset``, so it plugs into ``SimConfig.speed``."""
+
+    def __init__(self, steps: list[StepSample], cost: CostModel, window_s: float = 10.0, offset: float = 0.0):
+        if not steps:
+            raise ValueError("a speed trace needs measured steps")
+        steps = sorted(steps, key=lambda s: s.start)
+        self.starts = [s.start for s in steps]
+        self.measured = _cumsum([s.duration for s in steps])
+        self.predicted = _cumsum([cost.shape_time(s.shape) for s in steps])
+        self.window_s = window_s
+        self.offset = offset
+        self.overall = self.measured[-1] / self.predicted[-1] if self.predicted[-1] > 0 else 1.0
+
+    def __call__(self, t: float) -> float:
+        t += self.offset
+        lo = bisect.bisect_left(self.starts, t - self.window_s / 2)
+        hi = bisect.bisect_right(self.starts, t + self.window_s / 2)
+        if hi - lo < 5:  # too few steps here (idle, or past the run's end) to say
+            return self.overall
+        pred = self.predicted[hi] - self.predicted[lo]
+        return (self.measured[hi] - self.measured[lo]) / pred if pred > 0 else self.overall
+
+
+def _cumsum(xs: list[float]) -> list[float]:
+    out = [0.0]
+    for x in xs:
+        out.append(out[-1] + x)
+    return out
+
+
+def step_ratios(steps: list[StepSample], cost: CostModel) -> dict[str, tuple[int, float]]:
+    """Per step kind (and "all"): the count and measured / estimated time."""
+    sums: dict[str, list[float]] = {}
+    for s in steps:
+        for kind in (s.kind, "all"):
+            acc = sums.setdefault(kind, [0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += s.duration
+            acc[2] += cost.shape_time(s.shape)
+    return {k: (int(n), m / p if p > 0 else math.nan) for k, (n, m, p) in sums.items()}
+
+
 @dataclass
 class BenchRun:
     name: str
     policy: str | None  # the server's policy, where the file says
     records: list[RequestRecord]
+    steps: list[StepSample] | None = None  # the engine's steps, where the file has them
 
 
 def _rate(rate: float | None) -> str:
@@ -62,7 +156,8 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     data = json.loads(Path(path).read_text())
     name = Path(path).stem
     if isinstance(data.get("requests"), list):
-        return [BenchRun(name, data.get("config", {}).get("policy"), _records(data["requests"]))]
+        steps = [StepSample.from_json(d) for d in data["steps"]] if data.get("steps") else None
+        return [BenchRun(name, data.get("config", {}).get("policy"), _records(data["requests"]), steps)]
     if isinstance(data.get("servers"), dict):
         return [
             BenchRun(
@@ -87,9 +182,16 @@ class Comparison:
     policy: str
     measured: dict[str, float]
     simulated: dict[str, float]
+    # With the run's steps: the machine's measured / profiled step time, and the simulation
+    # rerun with that drift replayed.
+    speed_ratio: float | None = None
+    corrected: dict[str, float] | None = None
 
-    def error(self, metric: str) -> float:
-        m, s = self.measured[metric], self.simulated[metric]
+    def error(self, metric: str, corrected: bool = False) -> float:
+        sim = self.corrected if corrected else self.simulated
+        if sim is None:
+            return math.nan
+        m, s = self.measured[metric], sim[metric]
         return (s - m) / m if m else math.nan
 
 
@@ -122,26 +224,76 @@ def validate_run(
             block_size=block_size,
             max_model_len=max_model_len,
         )
-        result = simulate(sim_cfg, requests)
         measured = summarize(ok, span(ok))
-        simulated = summarize(result.records, span(result.records))
-        out.append(
-            Comparison(
-                run.name, run_policy, {k: measured[k] for k in METRICS}, {k: simulated[k] for k in METRICS}
-            )
-        )
+        c = Comparison(run.name, run_policy, _pick(measured), _pick(_simulate(sim_cfg, requests)))
+        if run.steps:
+            trace = SpeedTrace(run.steps, CostModel(prof), offset=t0)
+            c.speed_ratio = trace.overall
+            sim_cfg.speed = trace
+            c.corrected = _pick(_simulate(sim_cfg, requests))
+        out.append(c)
     return out
 
 
+def _simulate(cfg: SimConfig, requests: list[SimRequest]) -> dict[str, float]:
+    result = simulate(cfg, requests)
+    return summarize(result.records, span(result.records))
+
+
+def _pick(summary: dict[str, float]) -> dict[str, float]:
+    return {k: summary[k] for k in METRICS}
+
+
 def error_table(rows: list[Comparison], target: float = 0.15) -> str:
-    head = "| run | policy | " + " | ".join(f"{m} measured / simulated (error)" for m in METRICS) + " |"
-    lines = [head, "|---" * (len(METRICS) + 2) + "|"]
+    """Markdown: measured / simulated (error) per metric; where the runs carry their steps,
+    the machine's speed ratio and the drift-corrected simulation's error too."""
+    with_steps = any(c.corrected is not None for c in rows)
+    head = "| run | policy | " + " | ".join(f"{m} measured / simulated (error)" for m in METRICS)
+    if with_steps:
+        head += " | measured / profiled step time | "
+        head += " | ".join(f"{m} error, drift replayed" for m in METRICS)
+    width = len(METRICS) * (2 if with_steps else 1) + 2 + with_steps
+    lines = [head + " |", "|---" * width + "|"]
+
+    def err(c: Comparison, m: str, corrected: bool) -> str:
+        e = c.error(m, corrected)
+        return "n/a" if math.isnan(e) else f"{e:+.1%}" + ("" if abs(e) <= target else " !")
+
     for c in rows:
+        cells = [f"{c.measured[m]:.1f} / {c.simulated[m]:.1f} ({err(c, m, False)})" for m in METRICS]
+        if with_steps:
+            cells.append("n/a" if c.speed_ratio is None else f"{c.speed_ratio:.2f}")
+            cells += [err(c, m, True) for m in METRICS]
+        lines.append(f"| {c.name} | {c.policy} | " + " | ".join(cells) + " |")
+    lines.append(f"\n'!' marks an error beyond the {target:.0%} target.")
+    return "\n".join(lines)
+
+
+def repeat_table(rows: list[Comparison], target: float = 0.15) -> str:
+    """Markdown, a row per policy over its repeated runs: the median measured value (and the
+    runs' range), the median simulated one and its error, and the median error with each
+    run's drift replayed."""
+    by_policy: dict[str, list[Comparison]] = {}
+    for c in rows:
+        by_policy.setdefault(c.policy, []).append(c)
+    head = "| policy | runs | " + " | ".join(
+        f"{m} measured median [range] / simulated (error) | drift replayed" for m in METRICS
+    )
+    lines = [head + " |", "|---" * (2 + 2 * len(METRICS)) + "|"]
+
+    def flag(e: float) -> str:
+        return "n/a" if math.isnan(e) else f"{e:+.1%}" + ("" if abs(e) <= target else " !")
+
+    for policy, cs in by_policy.items():
         cells = []
         for m in METRICS:
-            err = c.error(m)
-            flag = "" if abs(err) <= target else " !"
-            cells.append(f"{c.measured[m]:.1f} / {c.simulated[m]:.1f} ({err:+.1%}{flag})")
-        lines.append(f"| {c.name} | {c.policy} | " + " | ".join(cells) + " |")
+            meas = [c.measured[m] for c in cs]
+            med, sim = statistics.median(meas), statistics.median(c.simulated[m] for c in cs)
+            fixed = [c.error(m, True) for c in cs if c.corrected is not None]
+            cells.append(
+                f"{med:.1f} [{min(meas):.1f}-{max(meas):.1f}] / {sim:.1f} ({flag((sim - med) / med)})"
+            )
+            cells.append(flag(statistics.median(fixed)) if fixed else "n/a")
+        lines.append(f"| {policy} | {len(cs)} | " + " | ".join(cells) + " |")
     lines.append(f"\n'!' marks an error beyond the {target:.0%} target.")
     return "\n".join(lines)
