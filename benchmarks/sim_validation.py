@@ -1,16 +1,21 @@
 """Validate the simulator against the real engine, in process (no HTTP in between).
 
 For each policy: replay a seeded ShareGPT sample on the real engine (Poisson arrivals, or
-all at t=0), write the per-request records as a bench-shaped result file, then simulate the
-same arrivals and lengths with a profile measured by `bucketserve profile` and print the
-error table (output throughput, TTFT p50, TPOT p50; target within 15%).
+all at t=0), write the per-request records and every engine step (start, duration, batch
+shape) as a bench-shaped result file, then simulate the same arrivals and lengths with a
+profile measured by `bucketserve profile` and print the error table (output throughput,
+TTFT p50, TPOT p50; target within 15%). The steps give the machine's speed during the run
+against the profile's, and a second simulation replays that drift (sim.validate.SpeedTrace).
+With --repeats, the policies take turns, so that slow spells fall on all of them, and a
+second table sets the simulation beside each policy's median run.
 
-    .venv/bin/python -m bucketserve profile --kv-cache-memory 2GiB -o results/sim/profile-cpu.json
-    .venv/bin/python benchmarks/sim_validation.py --profile results/sim/profile-cpu.json
+    .venv/bin/bucketserve profile --kv-cache-memory 1GiB --max-model-len 2048 -o results/sim/profile-cpu.json
+    .venv/bin/python benchmarks/sim_validation.py --kv-cache-memory 1GiB --num-prompts 60 \
+        --repeats 3 --profile results/sim/profile-cpu.json
 
 The engine and the simulation share the settings below (KV budget, max_num_seqs, token
 budget, max_model_len). `bucketserve simulate --validate FILE:POLICY` reads the same files,
-and those `bucketserve bench run --output-json` writes against a live server.
+and those `bucketserve bench run --output-json` writes against a live server (no steps).
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@ policies used unchanged, determinism, and the cost model's formulas."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 from bucketserve.config import SchedulerConfig, StaticConfig
 from bucketserve.core.policies import POLICY_CLASSES
-from bucketserve.core.scheduler import ScheduledBatch
+from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 from bucketserve.core.sequence import Sequence
 from bucketserve.metrics import summarize
 from bucketserve.sampling_params import SamplingParams
@@ -287,3 +288,12 @@ def test_a_batch_shape_holds_chunks_after_their_cache_and_decode_contexts():
     # The cost model charges the shape: prefill 10 + 6 (its c, on the chunk's attention over
     # the cache, is 0 here), plus the decode row without the step's second fixed 5 ms.
     assert CostModel(LINEAR).shape_time(shape) == pytest.approx((10 + 6) / 1e3)
+
+
+def test_a_static_batch_decodes_padded_on_a_dense_cache_and_unpadded_on_our_paged_one():
+    # Decode rows at contexts 10 and 30 plus one ghost row; decode costs 1 ms per context token.
+    shape = BatchShape(decode=(10, 30), padded=True, num_ghost_rows=1)
+    dense = Profile(prefill=(0, 0, 0), decode_small=(0, 1.0, 0), decode_large=(0, 1.0, 0))
+    paged = dataclasses.replace(dense, padded_decode=False)
+    assert CostModel(dense).shape_time(shape) == pytest.approx(3 * 30 / 1e3)  # every row at the longest
+    assert CostModel(paged).shape_time(shape) == pytest.approx((10 + 30 + 1) / 1e3)  # the ghost reads one

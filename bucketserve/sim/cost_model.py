@@ -11,7 +11,10 @@ a measured profile may scale that by ``mixed_scale``, fitted from timed mixed st
 A prefill chunk of n tokens after s cached tokens counts n toward sum(len) and n*(n + 2s)
 toward sum(len**2): its attention reads the cached s tokens too. A ``padded`` batch (static,
 uellm) pays for every prefill row padded to the longest one and every decode row (ghost
-rows included) at the longest context, as a static-batching engine computes them.
+rows included) at the longest context, as a static-batching engine with a dense KV cache
+computes them. Our own engine runs static batches on its paged cache: it pads their prefill
+rows, but its decode rows read their own contexts and a ghost row reads one token; a
+profile of it says so with ``padded_decode`` false.
 ``pad_prefill`` charges every policy's prefill rows padded to the longest in their batch:
 an engine without ragged attention kernels, where BucketServe's length buckets pay off.
 """
@@ -49,6 +52,9 @@ class Profile:
     # Our profiles only: measured time of mixed prefill+decode steps over the formula's
     # estimate (a CPU step runs its prefill and decode rows less overlapped than a GPU's).
     mixed_scale: float = 1.0
+    # Whether a padded (static) batch's decode rows all pay for the longest context, as in a
+    # dense-cache engine (the published profiles' use here), or for their own (our engine).
+    padded_decode: bool = True
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
         a, b, c = self.prefill
@@ -95,6 +101,7 @@ def load_profile(source: str, model: str | None = None, tp: int = 1) -> tuple[Pr
         name=f"{source}:{model}:tp{tp}",
         step_overhead=tuple(entry.get("step_overhead_ms", (0.0, 0.0))),
         mixed_scale=float(entry.get("mixed_scale", 1.0)),
+        padded_decode=bool(entry.get("padded_decode", True)),
     )
     return profile, entry
 
@@ -156,7 +163,10 @@ class CostModel:
             sum_sq = prefill_rows * max_chunk * max_chunk
         if shape.padded:
             decode_rows += shape.num_ghost_rows
-            sum_ctx = decode_rows * max(shape.decode, default=0)
+            if self.profile.padded_decode:
+                sum_ctx = decode_rows * max(shape.decode, default=0)
+            else:
+                sum_ctx += shape.num_ghost_rows
         p = self.profile
         if prefill_rows and decode_rows:
             ms = p.mixed_scale * (

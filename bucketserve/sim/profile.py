@@ -259,6 +259,8 @@ def build_profile(
                 "decoding_smallbs": d_small,
                 "decoding_largebs": d_large,
                 "step_overhead_ms": overhead or [0.0, 0.0],
+                # Our engine decodes a static batch's rows on the paged cache, unpadded.
+                "padded_decode": False,
                 "kv_bytes_per_token": kv_bytes_per_token(engine.args, engine.dtype),
                 "weight_bytes": weight_bytes,
             }
