@@ -15,6 +15,7 @@ from fake_openai_server import FakeServer
 
 from bucketserve.bench import servers
 from bucketserve.cli import main
+from bucketserve.sim.validate import read_bench
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,7 @@ def test_run_prints_the_table_and_writes_config_summary_and_records(
     assert data["config"]["dataset"] == "fixed" and data["config"]["base_url"] == server.url
     assert data["summary"]["completed"] == 4 and data["summary"]["slo_attainment"] == 1.0
     assert len(data["requests"]) == 4 and all(r["output_tokens"] == 5 for r in data["requests"])
+    assert data["steps"] is None  # not a bucketserve server: no /debug/steps
     assert all(b["model"] == "fake-model" and b["max_tokens"] == 5 for b in server.bodies)
 
 
@@ -157,8 +159,16 @@ def test_compare_starts_a_real_server_per_policy_and_stops_it(tiny_model_dir: Pa
                  "--output-dir", str(tmp_path)])  # fmt: skip
     assert code == 0
     data = json.loads((tmp_path / "compare-fixed.json").read_text())
-    summary = data["servers"]["continuous"]["points"][0]["summary"]
-    assert summary["completed"] == 3 and summary["total_output_tokens"] == 12
+    point = data["servers"]["continuous"]["points"][0]
+    assert point["summary"]["completed"] == 3 and point["summary"]["total_output_tokens"] == 12
+    # The server's steps during the run come along, in the run's clock: the three 8-token
+    # prompts prefill (together or not), and 3 x 3 more tokens decode after them.
+    steps = point["steps"]
+    assert sum(n for s in steps for n, _ in s["prefill"]) == 3 * 8
+    assert sum(len(s["decode"]) for s in steps) == 3 * 3
+    assert all(0 <= s["start"] <= point["summary"]["duration_s"] for s in steps)
+    [run] = read_bench(tmp_path / "compare-fixed.json")
+    assert run.policy == "continuous" and run.steps is not None and len(run.steps) == len(steps)
     log = (tmp_path / "server-continuous.log").read_text()
     url = re.search(r"serving on (http://\S+)", log).group(1)  # type: ignore[union-attr]
     with pytest.raises(httpx.ConnectError):

@@ -354,6 +354,20 @@ def test_metrics_parse_and_count_requests(server: Server) -> None:
     assert ("bucketserve:bucket_queue_length", (("bucket", "[0,256)"),)) in after
 
 
+def test_debug_steps_lists_the_engine_steps_with_their_batch_shapes(server: Server) -> None:
+    prompt = [11, 12, 13, 14, 15, 16, 17]  # token ids: a known prompt length
+    server.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    data = httpx.get(server.url + "/debug/steps").json()
+    steps = data["steps"]
+    assert all(s["start"] + s["duration"] <= data["now"] for s in steps)
+    # The last three steps served this request alone: its prefill, then two decodes.
+    last = steps[-3:]
+    assert [s["prefill"] for s in last] == [[[7, 0]], [], []]
+    assert [s["decode"] for s in last] == [[], [8], [9]]
+
+
 # -- the guarded server: API key, a full queue, SIGTERM ---------------------------------------
 def test_v1_needs_the_api_key_but_health_and_metrics_do_not(guarded: Server) -> None:
     r = httpx.post(guarded.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
@@ -365,6 +379,7 @@ def test_v1_needs_the_api_key_but_health_and_metrics_do_not(guarded: Server) -> 
     assert out.choices[0].finish_reason in ("length", "stop")
     assert httpx.get(guarded.url + "/health").status_code == 200
     assert httpx.get(guarded.url + "/metrics").status_code == 200
+    assert httpx.get(guarded.url + "/debug/steps").status_code == 401  # prompt lengths of others
 
 
 def test_a_full_waiting_queue_answers_429_with_retry_after(guarded: Server) -> None:

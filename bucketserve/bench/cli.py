@@ -354,7 +354,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(format_table(summary))
     if a.output_json:
         config = {**_config(a), "model": cfg.model}
-        write_json(a.output_json, {"config": config, "summary": summary, "requests": request_rows(result)})
+        write_json(
+            a.output_json,
+            {"config": config, "summary": summary, "requests": request_rows(result), "steps": result.steps},
+        )
         print(f"wrote {a.output_json}")
     return 0 if summary["completed"] else 1
 
@@ -363,7 +366,13 @@ def _points_json(points: list[Any]) -> list[dict[str, Any]]:
     from bucketserve.bench.report import request_rows
 
     return [
-        {"request_rate": p.rate, "summary": p.summary, "requests": request_rows(p.result)} for p in points
+        {
+            "request_rate": p.rate,
+            "summary": p.summary,
+            "requests": request_rows(p.result),
+            "steps": p.result.steps,
+        }
+        for p in points
     ]
 
 

@@ -156,6 +156,31 @@ async def send_request(
     return Outcome(record, scheduled, len(token_times), usage)
 
 
+async def fetch_steps(
+    client: httpx.AsyncClient, cfg: ClientConfig, run_start: float, run_end: float
+) -> list[dict[str, Any]] | None:
+    """The server's engine steps between ``run_start`` and ``run_end`` (this process's
+    ``time.monotonic()``), their starts made relative to ``run_start``; None from a server
+    without bucketserve's /debug/steps. The server's clock is mapped onto ours by the ``now``
+    it replies with (exact on one machine; off by up to the round trip across machines)."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    try:
+        r = await client.get(cfg.base_url.rstrip("/") + "/debug/steps", headers=headers)
+    except httpx.HTTPError:
+        return None
+    received = time.monotonic()
+    if r.status_code != 200:
+        return None
+    data = r.json()
+    offset = float(data["now"]) - received  # server clock minus ours
+    steps = []
+    for step in data.get("steps", []):
+        start = float(step["start"]) - offset - run_start
+        if 0 <= start <= run_end - run_start:
+            steps.append({**step, "start": start})
+    return steps
+
+
 async def model_info(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """The first model a server lists under /v1/models (its ``id``, maybe ``max_model_len``)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

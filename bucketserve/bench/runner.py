@@ -7,11 +7,12 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from bucketserve.bench.client import ClientConfig, Outcome, send_request
+from bucketserve.bench.client import ClientConfig, Outcome, fetch_steps, send_request
 from bucketserve.bench.datasets import BenchRequest
 
 
@@ -19,6 +20,9 @@ from bucketserve.bench.datasets import BenchRequest
 class RunResult:
     outcomes: list[Outcome]  # in request order
     duration: float  # from the first release to the last reply, seconds
+    # The server's engine steps during the run (start from the run's start, duration, batch
+    # shape), where the server is a bucketserve one; `simulate --validate` replays its drift.
+    steps: list[dict[str, Any]] | None = None
 
 
 async def run_workload(
@@ -37,7 +41,7 @@ async def run_workload(
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, unit="req")
     async with httpx.AsyncClient(timeout=cfg.request_timeout, limits=limits) as client:
-        t0 = time.perf_counter()
+        t0, t0_mono = time.perf_counter(), time.monotonic()
 
         async def one(req: BenchRequest, at: float) -> Outcome:
             delay = t0 + at - time.perf_counter()
@@ -57,4 +61,5 @@ async def run_workload(
         finally:
             bar.close()
         duration = time.perf_counter() - t0
-    return RunResult(list(outcomes), duration)
+        steps = await fetch_steps(client, cfg, t0_mono, time.monotonic())
+    return RunResult(list(outcomes), duration, steps)

@@ -15,6 +15,7 @@ import abc
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
@@ -40,6 +41,24 @@ class BatchShape:
     @property
     def num_rows(self) -> int:
         return len(self.prefill) + len(self.decode)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers, for JSON."""
+        return {
+            "prefill": [list(r) for r in self.prefill],
+            "decode": list(self.decode),
+            "padded": self.padded,
+            "ghost_rows": self.num_ghost_rows,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchShape:
+        return cls(
+            tuple((int(n), int(c)) for n, c in d.get("prefill", ())),
+            tuple(int(c) for c in d.get("decode", ())),
+            bool(d.get("padded", False)),
+            int(d.get("ghost_rows", 0)),
+        )
 
 
 @dataclass

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bucketserve.engine.llm_engine import LLMEngine
+from bucketserve.engine.llm_engine import LLMEngine, StepRecord
 from bucketserve.errors import BucketServeError, ConfigError
 from bucketserve.outputs import RequestOutput
 from bucketserve.sampling_params import SamplingParams
@@ -212,6 +212,11 @@ class AsyncEngine:
 
     def stats(self) -> EngineSnapshot:
         return self._snapshot
+
+    def recent_steps(self) -> list[StepRecord]:
+        """The engine's most recent step records, oldest first (a copy: list() of a deque is
+        one C call under the GIL, safe while the engine thread appends)."""
+        return list(self.engine.stats.recent)
 
     def tokenize(self, prompt: str) -> list[int]:
         """The tokenizer is read-only and thread-safe; callers may tokenize on their side."""

@@ -62,7 +62,7 @@ class EngineStats:
     preemptions: int = 0
     schedule_time: float = 0.0
     busy_time: float = 0.0
-    recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=1024))
+    recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=4096))
 
     @property
     def padding_ratio(self) -> float:

@@ -498,6 +498,16 @@ def build_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/debug/steps", dependencies=[Depends(check_api_key)])
+    async def engine_steps() -> JSONResponse:
+        """The engine's recent steps (up to 4096), each with its start on the server's
+        monotonic clock, its duration and its batch shape; ``now`` is that clock at the reply.
+        The bench client stores them with a run, for `bucketserve simulate --validate`."""
+        steps = [
+            {"start": r.start, "duration": r.duration, **r.shape.to_dict()} for r in engine.recent_steps()
+        ]
+        return JSONResponse({"now": time.monotonic(), "steps": steps})
+
     app.state.metrics = metrics
     app.state.engine = engine
     return app

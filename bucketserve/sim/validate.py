@@ -71,25 +71,11 @@ class StepSample:
         return "prefill" if self.shape.prefill else "decode"
 
     def to_json(self) -> dict[str, Any]:
-        sh = self.shape
-        return {
-            "start": round(self.start, 6),
-            "duration": round(self.duration, 6),
-            "prefill": [list(r) for r in sh.prefill],
-            "decode": list(sh.decode),
-            "padded": sh.padded,
-            "ghost_rows": sh.num_ghost_rows,
-        }
+        return {"start": round(self.start, 6), "duration": round(self.duration, 6), **self.shape.to_dict()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StepSample:
-        shape = BatchShape(
-            tuple((int(n), int(c)) for n, c in d.get("prefill", ())),
-            tuple(int(c) for c in d.get("decode", ())),
-            bool(d.get("padded", False)),
-            int(d.get("ghost_rows", 0)),
-        )
-        return cls(float(d["start"]), float(d["duration"]), shape)
+        return cls(float(d["start"]), float(d["duration"]), BatchShape.from_dict(d))
 
 
 class SpeedTrace:
@@ -156,19 +142,26 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     data = json.loads(Path(path).read_text())
     name = Path(path).stem
     if isinstance(data.get("requests"), list):
-        steps = [StepSample.from_json(d) for d in data["steps"]] if data.get("steps") else None
-        return [BenchRun(name, data.get("config", {}).get("policy"), _records(data["requests"]), steps)]
+        policy = data.get("config", {}).get("policy")
+        return [BenchRun(name, policy, _records(data["requests"]), _steps(data))]
     if isinstance(data.get("servers"), dict):
         return [
             BenchRun(
                 f"{name} {server} @ {_rate(p.get('request_rate'))}",
                 server if server in POLICIES else None,
                 _records(p["requests"]),
+                _steps(p),
             )
             for server, entry in data["servers"].items()
             for p in entry.get("points", [])
         ]
     raise ValueError(f"{path}: neither a `bench run` nor a `bench compare` result (no requests or servers)")
+
+
+def _steps(run: dict[str, Any]) -> list[StepSample] | None:
+    """The engine's steps that a run carries: `sim_validation.py` records them in process,
+    and the bench client fetches them from the server's /debug/steps."""
+    return [StepSample.from_json(d) for d in run["steps"]] if run.get("steps") else None
 
 
 def span(records: list[RequestRecord]) -> float:
