@@ -167,6 +167,8 @@ def test_compare_starts_a_real_server_per_policy_and_stops_it(tiny_model_dir: Pa
     assert sum(n for s in steps for n, _ in s["prefill"]) == 3 * 8
     assert sum(len(s["decode"]) for s in steps) == 3 * 3
     assert all(0 <= s["start"] <= point["summary"]["duration_s"] for s in steps)
+    # ... and when the server's engine took each request in, after the client sent it.
+    assert all(0 <= r["sent"] <= r["admitted"] <= r["sent"] + r["ttft"] for r in point["requests"])
     [run] = read_bench(tmp_path / "compare-fixed.json")
     assert run.policy == "continuous" and run.steps is not None and len(run.steps) == len(steps)
     log = (tmp_path / "server-continuous.log").read_text()

@@ -360,6 +360,12 @@ def test_debug_steps_lists_the_engine_steps_with_their_batch_shapes(server: Serv
         model=MODEL, prompt=prompt, max_tokens=3, extra_body={"ignore_eos": True}
     )
     data = httpx.get(server.url + "/debug/steps").json()
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True}
+    ) as r:
+        admitted = float(r.headers["x-bucketserve-arrival"])  # on the server's clock, like "now"
+        r.read()
+    assert data["now"] < admitted < httpx.get(server.url + "/debug/steps").json()["now"]
     steps = data["steps"]
     assert all(s["start"] + s["duration"] <= data["now"] for s in steps)
     # The last three steps served this request alone: its prefill, then two decodes.

@@ -29,9 +29,10 @@ def profile_path(tmp_path):
     return path
 
 
-def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None):
+def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None, delay: float = 0.0):
     """A bench-shaped result whose 'measurements' come from the simulator itself; with
-    ``speed``, from a machine that slower, and with steps that say so."""
+    ``speed``, from a machine that slower, and with steps that say so; with ``delay``, from
+    a server whose engine took each request in that long after the client sent it."""
     profile, _ = load_profile(str(profile_path))
     requests = [SimRequest(0.05 * i, 20 + (37 * i) % 200, 2 + (11 * i) % 30) for i in range(60)]
     cfg = SimConfig(
@@ -43,9 +44,10 @@ def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None):
     result = simulate(cfg, requests)
     rows = [
         {
-            "sent": r.arrival,
-            "ttft": r.ttft,
-            "e2el": r.e2e,
+            "sent": r.arrival - delay,
+            "admitted": r.arrival if delay else None,
+            "ttft": r.ttft + delay,
+            "e2el": r.e2e + delay,
             "prompt_tokens": r.prompt_tokens,
             "output_tokens": r.output_tokens,
             "error": None,
@@ -153,3 +155,17 @@ def test_a_speed_trace_follows_the_measured_over_modelled_step_time_in_its_windo
     assert trace(100.0) == pytest.approx(2.0)  # no steps there: the run's overall ratio
     shifted = SpeedTrace(steps, cost, window_s=4.0, offset=25.0)  # sim time 5 = run time 30
     assert shifted(5.0) == pytest.approx(3.0)
+
+
+def test_requests_enter_the_simulation_when_the_server_admitted_them(tmp_path, profile_path):
+    path = bench_file(tmp_path, profile_path, "continuous", delay=0.3)
+    [c] = validate_run(path, str(profile_path), 1 << 20, policy="continuous")
+    for metric in ("output_throughput", "p50_ttft_ms", "p50_tpot_ms"):
+        assert c.error(metric) == pytest.approx(0.0, abs=1e-9)
+    # Without the server's arrival times the 300 ms on the way in go missing from the TTFT.
+    data = json.loads(path.read_text())
+    for row in data["requests"]:
+        row.pop("admitted", None)
+    path.write_text(json.dumps(data))
+    [c] = validate_run(path, str(profile_path), 1 << 20, policy="continuous")
+    assert c.error("p50_ttft_ms") < -0.1

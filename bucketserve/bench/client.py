@@ -55,6 +55,9 @@ class Outcome:
     scheduled: float  # when the arrival process released it (before any concurrency wait)
     chunks: int  # streamed chunks that carried text
     usage_tokens: int | None  # completion_tokens from the usage chunk, if the server sent one
+    # When the server's engine took the request in (its X-Bucketserve-Arrival header, on
+    # the server's clock until the runner maps it onto the run's); None from other servers.
+    admitted: float | None = None
 
     @property
     def token_count_mismatch(self) -> bool:
@@ -105,6 +108,7 @@ async def send_request(
     token_times: list[float] = []
     usage: int | None = None
     error: str | None = None
+    admitted: float | None = None
     done = False
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     try:
@@ -112,6 +116,8 @@ async def send_request(
             asyncio.timeout(cfg.request_timeout),
             client.stream("POST", cfg.endpoint, json=build_payload(req, cfg), headers=headers) as response,
         ):
+            arrival_header = response.headers.get("x-bucketserve-arrival")
+            admitted = float(arrival_header) if arrival_header else None
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 error = f"HTTP {response.status_code}: {_error_message(body)}"
@@ -153,16 +159,34 @@ async def send_request(
             output_tokens=usage if usage is not None else len(token_times),
             itls=[b - a for a, b in itertools.pairwise(token_times)],
         )
-    return Outcome(record, scheduled, len(token_times), usage)
+    return Outcome(record, scheduled, len(token_times), usage, admitted)
 
 
-async def fetch_steps(
-    client: httpx.AsyncClient, cfg: ClientConfig, run_start: float, run_end: float
-) -> list[dict[str, Any]] | None:
-    """The server's engine steps between ``run_start`` and ``run_end`` (this process's
-    ``time.monotonic()``), their starts made relative to ``run_start``; None from a server
-    without bucketserve's /debug/steps. The server's clock is mapped onto ours by the ``now``
-    it replies with (exact on one machine; off by up to the round trip across machines)."""
+@dataclass
+class EngineTimeline:
+    """What a bucketserve server says of its engine: its recent steps, and the offset of its
+    monotonic clock from ours (exact on one machine; off by up to the round trip across
+    machines), to place the steps and the requests' arrivals on a run's clock."""
+
+    offset: float  # the server's clock minus ours
+    steps: list[dict[str, Any]]  # start on the server's clock, duration, batch shape
+
+    def steps_between(self, run_start: float, run_end: float) -> list[dict[str, Any]]:
+        """The steps that started in [run_start, run_end] (our clock), their starts made
+        relative to run_start."""
+        out = []
+        for step in self.steps:
+            start = self.to_run(float(step["start"]), run_start)
+            if 0 <= start <= run_end - run_start:
+                out.append({**step, "start": start})
+        return out
+
+    def to_run(self, server_time: float, run_start: float) -> float:
+        return server_time - self.offset - run_start
+
+
+async def fetch_timeline(client: httpx.AsyncClient, cfg: ClientConfig) -> EngineTimeline | None:
+    """The server's /debug/steps; None from a server without it."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     try:
         r = await client.get(cfg.base_url.rstrip("/") + "/debug/steps", headers=headers)
@@ -172,13 +196,7 @@ async def fetch_steps(
     if r.status_code != 200:
         return None
     data = r.json()
-    offset = float(data["now"]) - received  # server clock minus ours
-    steps = []
-    for step in data.get("steps", []):
-        start = float(step["start"]) - offset - run_start
-        if 0 <= start <= run_end - run_start:
-            steps.append({**step, "start": start})
-    return steps
+    return EngineTimeline(float(data["now"]) - received, list(data.get("steps", [])))
 
 
 async def model_info(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:

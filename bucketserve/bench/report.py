@@ -62,6 +62,7 @@ def request_rows(result: RunResult) -> list[dict[str, Any]]:
             {
                 "scheduled": o.scheduled,
                 "sent": r.arrival,
+                "admitted": o.admitted,  # when the server's engine took it in (bucketserve only)
                 "ttft": r.ttft,
                 "e2el": r.e2e,
                 "tpot": r.tpot if r.ok else None,

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from bucketserve.bench.client import ClientConfig, Outcome, fetch_steps, send_request
+from bucketserve.bench.client import ClientConfig, Outcome, fetch_timeline, send_request
 from bucketserve.bench.datasets import BenchRequest
 
 
@@ -61,5 +61,11 @@ async def run_workload(
         finally:
             bar.close()
         duration = time.perf_counter() - t0
-        steps = await fetch_steps(client, cfg, t0_mono, time.monotonic())
+        timeline = await fetch_timeline(client, cfg)
+    steps = None
+    if timeline is not None:
+        steps = timeline.steps_between(t0_mono, t0_mono + duration)
+        for o in outcomes:
+            if o.admitted is not None:
+                o.admitted = timeline.to_run(o.admitted, t0_mono)
     return RunResult(list(outcomes), duration, steps)

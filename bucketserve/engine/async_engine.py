@@ -91,6 +91,7 @@ class RequestStream:
         self.loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.finished = False
+        self.arrival_time = time.monotonic()  # the engine's arrival time for the request
 
     def put(self, item: RequestOutput | BaseException | object) -> None:
         """Called from the engine thread."""
@@ -242,7 +243,7 @@ class AsyncEngine:
 
         Raises InvalidRequestError, QueueFullError or EngineStoppedError (nothing queued)."""
         stream = RequestStream(request_id, asyncio.get_running_loop())
-        self._send(_Add(stream, prompt, params, time.monotonic(), priority, ttft_slo, tpot_slo))
+        self._send(_Add(stream, prompt, params, stream.arrival_time, priority, ttft_slo, tpot_slo))
         try:
             item = await stream.queue.get()
         except asyncio.CancelledError:

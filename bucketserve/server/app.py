@@ -39,6 +39,8 @@ from bucketserve.server.protocol import (
 
 log = logging.getLogger(__name__)
 
+ARRIVAL_HEADER = "X-Bucketserve-Arrival"  # a streamed reply's engine arrival time
+
 
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
@@ -337,9 +339,10 @@ def build_app(
                     engine.abort(stream.request_id)
                     tracker.aborted()
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        # The engine's arrival time (the server's monotonic clock): with /debug/steps's "now",
+        # the bench client places the request on the engine's timeline.
+        headers = {"Cache-Control": "no-cache", ARRIVAL_HEADER: f"{stream.arrival_time:.6f}"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     # -- routes --------------------------------------------------------------------------
     @v1.post("/completions", response_model=None)

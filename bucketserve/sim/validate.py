@@ -21,6 +21,7 @@ simulator's scheduling from the machine's speed.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import statistics
@@ -130,6 +131,9 @@ class BenchRun:
     policy: str | None  # the server's policy, where the file says
     records: list[RequestRecord]
     steps: list[StepSample] | None = None  # the engine's steps, where the file has them
+    # Per record, when the server's engine took the request in (None: not known). Over
+    # HTTP that is later than the client sent it, and all at once, in another order.
+    admitted: list[float | None] | None = None
 
 
 def _rate(rate: float | None) -> str:
@@ -143,7 +147,8 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     name = Path(path).stem
     if isinstance(data.get("requests"), list):
         policy = data.get("config", {}).get("policy")
-        return [BenchRun(name, policy, _records(data["requests"]), _steps(data))]
+        rows = data["requests"]
+        return [BenchRun(name, policy, _records(rows), _steps(data), _admitted(rows))]
     if isinstance(data.get("servers"), dict):
         return [
             BenchRun(
@@ -151,11 +156,17 @@ def read_bench(path: str | Path) -> list[BenchRun]:
                 server if server in POLICIES else None,
                 _records(p["requests"]),
                 _steps(p),
+                _admitted(p["requests"]),
             )
             for server, entry in data["servers"].items()
             for p in entry.get("points", [])
         ]
     raise ValueError(f"{path}: neither a `bench run` nor a `bench compare` result (no requests or servers)")
+
+
+def _admitted(rows: list[dict[str, Any]]) -> list[float | None] | None:
+    times = [r.get("admitted") for r in rows]
+    return None if all(t is None for t in times) else [None if t is None else float(t) for t in times]
 
 
 def _steps(run: dict[str, Any]) -> list[StepSample] | None:
@@ -208,9 +219,18 @@ def validate_run(
         run_policy = run.policy or policy  # a compare file names its servers' policies
         if run_policy is None:
             raise ValueError(f"{path}: the server's policy of {run.name!r} is unknown; pass --policy")
-        ok = [r for r in run.records if r.ok and r.output_tokens > 0]
+        admitted = run.admitted or [None] * len(run.records)
+        kept = [(r, a) for r, a in zip(run.records, admitted, strict=True) if r.ok and r.output_tokens > 0]
+        ok = [r for r, _ in kept]
         t0 = min(r.arrival for r in ok)
-        requests = [SimRequest(r.arrival - t0, r.prompt_tokens, r.output_tokens) for r in ok]
+        # Requests enter the simulation when the engine took them in, where the server said;
+        # their latencies are still counted from when the client sent them, as measured.
+        at_engine = all(a is not None for _, a in kept)
+        requests = [
+            SimRequest((a if at_engine else r.arrival) - t0, r.prompt_tokens, r.output_tokens)  # type: ignore[operator]
+            for r, a in kept
+        ]
+        sent = [r.arrival - t0 for r in ok]
         sim_cfg = SimConfig(
             SchedulerConfig(policy=run_policy, **(scheduler or {})),
             InstanceSpec(prof, capacity),
@@ -218,19 +238,23 @@ def validate_run(
             max_model_len=max_model_len,
         )
         measured = summarize(ok, span(ok))
-        c = Comparison(run.name, run_policy, _pick(measured), _pick(_simulate(sim_cfg, requests)))
+        c = Comparison(run.name, run_policy, _pick(measured), _pick(_simulate(sim_cfg, requests, sent)))
         if run.steps:
             trace = SpeedTrace(run.steps, CostModel(prof), offset=t0)
             c.speed_ratio = trace.overall
             sim_cfg.speed = trace
-            c.corrected = _pick(_simulate(sim_cfg, requests))
+            c.corrected = _pick(_simulate(sim_cfg, requests, sent))
         out.append(c)
     return out
 
 
-def _simulate(cfg: SimConfig, requests: list[SimRequest]) -> dict[str, float]:
-    result = simulate(cfg, requests)
-    return summarize(result.records, span(result.records))
+def _simulate(cfg: SimConfig, requests: list[SimRequest], sent: list[float]) -> dict[str, float]:
+    """The simulated run's summary, each request's latencies counted from ``sent``."""
+    records = [
+        dataclasses.replace(r, arrival=t) if r.ok else r
+        for r, t in zip(simulate(cfg, requests).records, sent, strict=True)
+    ]
+    return summarize(records, span(records))
 
 
 def _pick(summary: dict[str, float]) -> dict[str, float]:
