@@ -16,71 +16,34 @@ import argparse
 import json
 import random
 import statistics
-import time
 
-from bucketserve import LLM, SamplingParams
+from bucketserve import LLM
+from bucketserve.bench.inprocess import replay
 from bucketserve.config import ORDERS, POLICIES, OrderConfig, parse_bytes
 from bucketserve.metrics import RequestRecord, percentile, summarize
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
 
-def replay(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[RequestRecord], float, dict]:
-    engine = llm.engine
-    stats_before = (
-        engine.stats.steps,
-        engine.stats.real_tokens,
-        engine.stats.padded_tokens,
-        engine.stats.preemptions,
-        engine.stats.schedule_time,
-        engine.stats.busy_time,
-    )
-    start = time.monotonic()
-    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
-    records: dict[str, RequestRecord] = {}
-    prompt_lens: dict[str, int] = {}
-    nxt = 0
-    while nxt < len(pending) or engine.has_unfinished_requests():
-        now = time.monotonic() - start
-        while nxt < len(pending) and arrivals[pending[nxt]] <= now:
-            i = pending[nxt]
-            r = requests[i]
-            rid = f"{id(requests)}-{i}"
-            engine.add_request(
-                rid,
-                r.prompt,
-                SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True),
-                arrival_time=start + arrivals[i],
-            )
-            prompt_lens[rid] = r.prompt_len
-            nxt += 1
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, min(0.01, arrivals[pending[nxt]] - now)))
-            continue
-        for out in engine.step():
-            if out.finished:
-                records[out.request_id] = RequestRecord.from_output(out)
-    duration = time.monotonic() - start
-    s = engine.stats
-    steps, real, padded, pre, sched_t, busy = (
-        a - b
-        for a, b in zip(
-            (s.steps, s.real_tokens, s.padded_tokens, s.preemptions, s.schedule_time, s.busy_time),
-            stats_before,
-            strict=True,
-        )
-    )
+def measure(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[RequestRecord], float, dict]:
+    """Replay the requests; their records, the run's duration and the engine's step figures."""
+    run = replay(llm.engine, requests, arrivals)
+    steps = run.steps
+    real = sum(s.real_tokens for s in steps)
+    padded = sum(s.padded_tokens for s in steps)
+    sched_t = sum(s.schedule_time for s in steps)
+    busy = sum(s.duration for s in steps)
     extra = {
-        "steps": steps,
+        "steps": len(steps),
         "padding_ratio": 1 - real / padded if padded else 0.0,
-        "preemptions": pre,
+        "preemptions": sum(s.preempted for s in steps),
         "schedule_share": sched_t / busy if busy else 0.0,
-        "mean_schedule_ms": sched_t / steps * 1e3,
+        "mean_schedule_ms": sched_t / len(steps) * 1e3 if steps else 0.0,
     }
-    short = statistics.median(prompt_lens.values())
+    short = statistics.median(r.prompt_len for r in requests)
     extra["p99_ttft_short_ms"] = percentile(
-        [r.ttft * 1e3 for rid, r in records.items() if prompt_lens[rid] < short], 99
+        [rec.ttft * 1e3 for r, rec in zip(requests, run.records, strict=True) if r.prompt_len < short], 99
     )
-    return list(records.values()), duration, extra
+    return run.records, run.duration, extra
 
 
 def main() -> None:
@@ -116,7 +79,7 @@ def main() -> None:
             poisson.append(t)
         for mode in a.modes.split(","):
             arrivals = [0.0] * len(requests) if mode == "offline" else poisson
-            records, duration, extra = replay(llm, requests, arrivals)
+            records, duration, extra = measure(llm, requests, arrivals)
             row = {"policy": policy, "order": a.order, "mode": mode, **summarize(records, duration), **extra}
             results.append(row)
             print(

@@ -23,53 +23,30 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from pathlib import Path
 
-from bucketserve import LLM, SamplingParams
+from bucketserve import LLM
+from bucketserve.bench.inprocess import Replay, replay
 from bucketserve.config import POLICIES, parse_bytes
-from bucketserve.metrics import RequestRecord
 from bucketserve.sim.validate import StepSample, error_table, repeat_table, validate_run
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
 
-def replay(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[dict], list[dict]]:
-    """Run the requests at their arrival offsets on the engine: bench-shaped rows, and every
-    step the engine ran (its start from the run's start, duration and batch shape)."""
-    engine = llm.engine
-    steps: list[dict] = []
-    start = time.monotonic()
-    order = sorted(range(len(requests)), key=lambda i: arrivals[i])
-    rows: dict[str, dict] = {}
-    nxt = 0
-    while nxt < len(order) or engine.has_unfinished_requests():
-        now = time.monotonic() - start
-        while nxt < len(order) and arrivals[order[nxt]] <= now:
-            i = order[nxt]
-            r = requests[i]
-            params = SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
-            engine.add_request(f"v{i}", r.prompt, params, arrival_time=start + arrivals[i])
-            nxt += 1
-        if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, min(0.01, arrivals[order[nxt]] - now)))
-            continue
-        before = engine.stats.steps
-        outputs = engine.step()
-        if engine.stats.steps > before:
-            rec = engine.stats.recent[-1]
-            steps.append(StepSample(rec.start - start, rec.duration, rec.shape).to_json())
-        for out in outputs:
-            if out.finished:
-                rec = RequestRecord.from_output(out)
-                rows[out.request_id] = {
-                    "sent": rec.arrival - start,
-                    "ttft": rec.ttft,
-                    "e2el": rec.e2e,
-                    "prompt_tokens": rec.prompt_tokens,
-                    "output_tokens": rec.output_tokens,
-                    "error": None,
-                }
-    return [rows[f"v{i}"] for i in range(len(requests))], steps
+def bench_rows(run: Replay) -> tuple[list[dict], list[dict]]:
+    """The run's requests and steps as a bench result file holds them (seconds from its start)."""
+    rows = [
+        {
+            "sent": r.arrival - run.start,
+            "ttft": r.ttft,
+            "e2el": r.e2e,
+            "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens,
+            "error": None,
+        }
+        for r in run.records
+    ]
+    steps = [StepSample(s.start - run.start, s.duration, s.shape).to_json() for s in run.steps]
+    return rows, steps
 
 
 def main() -> None:
@@ -111,7 +88,7 @@ def main() -> None:
             for _ in requests:
                 t += rng.expovariate(a.rate) if a.rate > 0 else 0.0
                 arrivals.append(t)
-            rows, steps = replay(llm, requests, arrivals)
+            rows, steps = bench_rows(replay(llm.engine, requests, arrivals))
             path = out_dir / f"{policy}-rate{a.rate:g}-{rep}.json"
             config = {"policy": policy, "kv_cache_memory": a.kv_cache_memory, "rate": a.rate, **sched}
             path.write_text(json.dumps({"config": config, "requests": rows, "steps": steps}) + "\n")
