@@ -36,6 +36,7 @@ from bucketserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from bucketserve.sim.validate import StepSample
 
 log = logging.getLogger(__name__)
 
@@ -506,9 +507,7 @@ def build_app(
         """The engine's recent steps (up to 4096), each with its start on the server's
         monotonic clock, its duration and its batch shape; ``now`` is that clock at the reply.
         The bench client stores them with a run, for `bucketserve simulate --validate`."""
-        steps = [
-            {"start": r.start, "duration": r.duration, **r.shape.to_dict()} for r in engine.recent_steps()
-        ]
+        steps = [StepSample(r.start, r.duration, r.shape).to_json() for r in engine.recent_steps()]
         return JSONResponse({"now": time.monotonic(), "steps": steps})
 
     app.state.metrics = metrics
