@@ -16,6 +16,7 @@ from bucketserve.config import (
     DTYPES,
     ORDERS,
     POLICIES,
+    QUANTIZATIONS,
     RESERVES,
     SPLIT_MODES,
     BucketConfig,
@@ -86,6 +87,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
+    g.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="auto",
+        help="CPU weight formats the start-up tuning may use per step size: auto = int8/int4 only "
+        "where they reproduce the weights within 1%% (the embedded Q4 GGUF model's int4 does); "
+        "none = the compute dtype and fp32 only; int8/int4 = offer that quantization anyway",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)",
+    )
 
     s = p.add_argument_group("scheduler")
     s.add_argument(
@@ -190,6 +204,8 @@ def engine_configs(a: argparse.Namespace) -> tuple[EngineConfig, SchedulerConfig
             cache_dir=a.cache_dir,
             num_threads=a.num_threads,
             seed=a.engine_seed,
+            quantization=a.quantization,
+            enforce_eager=a.enforce_eager,
         ),
         SchedulerConfig(
             policy=a.policy,

@@ -16,6 +16,7 @@ SPLIT_MODES = ("bisect", "optimal")
 RESERVES = ("max_tokens", "predicted")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -150,6 +151,12 @@ class EngineConfig:
     cache_dir: str | None = None  # where the embedded model is converted to (see loader)
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
     seed: int = 0
+    # CPU weight formats the start-up tuning may pick per step size: auto = int8/int4 only
+    # where they reproduce the weights within 1% (a GGUF Q4 model's int4 does); none = the
+    # compute dtype and fp32 only; int8 / int4 = offer that quantization whatever it costs.
+    quantization: str = "auto"
+    # No native kernels, no weight-format tuning: every op is torch's, as in vLLM's flag.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -160,6 +167,10 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if not 0 < self.kv_cache_fraction <= 0.95:
             raise ConfigError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
+            )
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 2:

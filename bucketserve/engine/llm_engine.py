@@ -20,6 +20,7 @@ from bucketserve.engine.detokenizer import Detokenizer
 from bucketserve.engine.device import resolve_device, resolve_dtype
 from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
 from bucketserve.engine.loader import (
+    cache_dir,
     load_state_dict,
     load_tokenizer,
     read_config,
@@ -27,6 +28,7 @@ from bucketserve.engine.loader import (
 )
 from bucketserve.engine.model import LlamaModel, ModelArgs
 from bucketserve.engine.model_runner import ModelRunner, StepResult
+from bucketserve.engine.optimize import Optimization, optimize_for_cpu
 from bucketserve.engine.sampler import Sampler
 from bucketserve.errors import ConfigError, InvalidRequestError
 from bucketserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
@@ -101,6 +103,11 @@ class LLMEngine:
         model.load_hf_state_dict(load_state_dict(self.model_path))
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rotary.to(torch.float32)  # keep the rope tables exact
+        self.optimization: Optimization | None = None
+        if self.device.type == "cpu" and not config.enforce_eager:
+            self.optimization = optimize_for_cpu(
+                self.model, self.model_path, config.quantization, cache_dir(config.cache_dir)
+            )
         self.tokenizer = load_tokenizer(self.model_path)
         log.info(
             "loaded %s from %s on %s in %s (%.1f s)",

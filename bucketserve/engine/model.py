@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bucketserve.engine.kernels import NativeKernels
+from bucketserve.engine.weights import MultiFormatLinear
 from bucketserve.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -127,11 +129,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
-class PagedContext:
-    """Block tables and mask for queries that attend to K/V already in the paged cache."""
+class CachedContext:
+    """A prefill chunk's view of its sequence's earlier tokens, already in the paged cache."""
 
-    block_tables: torch.Tensor  # [B, W] block ids, padded with any valid block
-    hidden: torch.Tensor  # [1, B, 1, L, W*block_size] bool: True where a key is not visible
+    block_ids: torch.Tensor  # [blocks] the sequence's blocks up to the chunk's end
+    visible: torch.Tensor  # [chunk, context] bool: query j (at position start + j) sees keys <= it
 
 
 @dataclass
@@ -140,7 +142,16 @@ class PrefillRow:
 
     start: int
     length: int
-    cached: PagedContext | None  # None when the chunk starts at position 0
+    cached: CachedContext | None  # None when the chunk starts at position 0
+
+
+@dataclass
+class DecodeRows:
+    """The decode rows' block tables and context lengths (their new token included)."""
+
+    block_tables: torch.Tensor  # [B, W] int64, padded with any valid block
+    context_lens: torch.Tensor  # [B] int64
+    hidden: torch.Tensor | None = None  # [1, B, 1, 1, W*block_size] for the torch path only
 
 
 @dataclass
@@ -154,9 +165,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] KV slot of each token
     prefill: list[PrefillRow]
     num_prefill_tokens: int
-    # Decode rows (the last T - num_prefill_tokens tokens, one per row) in consecutive groups
-    # of similar context length, each padded only to its own longest context.
-    decode: list[PagedContext]
+    decode: DecodeRows | None
 
 
 class Attention(nn.Module):
@@ -166,8 +175,11 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.qkv_proj = MultiFormatLinear(
+            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias
+        )
+        self.o_proj = MultiFormatLinear(self.q_size, args.hidden_size, bias=False)
+        self.kernels: NativeKernels | None = None  # set by the engine where they build
 
     def forward(
         self,
@@ -199,37 +211,58 @@ class Attention(nn.Module):
                 vi = v[row.start : row.start + row.length].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
             else:
-                o = self._paged_attention(qi, k_cache, v_cache, row.cached)
+                o = self._chunk_over_cache(qi, k_cache, v_cache, row.cached)
             outs.append(o[0].transpose(0, 1))  # [n, H, D]
-        row = meta.num_prefill_tokens
-        for group in meta.decode:
-            n = group.block_tables.shape[0]
-            qd = q[row : row + n].unsqueeze(2)  # [n, H, 1, D]
-            outs.append(self._paged_attention(qd, k_cache, v_cache, group).squeeze(2))
-            row += n
+        if meta.decode is not None:
+            qd = q[meta.num_prefill_tokens :]
+            if self.kernels is not None:
+                outs.append(
+                    self.kernels.decode_attention(
+                        qd.contiguous(),
+                        k_cache,
+                        v_cache,
+                        meta.decode.block_tables,
+                        meta.decode.context_lens,
+                        self.head_dim**-0.5,
+                    )
+                )
+            else:
+                outs.append(self._paged_attention(qd.unsqueeze(2), k_cache, v_cache, meta.decode).squeeze(2))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.reshape(T, self.q_size))
 
-    def _paged_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: PagedContext
+    def _chunk_over_cache(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: CachedContext
     ) -> torch.Tensor:
-        """q [B, H, L, D] attends to each row's blocks in the cache; returns [B, H, L, D].
+        """q [1, H, n, D], a chunk continuing a sequence: gather that one sequence's blocks
+        (a small copy next to the chunk's compute) and run torch's flash attention under the
+        chunk's causal mask, so that a chunk over cached context costs what it computes."""
+        kvh, d = self.num_kv_heads, self.head_dim
+        S = ctx.visible.shape[1]
+        keys = k_cache.index_select(1, ctx.block_ids).view(1, kvh, -1, d)[:, :, :S]
+        values = v_cache.index_select(1, ctx.block_ids).view(1, kvh, -1, d)[:, :, :S]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.visible, enable_gqa=True)
 
-        The cache is laid out [kv_heads, blocks, block_size, head_dim] so that gathering a
-        batch's blocks yields [kv_heads, B, S, head_dim] with no copy beyond the gather, and
-        each kv head's query group attends with two batched matmuls. Measured on a 2-core
-        EPYC at B=64, S=256 in bf16: ~2 ms a layer, against ~13 ms for a gather plus
-        torch's CPU flash-attention kernel, which is slow for one query per row.
-        """
+    def _paged_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: DecodeRows
+    ) -> torch.Tensor:
+        """The torch reference for decode rows (``--enforce-eager``, or no C++ compiler):
+        q [B, H, 1, D]; gathers every row's blocks out of the cache and attends with two
+        batched matmuls under the context-length mask. Returns [B, H, 1, D]."""
         B, H, L, D = q.shape
         kvh, group = self.num_kv_heads, H // self.num_kv_heads
-        bt = ctx.block_tables.flatten()
+        bt = rows.block_tables.flatten()
         S = bt.numel() // B * k_cache.shape[2]
         keys = k_cache.index_select(1, bt).view(kvh, B, S, D)
         values = v_cache.index_select(1, bt).view(kvh, B, S, D)
         qg = q.reshape(B, kvh, group * L, D).transpose(0, 1)  # [kv_heads, B, group*L, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (D**-0.5)
-        scores = scores.view(kvh, B, group, L, S).masked_fill(ctx.hidden, float("-inf"))
+        hidden = rows.hidden
+        if hidden is None:
+            hidden = (torch.arange(S, device=q.device).view(1, S) >= rows.context_lens.view(B, 1)).view(
+                1, B, 1, 1, S
+            )
+        scores = scores.view(kvh, B, group, L, S).masked_fill(hidden, float("-inf"))
         probs = scores.softmax(-1).to(q.dtype).view(kvh, B, group * L, S)
         return torch.matmul(probs, values).transpose(0, 1).reshape(B, H, L, D)
 
@@ -238,8 +271,8 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.inter = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = MultiFormatLinear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = MultiFormatLinear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -266,10 +299,24 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = MultiFormatLinear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
+        self.kernels: NativeKernels | None = None
+
+    def use_kernels(self, kernels: NativeKernels | None) -> None:
+        """Attend through the native kernels (None: the torch reference paths)."""
+        self.kernels = kernels
+        for layer in self.layers:
+            layer.self_attn.kernels = kernels
+
+    def linears(self) -> list[list[MultiFormatLinear]]:
+        """Each decoder layer's linears, in the order they run."""
+        return [
+            [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+            for layer in self.layers
+        ]
 
     @torch.inference_mode()
     def forward(

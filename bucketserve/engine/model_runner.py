@@ -9,7 +9,7 @@ import torch
 from bucketserve.core.block_manager import blocks_for
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
-from bucketserve.engine.model import AttentionMetadata, LlamaModel, PagedContext, PrefillRow
+from bucketserve.engine.model import AttentionMetadata, CachedContext, DecodeRows, LlamaModel, PrefillRow
 from bucketserve.engine.sampler import Sampler, token_logprobs
 from bucketserve.outputs import TokenLogprobs
 
@@ -44,13 +44,8 @@ class ModelRunner:
         block that no sequence owns, and causal attention keeps them out of real tokens' way.
         """
 
-        # Prefill rows first, in batch order; then decode rows by context length, so that
-        # groups of similar length attend together with little padding.
-        def row_key(i: int) -> tuple[bool, int]:
-            is_decode = batch.num_new_tokens[i] == 1
-            return is_decode, len(batch.seqs[i]) if is_decode else 0
-
-        order = sorted(range(len(batch)), key=row_key)
+        # Prefill rows first, then decode rows, each in batch order.
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] == 1)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         num_prefill = sum(n > 1 for n in counts)
@@ -72,7 +67,7 @@ class ModelRunner:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if r < num_prefill:
-                cached = self._paged_context([seq], [start], [n]) if start > 0 else None
+                cached = self._cached_context(seq, start, n) if start > 0 else None
                 pad = max(0, pad_to - n) if cached is None else 0
                 ids.extend([0] * pad)
                 positions.extend(min(p, self.max_position) for p in range(n, n + pad))
@@ -83,26 +78,24 @@ class ModelRunner:
                 logits_index.append(offset + n - 1)
                 sampled_rows.append(r)
 
-        decode = [
-            self._paged_context(seqs[a:b], starts[a:b], counts[a:b])
-            for a, b in _length_groups([s + 1 for s in starts[num_prefill:]], num_prefill)
+        decode_lens = [s + 1 for s in starts[num_prefill:]]
+        decode_tables = [
+            seq.block_table[: blocks_for(n, bs)]
+            for seq, n in zip(seqs[num_prefill:], decode_lens, strict=True)
         ]
         if batch.num_ghost_rows:
-            # Rows of finished static-batch members: computed, then thrown away.
+            # Rows of finished static-batch members: computed on the scratch block, thrown away.
             g = batch.num_ghost_rows
             ids.extend([0] * g)
             positions.extend([0] * g)
             slots.extend([self.scratch_slot] * g)
-            scratch = torch.full((g, 1), self.scratch_slot // bs, dtype=torch.long)
-            visible = torch.arange(bs).view(1, 1, 1, 1, bs) > 0
-            decode.append(
-                PagedContext(scratch.to(self.device), visible.expand(1, g, 1, 1, bs).to(self.device))
-            )
+            decode_tables.extend([[self.scratch_slot // bs]] * g)
+            decode_lens.extend([1] * g)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
             prefill=rows,
             num_prefill_tokens=num_prefill_tokens,
-            decode=decode,
+            decode=self._decode_rows(decode_tables, decode_lens) if decode_lens else None,
         )
         logits = self.model(
             torch.tensor(ids, device=self.device),
@@ -133,32 +126,26 @@ class ModelRunner:
                 result.logprobs[order[sampled_rows[j]]] = lp
         return result
 
-    def _paged_context(self, seqs: list[Sequence], starts: list[int], counts: list[int]) -> PagedContext:
-        """Block tables and visibility mask for rows whose queries read the cache."""
-        bs = self.block_size
-        used = [blocks_for(s + n, bs) for s, n in zip(starts, counts, strict=True)]
-        width = max(used)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for b, (seq, u) in enumerate(zip(seqs, used, strict=True)):
-            tables[b, :u] = torch.tensor(seq.block_table[:u])
-        L = max(counts)
-        # Query j of row b sits at position starts[b] + j and sees keys up to that position.
-        query_pos = torch.tensor(starts).view(-1, 1) + torch.arange(L).view(1, -1)
-        hidden = torch.arange(width * bs).view(1, 1, -1) > query_pos.unsqueeze(-1)
-        return PagedContext(tables.to(self.device), hidden.view(1, len(seqs), 1, L, -1).to(self.device))
+    def _cached_context(self, seq: Sequence, start: int, n: int) -> CachedContext:
+        """A chunk at positions [start, start + n) over its sequence's first ``start`` tokens."""
+        used = blocks_for(start + n, self.block_size)
+        query_pos = torch.arange(start, start + n).view(-1, 1)
+        visible = torch.arange(start + n).view(1, -1) <= query_pos
+        return CachedContext(
+            torch.tensor(seq.block_table[:used], device=self.device), visible.to(self.device)
+        )
 
-
-def _length_groups(context_lens: list[int], offset: int, slack: float = 1.25) -> list[tuple[int, int]]:
-    """Split rows sorted by context length into runs whose longest is within ``slack`` of
-    their shortest: decode attention reads every row's K/V padded to its group's longest,
-    and one group for all would read the longest context once per row (3x the bytes on
-    ShareGPT-like mixes, where reading K/V is most of a decode step)."""
-    groups, start = [], 0
-    for i in range(1, len(context_lens) + 1):
-        if i == len(context_lens) or context_lens[i] > slack * context_lens[start] + 16:
-            groups.append((offset + start, offset + i))
-            start = i
-    return groups
+    def _decode_rows(self, tables: list[list[int]], lens: list[int]) -> DecodeRows:
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for b, t in enumerate(tables):
+            padded[b, : len(t)] = torch.tensor(t)
+        rows = DecodeRows(padded.to(self.device), torch.tensor(lens, device=self.device))
+        if self.model.kernels is None:  # the torch reference path needs the mask
+            span = torch.arange(width * self.block_size).view(1, -1)
+            hidden = span >= torch.tensor(lens).view(-1, 1)
+            rows.hidden = hidden.view(1, len(lens), 1, 1, -1).to(self.device)
+        return rows
 
 
 def _banned_tokens(seq: Sequence) -> list[int]:

@@ -1,0 +1,163 @@
+"""Measures, once per machine and model, which weight format runs each step size fastest.
+
+For each row count in ``ROW_BUCKETS`` and each format a linear may hold (weights.py), one
+pass over the linears of the first few decoder layers is timed (best of a few); the fastest
+format wins that bucket. The result, a ``FormatPlan`` for the decoder layers and one for the
+LM head, is cached as JSON under ``<cache dir>/tuning``, named by everything it depends on
+(model, dtype, quantization, torch version, CPU flags, threads), so later starts read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bucketserve.engine.weights import FORMATS, QUANTIZED, FormatPlan, MultiFormatLinear
+
+log = logging.getLogger(__name__)
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TUNE_LAYERS = 8  # layers timed per pass: enough to spill the caches, few enough to be quick
+REPEATS = 3
+VERSION = 2  # bump when what is measured or offered changes
+
+
+@dataclass(frozen=True)
+class TunedPlans:
+    layers: FormatPlan
+    lm_head: FormatPlan
+    timings: dict[str, dict[str, float]]  # part -> "format@rows" -> ms per pass
+
+    def to_dict(self) -> dict:
+        return {
+            "version": VERSION,
+            "layers": self.layers.to_dict(),
+            "lm_head": self.lm_head.to_dict(),
+            "timings": self.timings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TunedPlans:
+        return cls(FormatPlan.from_dict(d["layers"]), FormatPlan.from_dict(d["lm_head"]), d["timings"])
+
+
+def cache_key(parts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in (f"v{VERSION}", torch.__version__, str(torch.get_num_threads()), _cpu_flags(), *parts):
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _time_pass(fn: Callable[[], object]) -> float:
+    fn()  # warm: first calls allocate and pick kernels
+    best = float("inf")
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _tune_part(
+    name: str,
+    layers: list[tuple[MultiFormatLinear, dict[str, tuple[torch.Tensor, ...]]]],
+    dtype: torch.dtype,
+    bar: tqdm,
+) -> tuple[FormatPlan, dict[str, float]]:
+    formats = [f for f in FORMATS if all(f in cands for _, cands in layers)]
+    timings: dict[str, float] = {}
+    winners: list[str] = []
+    losing: dict[str, int] = {}
+    for rows in ROW_BUCKETS:
+        best, best_ms = formats[0], float("inf")
+        for fmt in formats:
+            if losing.get(fmt, 0) >= 2:  # quantized kernels only fall further behind as M grows
+                bar.update(1)
+                continue
+            for lin, cands in layers:
+                lin._packed = {fmt: cands[fmt]}
+            inputs = {lin.in_features: torch.randn(rows, lin.in_features, dtype=dtype) for lin, _ in layers}
+
+            def one_pass(fmt: str = fmt, inputs: dict[int, torch.Tensor] = inputs) -> None:
+                for lin, _ in layers:
+                    lin.forward_format(inputs[lin.in_features], fmt)
+
+            ms = _time_pass(one_pass)
+            timings[f"{fmt}@{rows}"] = round(ms, 3)
+            if ms < best_ms:
+                best, best_ms = fmt, ms
+            bar.update(1)
+        for fmt in formats:
+            key = f"{fmt}@{rows}"
+            if fmt in QUANTIZED and key in timings:
+                losing[fmt] = losing.get(fmt, 0) + 1 if timings[key] > 1.5 * best_ms else 0
+        winners.append(best)
+    bounds: list[int] = []
+    chosen: list[str] = []
+    for rows, fmt in zip(ROW_BUCKETS, winners, strict=True):
+        if chosen and chosen[-1] == fmt:
+            bounds[-1] = rows
+        else:
+            bounds.append(rows)
+            chosen.append(fmt)
+    plan = FormatPlan(tuple(bounds), tuple(chosen))
+    log.info("weight formats for %s: %s", name, plan.describe())
+    return plan, timings
+
+
+def tune(
+    decoder_linears: list[list[MultiFormatLinear]],
+    lm_head: MultiFormatLinear,
+    dtype: torch.dtype,
+    quantization: str,
+    cache_file: Path | None,
+) -> TunedPlans:
+    """The plans for this model on this machine: read from ``cache_file`` or measured (with a
+    progress bar) and written there."""
+    if cache_file is not None and cache_file.exists():
+        try:
+            plans = TunedPlans.from_dict(json.loads(cache_file.read_text()))
+            log.info("weight formats from %s: layers %s", cache_file, plans.layers.describe())
+            return plans
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable tuning file %s: %s", cache_file, e)
+    sample = [
+        (lin, lin.candidate_formats(quantization)) for layer in decoder_linears[:TUNE_LAYERS] for lin in layer
+    ]
+    head = [(lm_head, lm_head.candidate_formats(quantization))]
+    total = sum(len(c) for c in (sample[0][1], head[0][1])) * len(ROW_BUCKETS)
+    with (
+        torch.inference_mode(),
+        tqdm(total=total, desc="tuning weight formats", unit="test", leave=False) as bar,
+    ):
+        layer_plan, layer_times = _tune_part("decoder layers", sample, dtype, bar)
+        head_plan, head_times = _tune_part("lm head", head, dtype, bar)
+    for lin, _ in (*sample, *head):
+        lin._packed = {}
+    plans = TunedPlans(layer_plan, head_plan, {"layers": layer_times, "lm_head": head_times})
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plans.to_dict(), indent=1))
+        os.replace(tmp, cache_file)
+    return plans

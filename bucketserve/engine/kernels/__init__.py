@@ -1,0 +1,138 @@
+"""Native CPU kernels, built once from the C++ source beside this file and loaded with ctypes.
+
+The source has no torch headers, so the build takes about a second with the system C++
+compiler. The shared object is cached under ``<cache dir>/kernels``, named by a hash of the
+source, the compiler flags and this CPU's feature flags (``-march=native``), so another
+machine or a changed source builds anew. Without a C++ compiler the engine runs its torch
+reference paths and says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _library_name() -> str:
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+        h.update(part)
+    return f"paged_attention-{h.hexdigest()[:16]}.so"
+
+
+def build(cache_dir: Path) -> Path:
+    """Compile the kernels into ``cache_dir/kernels`` unless already there; return the path."""
+    target = cache_dir / "kernels" / _library_name()
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: a concurrent start sees the whole file or none
+    return target
+
+
+class NativeKernels:
+    """The loaded kernels; each call checks its tensors before handing raw pointers over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        fn = lib.bucketserve_decode_attention
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 6, ctypes.c_float]
+        self._decode = fn
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,  # [rows, heads, head_dim]
+        k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [rows, width] int64
+        context_lens: torch.Tensor,  # [rows] int64
+        scale: float,
+    ) -> torch.Tensor:
+        """Each row's query attends to its first ``context_lens[r]`` cached tokens; [rows, heads, dim]."""
+        rows, heads, dim = q.shape
+        kvh, nb, bs, _ = k_cache.shape
+        tensors = (q, k_cache, v_cache, block_tables, context_lens)
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+            raise ValueError("decode_attention needs contiguous CPU tensors")
+        if q.dtype not in _DTYPE_CODES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise ValueError(f"decode_attention runs float32 or bfloat16, got {q.dtype}/{k_cache.dtype}")
+        if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
+            raise ValueError("block tables and context lengths must be int64")
+        if block_tables.shape[0] != rows or context_lens.shape != (rows,):
+            raise ValueError("one block table and one context length per query row")
+        if rows and int(context_lens.max()) > block_tables.shape[1] * bs:
+            raise ValueError("a context length exceeds its block table")
+        out = torch.empty_like(q)
+        err = self._decode(
+            _DTYPE_CODES[q.dtype],
+            out.data_ptr(),
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            context_lens.data_ptr(),
+            rows,
+            heads,
+            kvh,
+            dim,
+            nb,
+            bs,
+            scale,
+        )
+        if err:
+            raise ValueError(f"decode_attention rejected its arguments (code {err})")
+        return out
+
+
+_loaded: dict[Path, NativeKernels | None] = {}
+
+
+def load(cache_dir: Path) -> NativeKernels | None:
+    """The kernels, built on first use; None (with one warning) where they cannot be built."""
+    key = cache_dir.resolve()
+    if key not in _loaded:
+        try:
+            _loaded[key] = NativeKernels(build(cache_dir))
+        except (OSError, RuntimeError) as e:
+            log.warning("native kernels unavailable, using the torch reference paths (slower): %s", e)
+            _loaded[key] = None
+    return _loaded[key]

@@ -1,0 +1,192 @@
+"""Linear layers that keep their weight in several formats and use, for each step, the one
+that runs fastest at that step's token count.
+
+Which format is fastest depends on the machine and on M, the rows of the step (measured on a
+2-core Xeon without AMX, 30 layers of SmolLM2-135M's linears, ms):
+
+    M        1     8    16    32    64
+    fp32   17.6  32.2  37.6  48.3  74.1
+    bf16   19.2  26.6  37.5  59.8 101.3
+    int8   10.2  21.6  36.1  67.5 118.2
+    int4    5.6  13.8  26.7  52.8 102.2
+
+Small steps read weights (fewer bytes win: int4), large steps compute (the dtype the CPU's
+GEMM runs fastest wins: fp32 there; bf16 on CPUs with AMX). So the engine measures each
+format on the model's own layers at start-up (``autotune.py``) and gives every linear the
+same ``FormatPlan``: a format per range of M.
+
+Quantized formats use torch's packed weight-only kernels (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``), not hand-written quantization math. A format is offered only where
+it reproduces the weights closely (``reproduces``): the embedded SmolLM2 ships as a Q4_1
+GGUF, whose 4-bit groups of 32 int4 with a scale and zero per group reproduces up to
+rounding; int8 with a scale per output channel is within 0.4% of each row's largest weight.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+QUANTIZED = ("int8", "int4")
+INT4_GROUP = 32
+# The most a quantized weight may differ from the original, relative to the tensor's largest
+# magnitude, for ``quantization="auto"`` to offer it.
+AUTO_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class FormatPlan:
+    """The format for each range of rows: ``formats[i]`` serves M <= ``max_rows[i]``; the last
+    one serves everything above too."""
+
+    max_rows: tuple[int, ...] = (1,)
+    formats: tuple[str, ...] = ("fp32",)
+
+    def __post_init__(self) -> None:
+        if len(self.max_rows) != len(self.formats) or not self.formats:
+            raise ValueError("a format plan needs one format per row bound")
+        if list(self.max_rows) != sorted(self.max_rows):
+            raise ValueError("row bounds must increase")
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown:
+            raise ValueError(f"unknown weight formats {sorted(unknown)}")
+
+    @classmethod
+    def single(cls, fmt: str) -> FormatPlan:
+        return cls((1,), (fmt,))
+
+    def format_for(self, rows: int) -> str:
+        i = bisect_left(self.max_rows, rows)
+        return self.formats[min(i, len(self.formats) - 1)]
+
+    @property
+    def used(self) -> set[str]:
+        return set(self.formats)
+
+    def describe(self) -> str:
+        parts, lo = [], 1
+        for hi, fmt in zip(self.max_rows, self.formats, strict=True):
+            parts.append(f"M {lo}-{hi}: {fmt}")
+            lo = hi + 1
+        parts[-1] = parts[-1].split(":")[0].split("-")[0] + "+:" + parts[-1].split(":")[1]
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"max_rows": list(self.max_rows), "formats": list(self.formats)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list]) -> FormatPlan:
+        return cls(tuple(int(x) for x in d["max_rows"]), tuple(str(f) for f in d["formats"]))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output channel: (int8 [N, K], scales [N])."""
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of ``group`` along K: (codes 0..15 [N, K] int32, scales and
+    zeros [K/group, N, 2]) in the layout of ``_weight_int4pack_mm_for_cpu``, whose weight is
+    (code - 8) x scale + zero."""
+    w = w.float()
+    n, k = w.shape
+    g = w.view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    zero = lo + 8 * scale
+    return codes.view(n, k), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+def dequantize_int4(codes: torch.Tensor, scales_zeros: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    n, k = codes.shape
+    sz = scales_zeros.float().transpose(0, 1)  # [N, K/group, 2]
+    g = codes.view(n, k // group, group).float() - 8
+    return (g * sz[..., :1] + sz[..., 1:]).view(n, k)
+
+
+def int4_supported(w: torch.Tensor) -> bool:
+    n, k = w.shape
+    return k % INT4_GROUP == 0 and n % 16 == 0
+
+
+class MultiFormatLinear(nn.Module):
+    """``y = x @ W.T (+ b)`` with W held in the formats of ``plan``, picked per call by M.
+
+    ``weight`` (a Parameter, in the model's dtype) is the reference the other formats are
+    built from by ``pack``; until then, or with a plan naming only the model's dtype, this is
+    an ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.plan: FormatPlan | None = None
+        self._packed: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def candidate_formats(
+        self, quantization: str, only: set[str] | None = None
+    ) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Every format (of ``only``, if given) this weight may run in under ``quantization``
+        (auto, none, int8, int4)."""
+        want = set(FORMATS) if only is None else only
+        w = self.weight.detach()
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        if "fp32" in want:  # exact for weights in any dtype
+            out["fp32"] = (w.float().contiguous(),)
+        lossy_ok = quantization != "none" and w.device.type == "cpu"
+        if "bf16" in want and (w.dtype == torch.bfloat16 or lossy_ok):
+            out["bf16"] = (w.bfloat16().contiguous(),)
+        if not lossy_ok:
+            return out
+        peak = float(w.abs().max()) or 1.0
+        if "int8" in want and quantization in ("auto", "int8"):
+            q, s = quantize_int8(w)
+            if quantization == "int8" or _close(dequantize_int8(q, s), w, peak):
+                out["int8"] = (q, s.bfloat16())
+        if "int4" in want and quantization in ("auto", "int4") and int4_supported(w):
+            codes, sz = quantize_int4(w)
+            if quantization == "int4" or _close(dequantize_int4(codes, sz), w, peak):
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                out["int4"] = (packed, sz.bfloat16())
+        return out
+
+    def pack(self, plan: FormatPlan, formats: dict[str, tuple[torch.Tensor, ...]]) -> None:
+        """Keep only the formats ``plan`` uses (memory) and run by it from now on."""
+        missing = plan.used - set(formats)
+        if missing:
+            raise ValueError(f"no {sorted(missing)} weights for this layer")
+        self.plan = plan
+        self._packed = {f: formats[f] for f in plan.used}
+
+    def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
+        w = self._packed[fmt]
+        if fmt == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), w[0], INT4_GROUP, w[1]).to(x.dtype)
+        elif fmt == "int8":
+            y = torch._weight_int8pack_mm(x.bfloat16(), w[0], w[1]).to(x.dtype)
+        else:
+            y = F.linear(x.to(w[0].dtype), w[0]).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.forward_format(x, self.plan.format_for(x.shape[0]))
+
+
+def _close(approx: torch.Tensor, w: torch.Tensor, peak: float) -> bool:
+    return float((approx - w.float()).abs().max()) <= AUTO_TOLERANCE * peak
