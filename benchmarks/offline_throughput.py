@@ -41,6 +41,7 @@ from bucketserve.errors import BucketServeError
 from bucketserve.workloads.sharegpt import SampledRequest, load_conversations, sample_sharegpt
 
 TARGET_SPEEDUP = 3.0
+CEILING_TARGET = 0.40  # issue 11: share of the bf16 compute ceiling, prompt + output tokens
 MAX_PROMPT_LEN = 1024
 MAX_OUTPUT_LEN = 256
 
@@ -233,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the ShareGPT sample")
     p.add_argument("--hf-batch-size", type=int, default=8, help="static batch size of the HF baseline")
     p.add_argument("--skip-hf", action="store_true", help="run bucketserve only")
+    p.add_argument(
+        "--skip-ceiling", action="store_true", help="do not measure the machine's compute ceiling afterwards"
+    )
     sched = SchedulerConfig()
     p.add_argument("--policy", choices=POLICIES, default=sched.policy, help="bucketserve: scheduling policy")
     p.add_argument(
@@ -304,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     print_result(ours)
     del llm
     gc.collect()
+    ceiling = None
+    if not a.skip_ceiling:
+        from machine_ceiling import measure_ceiling  # beside this script
+
+        ceiling = measure_ceiling()
+        print("\n== share of this machine's compute ceiling (benchmarks/machine_ceiling.py) ==")
+        for dtype in ceiling.gflops:
+            tps = ceiling.tokens_per_s(dtype)
+            print(
+                f"  {dtype} GEMM {ceiling.gflops[dtype]:.0f} GFLOP/s -> ceiling {tps:.0f} tokens/s; "
+                f"bucketserve {ours.total_tok_s:.0f} total tokens/s = {100 * ours.total_tok_s / tps:.1f}%"
+            )
+        share = ours.total_tok_s / ceiling.tokens_per_s("bf16")
+        verdict = "met" if share >= CEILING_TARGET else "NOT met"
+        print(f"  target: >= {100 * CEILING_TARGET:.0f}% of the bf16 ceiling: {100 * share:.1f}% ({verdict})")
 
     report: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
@@ -311,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "bucketserve": ours.to_dict(),
     }
+    if ceiling is not None:
+        report["ceiling"] = {
+            "flops_per_token": ceiling.flops_per_token,
+            "gflops": ceiling.gflops,
+            "share_of_bf16_ceiling": ours.total_tok_s / ceiling.tokens_per_s("bf16"),
+            "share_of_best_ceiling": ours.total_tok_s / ceiling.best[1],
+        }
     if not a.skip_hf:
         hf = run_hf(model_path, dtype, requests, a.hf_batch_size)
         print_result(hf)

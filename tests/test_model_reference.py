@@ -8,6 +8,7 @@ import torch
 from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
+from bucketserve.engine import kernels
 from bucketserve.engine.kv_cache import allocate_kv_cache
 from bucketserve.engine.loader import load_state_dict, read_config
 from bucketserve.engine.model import LlamaModel, ModelArgs
@@ -30,11 +31,29 @@ class LogitsCapture:
         return logits.argmax(-1).tolist()
 
 
+@pytest.fixture(params=["torch", "native"], autouse=True)
+def attention_path(request, tmp_path_factory) -> str:
+    """Every test here runs twice: decode attention through the torch reference, and through
+    the native kernel (skipped only where no C++ compiler can build it)."""
+    global _KERNELS
+    if request.param == "native":
+        _KERNELS = kernels.load(tmp_path_factory.getbasetemp() / "kernels-cache")
+        if _KERNELS is None:
+            pytest.fail("the native kernels did not build: install a C++ compiler (g++)")
+    else:
+        _KERNELS = None
+    return request.param
+
+
+_KERNELS = None
+
+
 def make_runner(path, num_blocks: int = 64):
     args = ModelArgs.from_hf_config(read_config(path))
     model = LlamaModel(args)
     model.load_hf_state_dict(load_state_dict(path))
     model.eval()
+    model.use_kernels(_KERNELS)
     cache = allocate_kv_cache(args, num_blocks + 1, BLOCK, torch.float32, torch.device("cpu"))
     capture = LogitsCapture()
     return ModelRunner(model, cache, BLOCK, capture), BlockManager(num_blocks, BLOCK), capture

@@ -1,0 +1,145 @@
+"""Perplexity of the embedded model on 50 ShareGPT replies, per weight format.
+
+What it measures
+    A fixed set of ShareGPT (prompt, reply) pairs (seeded; the first N whose prompt and reply
+    fit in 1,024 tokens together, reply at least 16 tokens) is scored by teacher forcing: the
+    mean negative log-likelihood of each reply's tokens given its prompt and the reply so far,
+    over all replies together, as perplexity = exp(mean NLL).
+
+    Each weight format is forced on every layer (``FormatPlan.single``) so that its own
+    quality shows: the engine uses quantized formats only for small steps, and a prefill of
+    this size would otherwise run in fp32. The reference is bf16 with no quantization; the
+    verdict compares the formats the start-up tuning picks by default (with
+    ``--quantization auto``) against it, with the issue's 2% bound.
+
+How to run
+    .venv/bin/python benchmarks/perplexity.py                  # 50 replies, every format
+    .venv/bin/python benchmarks/perplexity.py --num-replies 10 # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from bucketserve.config import EngineConfig
+from bucketserve.engine.kv_cache import allocate_kv_cache
+from bucketserve.engine.llm_engine import LLMEngine
+from bucketserve.engine.model import AttentionMetadata, LlamaModel, PrefillRow
+from bucketserve.engine.weights import FormatPlan
+from bucketserve.workloads.sharegpt import load_conversations, prompt_reply_pairs
+
+BOUND = 0.02
+MAX_LEN = 1024
+BLOCK = 16
+
+
+def pick_pairs(tokenizer, n: int, seed: int) -> list[tuple[list[int], list[int]]]:  # type: ignore[no-untyped-def]
+    pairs = prompt_reply_pairs(load_conversations())
+    random.Random(seed).shuffle(pairs)
+    out = []
+    for prompt, reply in pairs:
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        r = tokenizer.encode(reply, add_special_tokens=False)
+        if len(r) >= 16 and len(p) >= 1 and len(p) + len(r) <= MAX_LEN:
+            out.append((p, r))
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.inference_mode()
+def reply_nll(model: LlamaModel, kv: torch.Tensor, prompt: list[int], reply: list[int]) -> tuple[float, int]:
+    """Summed NLL of ``reply`` given ``prompt``, and its token count."""
+    ids = torch.tensor(prompt + reply)
+    n = ids.numel()
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n), prefill=[PrefillRow(0, n, None)], num_prefill_tokens=n, decode=None
+    )
+    first = len(prompt) - 1  # the logits at position i predict token i + 1
+    index = torch.arange(first, n - 1)
+    logits = model(ids, torch.arange(n), kv, meta, index)
+    nll = torch.nn.functional.cross_entropy(logits, ids[first + 1 :], reduction="sum")
+    return float(nll), len(reply)
+
+
+def perplexity(model: LlamaModel, kv: torch.Tensor, pairs, label: str) -> float:  # type: ignore[no-untyped-def]
+    total, count = 0.0, 0
+    for p, r in tqdm(pairs, desc=label, unit="reply", leave=False):
+        nll, n = reply_nll(model, kv, p, r)
+        total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-replies", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory=64 * 2**20, max_model_len=MAX_LEN))
+    if engine.optimization is None:
+        print("the CPU fast path is off (not a CPU?): nothing to compare")
+        return 1
+    model = engine.model
+    default = engine.optimization.plans
+    pairs = pick_pairs(engine.tokenizer, a.num_replies, a.seed)
+    tokens = sum(len(r) for _, r in pairs)
+    kv = allocate_kv_cache(model.args, MAX_LEN // BLOCK + 1, BLOCK, torch.bfloat16, torch.device("cpu"))
+    print(f"{len(pairs)} ShareGPT replies, {tokens} scored tokens (seed {a.seed})")
+    print(
+        f"default plan (--quantization auto): layers {default.layers.describe()}; "
+        f"lm head {default.lm_head.describe()}"
+    )
+
+    linears = [lin for layer in model.linears() for lin in layer]
+    results: dict[tuple[str, str], float] = {}
+    for layer_fmt, head_fmt in [("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16"), ("int4", "int8")]:
+        t = time.perf_counter()
+        for lin in linears:
+            lin.pack(FormatPlan.single(layer_fmt), lin.candidate_formats(_q(layer_fmt), only={layer_fmt}))
+        model.lm_head.pack(
+            FormatPlan.single(head_fmt), model.lm_head.candidate_formats(_q(head_fmt), only={head_fmt})
+        )
+        results[layer_fmt, head_fmt] = ppl = perplexity(model, kv, pairs, f"{layer_fmt}/{head_fmt}")
+        print(
+            f"  layers {layer_fmt:5s} lm head {head_fmt:5s}  perplexity {ppl:8.4f}  "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
+
+    ref = results["bf16", "bf16"]
+    print("\nformat (layers / lm head)   perplexity   vs bf16")
+    for (lf, hf), ppl in results.items():
+        print(f"  {lf:5s} / {hf:5s}               {ppl:8.4f}   {100 * (ppl / ref - 1):+6.2f}%")
+    quantized = {f for f in default.layers.used | default.lm_head.used if f in ("int8", "int4")}
+    layer_q = next((f for f in ("int4", "int8") if f in default.layers.used), "bf16")
+    head_q = "int8" if "int8" in default.lm_head.used else "bf16"
+    key = (layer_q, head_q)
+    if not quantized:
+        print("\nthe default plan quantizes nothing on this machine: quality equals bf16")
+        return 0
+    worst = results.get(key)
+    if worst is None:
+        print(f"\nthe default plan's combination {key} was not measured")
+        return 1
+    change = worst / ref - 1
+    verdict = "met" if change <= BOUND else "NOT met"
+    print(
+        f"\ndefault quantization {key[0]} layers / {key[1]} lm head: {100 * change:+.2f}% perplexity vs bf16 "
+        f"(bound {100 * BOUND:.0f}%: {verdict})"
+    )
+    return 0
+
+
+def _q(fmt: str) -> str:
+    return fmt if fmt in ("int8", "int4") else "none"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The CPU fast path against its references: the native decode kernel against the torch
+attention, each weight format against the fp32 weight, the tuned plan and its cache, and an
+engine on the fast path against one with ``enforce_eager``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bucketserve.engine import autotune, kernels
+from bucketserve.engine.model import Attention, DecodeRows, ModelArgs
+from bucketserve.engine.weights import FormatPlan, MultiFormatLinear, dequantize_int4, quantize_int4
+from bucketserve.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> kernels.NativeKernels:
+    k = kernels.load(tmp_path_factory.mktemp("kernels"))
+    if k is None:
+        pytest.fail("the native kernels did not build: install a C++ compiler (g++)")
+    return k
+
+
+def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
+    args = ModelArgs(
+        vocab_size=16,
+        hidden_size=heads * head_dim,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attention_bias=False,
+    )
+    return Attention(args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 2, 16, 4), (8, 8, 128, 16)]
+)
+def test_native_decode_attention_equals_the_torch_reference(
+    native: kernels.NativeKernels,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+) -> None:
+    torch.manual_seed(0)
+    rows, num_blocks, width = 7, 64, 9
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+    tables = torch.randperm(num_blocks)[: rows * width].view(rows, width).contiguous()
+    lens = torch.tensor(
+        [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
+    )
+    q = torch.randn(rows, heads, head_dim).to(dtype)
+    got = native.decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    ref = _attention(heads, kv_heads, head_dim)._paged_attention(
+        q.unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.squeeze(2).float(), atol=tol, rtol=tol)
+
+
+def test_native_decode_attention_refuses_a_context_longer_than_its_table(
+    native: kernels.NativeKernels,
+) -> None:
+    k = torch.zeros(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="exceeds its block table"):
+        native.decode_attention(
+            torch.zeros(1, 1, 16), k, k, torch.zeros(1, 2, dtype=torch.long), torch.tensor([9]), 1.0
+        )
+
+
+def test_kernels_fall_back_to_none_without_a_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert kernels.load(tmp_path / "fresh") is None
+
+
+def _grid_weight(n: int, k: int) -> torch.Tensor:
+    """A weight already on an int4 grid of 32-wide groups, as a de-quantized Q4_1 GGUF is."""
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (n, k))
+    codes[:, ::32] = 0  # every group spans the full code range, so its scale is recovered exactly
+    codes[:, 1::32] = 15
+    scale = torch.rand(n, k // 32, 1) * 0.01 + 0.001
+    low = torch.randn(n, k // 32, 1) * 0.05
+    return (codes.view(n, k // 32, 32).float() * scale + low).view(n, k)
+
+
+def test_int4_reproduces_a_weight_that_was_4_bit_already() -> None:
+    w = _grid_weight(64, 128)
+    codes, sz = quantize_int4(w)
+    assert (dequantize_int4(codes, sz) - w).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_every_weight_format_computes_the_same_linear(fmt: str) -> None:
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(_grid_weight(64, 128))
+    formats = lin.candidate_formats("int4" if fmt == "int4" else "int8")
+    lin.pack(FormatPlan.single(fmt), formats)
+    x = torch.randn(5, 128)
+    ref = x @ lin.weight.detach().T
+    tol = {"fp32": 1e-5, "bf16": 3e-2, "int8": 3e-2, "int4": 3e-2}[fmt]
+    torch.testing.assert_close(lin(x), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_auto_quantization_offers_only_formats_that_reproduce_the_weight() -> None:
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 128))
+    random_formats = set(lin.candidate_formats("auto"))
+    assert "int4" not in random_formats  # 4 bits cannot hold a random weight within 1%
+    assert "int8" in random_formats  # per-channel int8 is within 0.4% of each row's peak
+    with torch.no_grad():
+        lin.weight.copy_(_grid_weight(64, 128))
+    assert "int4" in lin.candidate_formats("auto")
+    assert set(lin.candidate_formats("none")) == {"fp32"}  # an fp32 weight is never rounded
+
+
+def test_format_plan_picks_by_rows() -> None:
+    plan = FormatPlan((4, 16, 512), ("int4", "int8", "fp32"))
+    assert [plan.format_for(m) for m in (1, 4, 5, 16, 17, 512, 4096)] == [
+        "int4",
+        "int4",
+        "int8",
+        "int8",
+        "fp32",
+        "fp32",
+        "fp32",
+    ]
+    assert FormatPlan.from_dict(plan.to_dict()) == plan
+
+
+def test_tuning_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = [[MultiFormatLinear(64, 64), MultiFormatLinear(64, 128)] for _ in range(2)]
+    head = MultiFormatLinear(64, 96)
+    for lin in (*layers[0], *layers[1], head):
+        torch.nn.init.normal_(lin.weight)
+    calls = []
+    monkeypatch.setattr(
+        autotune, "_time_pass", lambda fn: calls.append(fn) or (1.0 if len(calls) % 2 else 2.0)
+    )
+    cache = tmp_path / "plan.json"
+    first = autotune.tune(layers, head, torch.float32, "auto", cache)
+    measured = len(calls)
+    assert measured > 0 and cache.exists()
+    again = autotune.tune(layers, head, torch.float32, "auto", cache)
+    assert len(calls) == measured, "a cached plan is read, not measured again"
+    assert again == first
+    assert json.loads(cache.read_text())["layers"] == first.layers.to_dict()
+
+
+def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) -> None:
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["The quick brown fox", "What is the capital of France?", "Hello"] * 3
+    fast = make_llm(max_num_batched_tokens=16)  # chunked prefill over cached context too
+    assert fast.engine.model.kernels is not None
+    eager = make_llm(max_num_batched_tokens=16, enforce_eager=True)
+    assert eager.engine.model.kernels is None and eager.engine.optimization is None
+    got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert got == want
