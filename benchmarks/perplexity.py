@@ -60,11 +60,15 @@ def reply_nll(model: LlamaModel, kv: torch.Tensor, prompt: list[int], reply: lis
     ids = torch.tensor(prompt + reply)
     n = ids.numel()
     meta = AttentionMetadata(
-        slot_mapping=torch.arange(n), prefill=[PrefillRow(0, n, None)], num_prefill_tokens=n, decode=None
+        slot_mapping=torch.arange(n),
+        positions=torch.arange(n),
+        prefill=[PrefillRow(0, n, None)],
+        num_prefill_tokens=n,
+        decode=None,
     )
     first = len(prompt) - 1  # the logits at position i predict token i + 1
     index = torch.arange(first, n - 1)
-    logits = model(ids, torch.arange(n), kv, meta, index)
+    logits = model(ids, meta.positions, kv, meta, index)
     nll = torch.nn.functional.cross_entropy(logits, ids[first + 1 :], reduction="sum")
     return float(nll), len(reply)
 

@@ -80,13 +80,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels: NativeKernels | None = None  # set by LlamaModel.use_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as the reference implementation does, then scale in the model dtype.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """RMSNorm(x); with ``residual``, vLLM's fused form: residual += x, then
+        (RMSNorm(residual), residual). The native kernel updates the residual in place."""
+        if residual is None:
+            return self._norm(x)
+        if self.kernels is not None and x.is_contiguous() and residual.is_contiguous():
+            return self.kernels.add_rms_norm(residual, x, self.weight, self.eps), residual
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference does (F.rms_norm on a bf16 input normalises in
+        # bf16, and the embedded model then answers wrongly), then scale in the model dtype.
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -118,14 +127,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for ``positions`` [T], shaped [T, 1, head_dim] to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """cos and signed sin (see ``apply_rope``) for ``positions`` [T], shaped [T, 1, head_dim]
+        to broadcast over heads."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos.unsqueeze(1).to(dtype), signed_sin.unsqueeze(1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a] written as a roll by
+    half a head times a sin whose first half is negated: four ops per call instead of seven."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 @dataclass
@@ -163,6 +176,7 @@ class AttentionMetadata:
     """
 
     slot_mapping: torch.Tensor  # [T] KV slot of each token
+    positions: torch.Tensor  # [T] position of each token
     prefill: list[PrefillRow]
     num_prefill_tokens: int
     decode: DecodeRows | None
@@ -179,7 +193,8 @@ class Attention(nn.Module):
             args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias
         )
         self.o_proj = MultiFormatLinear(self.q_size, args.hidden_size, bias=False)
-        self.kernels: NativeKernels | None = None  # set by the engine where they build
+        self.kernels: NativeKernels | None = None  # set by LlamaModel.use_kernels
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 cos, sin [positions, D]
 
     def forward(
         self,
@@ -191,16 +206,27 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = self.qkv_proj(x)
+        if self.kernels is not None and self.rope_tables is not None:
+            # One native call rotates q and k in place and writes K and V to the cache.
+            self.kernels.rope_write_kv(
+                qkv, meta.positions, *self.rope_tables, k_cache, v_cache, meta.slot_mapping, self.num_heads
+            )
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # q and k rotate together: one rope for all heads.
+            qk = apply_rope(qk.reshape(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
+                1, meta.slot_mapping, k.transpose(0, 1)
+            )
+            v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
+                1, meta.slot_mapping, v.reshape(T, self.num_kv_heads, self.head_dim).transpose(0, 1)
+            )
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
-            1, meta.slot_mapping, k.transpose(0, 1)
-        )
-        v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
-            1, meta.slot_mapping, v.transpose(0, 1)
-        )
 
         outs = []
         for row in meta.prefill:
@@ -224,6 +250,7 @@ class Attention(nn.Module):
                         meta.decode.block_tables,
                         meta.decode.context_lens,
                         self.head_dim**-0.5,
+                        checked=True,  # the runner built the tables from the lengths
                     )
                 )
             else:
@@ -287,9 +314,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, cos, sin, k_cache, v_cache, meta):  # type: ignore[no-untyped-def]
+        """vLLM's residual form: (this layer's output, the residual stream before it is added)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -306,10 +339,20 @@ class LlamaModel(nn.Module):
         self.kernels: NativeKernels | None = None
 
     def use_kernels(self, kernels: NativeKernels | None) -> None:
-        """Attend through the native kernels (None: the torch reference paths)."""
+        """Run attention, rope with the KV write, and the residual norms through the native
+        kernels (None: the torch reference paths). Call it after the last ``.to()``: the rope
+        kernel reads the fp32 tables as they are now."""
         self.kernels = kernels
+        tables = (
+            None
+            if kernels is None
+            else (self.rotary.cos.float().contiguous(), self.rotary.sin.float().contiguous())
+        )
         for layer in self.layers:
             layer.self_attn.kernels = kernels
+            layer.self_attn.rope_tables = tables
+            layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
+        self.norm.kernels = kernels
 
     def linears(self) -> list[list[MultiFormatLinear]]:
         """Each decoder layer's linears, in the order they run."""
@@ -328,12 +371,14 @@ class LlamaModel(nn.Module):
         logits_index: torch.Tensor,  # [N] indices into [T] of the tokens to score
     ) -> torch.Tensor:
         """Logits (fp32) of the tokens at ``logits_index``, after writing every token's KV."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        h = self.embed_tokens(input_ids)
+        # The native rope reads the tables itself; the reference needs this step's rows.
+        cos, sin = (None, None) if self.kernels is not None else self.rotary(positions, h.dtype)
+        residual = None
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            x = layer(x, cos, sin, layer_cache[0], layer_cache[1], meta)
-        x = x[logits_index]
-        return self.lm_head(self.norm(x)).float()
+            h, residual = layer(h, residual, cos, sin, layer_cache[0], layer_cache[1], meta)
+        h, _ = self.norm(h[logits_index], residual[logits_index])
+        return self.lm_head(h).float()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face Llama/Qwen2 weights, fusing q/k/v and gate/up as this model does."""

@@ -91,15 +91,17 @@ class ModelRunner:
             slots.extend([self.scratch_slot] * g)
             decode_tables.extend([[self.scratch_slot // bs]] * g)
             decode_lens.extend([1] * g)
+        positions_t = torch.tensor(positions, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
+            positions=positions_t,
             prefill=rows,
             num_prefill_tokens=num_prefill_tokens,
             decode=self._decode_rows(decode_tables, decode_lens) if decode_lens else None,
         )
         logits = self.model(
             torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
+            positions_t,
             self.kv_cache,
             meta,
             torch.tensor(logits_index, dtype=torch.long, device=self.device),

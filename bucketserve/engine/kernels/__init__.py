@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i64 = ctypes.c_int64
@@ -43,7 +43,7 @@ def _library_name() -> str:
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
         h.update(part)
-    return f"paged_attention-{h.hexdigest()[:16]}.so"
+    return f"cpu_kernels-{h.hexdigest()[:16]}.so"
 
 
 def build(cache_dir: Path) -> Path:
@@ -76,6 +76,84 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 6, ctypes.c_float]
         self._decode = fn
+        fn = lib.bucketserve_add_rms_norm
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+        self._add_rms_norm = fn
+        fn = lib.bucketserve_rope_write_kv
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, *[_i64] * 5]
+        self._rope_write_kv = fn
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``residual += x`` in place, then RMSNorm(residual) x weight; both [rows, dim]."""
+        _check(residual, x, weight)
+        rows, dim = residual.shape
+        if x.shape != residual.shape or weight.shape != (dim,):
+            raise ValueError("add_rms_norm: x must match the residual, weight its last dimension")
+        out = torch.empty_like(residual)
+        err = self._add_rms_norm(
+            _DTYPE_CODES[residual.dtype],
+            out.data_ptr(),
+            residual.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            rows,
+            dim,
+            eps,
+        )
+        if err:
+            raise ValueError(f"add_rms_norm rejected its arguments (code {err})")
+        return out
+
+    def rope_write_kv(
+        self,
+        qkv: torch.Tensor,  # [T, (heads + 2 kv_heads) * head_dim], rotated in place
+        positions: torch.Tensor,  # [T] int64
+        cos: torch.Tensor,  # [max_positions, head_dim] float32
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,  # [T] int64
+        heads: int,
+    ) -> None:
+        """Rotate q and k in place and write the step's K and V into their cache slots."""
+        _check(qkv, k_cache, v_cache)
+        kvh, nb, bs, dim = k_cache.shape
+        tokens = qkv.shape[0]
+        if (
+            qkv.shape[1] != (heads + 2 * kvh) * dim
+            or positions.shape != (tokens,)
+            or slots.shape != (tokens,)
+        ):
+            raise ValueError("rope_write_kv: qkv, positions and slots disagree on shapes")
+        if (
+            cos.dtype != torch.float32
+            or sin.dtype != torch.float32
+            or not (cos.is_contiguous() and sin.is_contiguous())
+        ):
+            raise ValueError("rope_write_kv: cos and sin must be contiguous float32 tables")
+        if positions.dtype != torch.int64 or slots.dtype != torch.int64:
+            raise ValueError("rope_write_kv: positions and slots must be int64")
+        err = self._rope_write_kv(
+            _DTYPE_CODES[qkv.dtype],
+            qkv.data_ptr(),
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            slots.data_ptr(),
+            tokens,
+            heads,
+            kvh,
+            dim,
+            nb * bs,
+        )
+        if err:
+            raise ValueError(f"rope_write_kv rejected its arguments (code {err})")
 
     def decode_attention(
         self,
@@ -85,8 +163,12 @@ class NativeKernels:
         block_tables: torch.Tensor,  # [rows, width] int64
         context_lens: torch.Tensor,  # [rows] int64
         scale: float,
+        checked: bool = False,
     ) -> torch.Tensor:
-        """Each row's query attends to its first ``context_lens[r]`` cached tokens; [rows, heads, dim]."""
+        """Each row's query attends to its first ``context_lens[r]`` cached tokens; [rows, heads, dim].
+
+        ``checked``: the caller guarantees every length fits its block table (the model
+        runner builds them so), which skips the one check that costs a reduction per layer."""
         rows, heads, dim = q.shape
         kvh, nb, bs, _ = k_cache.shape
         tensors = (q, k_cache, v_cache, block_tables, context_lens)
@@ -98,7 +180,7 @@ class NativeKernels:
             raise ValueError("block tables and context lengths must be int64")
         if block_tables.shape[0] != rows or context_lens.shape != (rows,):
             raise ValueError("one block table and one context length per query row")
-        if rows and int(context_lens.max()) > block_tables.shape[1] * bs:
+        if not checked and rows and int(context_lens.max()) > block_tables.shape[1] * bs:
             raise ValueError("a context length exceeds its block table")
         out = torch.empty_like(q)
         err = self._decode(
@@ -121,6 +203,15 @@ class NativeKernels:
         if err:
             raise ValueError(f"decode_attention rejected its arguments (code {err})")
         return out
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    first = tensors[0].dtype
+    if first not in _DTYPE_CODES:
+        raise ValueError(f"native kernels run float32 or bfloat16, got {first}")
+    for t in tensors:
+        if t.dtype != first or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("native kernels need contiguous CPU tensors of one dtype")
 
 
 _loaded: dict[Path, NativeKernels | None] = {}
