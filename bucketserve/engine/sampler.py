@@ -8,25 +8,29 @@ from bucketserve.outputs import TokenLogprobs
 from bucketserve.sampling_params import SamplingParams
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits a row may sample from, most likely first where they are ranked, and their
+    token ids (None: the whole vocabulary in id order).
+
+    top-k takes its k candidates before anything is sorted, so a top-k row sorts k logits,
+    not the vocabulary (49,152 for SmolLM2); top-p then drops every candidate whose
+    higher-ranked ones already reach top_p (the best is always kept)."""
     if top_k > 0 and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, top_k)
+    elif top_p < 1.0:
+        values, ids = torch.sort(logits, descending=True)
+    else:
+        return logits, None
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; always keep the best.
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        probs = values.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
         drop[0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+        values = values.masked_fill(drop, float("-inf"))
+    return values, ids
 
 
 class Sampler:
     """Greedy, temperature, top-k and top-p sampling with a generator per seeded request.
-
-    Tokens excluded by top-k/top-p have probability 0, so the CDF is flat over them and the
-    search (right=True) never lands on one.
 
     A seeded request draws its randomness from its own generator only, so its output does
     not depend on what else shares its batches.
@@ -59,27 +63,29 @@ class Sampler:
         for i, ban in enumerate(banned):
             if ban:
                 logits[i, ban] = float("-inf")
-        out = logits.argmax(-1).tolist()
         rows = [i for i, p in enumerate(params) if not p.greedy]
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        out = [0] * len(params)
+        if greedy:
+            chosen = logits if not rows else logits[greedy]
+            for i, tok in zip(greedy, chosen.argmax(-1).tolist(), strict=True):
+                out[i] = tok
         if not rows:
             return out
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-        scaled = logits[rows] / temps.unsqueeze(1)
-        for j, i in enumerate(rows):
-            if params[i].top_k or params[i].top_p < 1.0:
-                scaled[j] = _filter_top_k_top_p(scaled[j], params[i].top_k, params[i].top_p)
-        # Inverse-CDF sampling: one uniform draw per row. (torch.multinomial and the
-        # exponential race draw one random number per vocabulary entry: 1 ms a row here.)
-        cdf = scaled.softmax(-1).cumsum_(-1)
         # Rows without a seed share the engine's generator; a seeded row draws from its own
         # generator, so that its output does not depend on its batch-mates.
-        u = torch.rand(len(rows), 1, generator=self.default_generator, device=logits.device)
+        u = torch.rand(len(rows), generator=self.default_generator, device=logits.device)
         for j, i in enumerate(rows):
-            if params[i].seed is not None:
-                u[j] = torch.rand(1, generator=self._generator(seq_ids[i], params[i]), device=logits.device)
-        drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
-        for j, tok in enumerate(drawn.flatten().tolist()):
-            out[rows[j]] = tok
+            p = params[i]
+            if p.seed is not None:
+                u[j] = torch.rand(1, generator=self._generator(seq_ids[i], p), device=logits.device)
+            values, ids = _candidates(logits[i] / p.temperature, p.top_k, p.top_p)
+            # Inverse-CDF sampling: one uniform draw per row. (torch.multinomial and the
+            # exponential race draw one random number per candidate: 1 ms a row here.) The CDF
+            # is flat over excluded candidates (probability 0), so the search never lands on one.
+            cdf = values.softmax(-1).cumsum_(-1)
+            t = int(torch.searchsorted(cdf, u[j : j + 1] * cdf[-1], right=True).clamp_(max=cdf.numel() - 1))
+            out[i] = t if ids is None else int(ids[t])
         return out
 
 
