@@ -91,9 +91,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         choices=QUANTIZATIONS,
         default="auto",
-        help="CPU weight formats the start-up tuning may use per step size: auto = int8/int4 only "
-        "where they reproduce the weights within 1%% (the embedded Q4 GGUF model's int4 does); "
-        "none = the compute dtype and fp32 only; int8/int4 = offer that quantization anyway",
+        help="CPU weight formats the start-up tuning may use per step size: auto = with bfloat16 "
+        "compute, int8/int4 only where they reproduce the weights within 1%% (the embedded Q4 GGUF "
+        "model's int4 does), nothing quantized in float32; none = the model's dtype and fp32 only; "
+        "int8/int4 = offer that quantization anyway",
     )
     g.add_argument(
         "--enforce-eager",

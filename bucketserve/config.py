@@ -151,9 +151,10 @@ class EngineConfig:
     cache_dir: str | None = None  # where the embedded model is converted to (see loader)
     num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
     seed: int = 0
-    # CPU weight formats the start-up tuning may pick per step size: auto = int8/int4 only
-    # where they reproduce the weights within 1% (a GGUF Q4 model's int4 does); none = the
-    # compute dtype and fp32 only; int8 / int4 = offer that quantization whatever it costs.
+    # CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16
+    # compute, int8/int4 only where they reproduce the weights within 1% (a GGUF Q4 model's
+    # int4 does), nothing quantized in float32; none = the model's dtype and fp32 only;
+    # int8 / int4 = offer that quantization whatever it costs.
     quantization: str = "auto"
     # No native kernels, no weight-format tuning: every op is torch's, as in vLLM's flag.
     enforce_eager: bool = False
