@@ -143,6 +143,7 @@ def test_format_plan_picks_by_rows() -> None:
         "fp32",
     ]
     assert FormatPlan.from_dict(plan.to_dict()) == plan
+    assert plan.describe() == "M 1-4: int4, M 5-16: int8, M 17+: fp32"
 
 
 def test_tuning_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

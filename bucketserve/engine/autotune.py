@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bucketserve.engine.device import cpu_flags
 from bucketserve.engine.weights import FORMATS, QUANTIZED, FormatPlan, MultiFormatLinear
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,10 @@ class TunedPlans:
 
 def cache_key(parts: Sequence[str]) -> str:
     h = hashlib.sha256()
-    for p in (f"v{VERSION}", torch.__version__, str(torch.get_num_threads()), _cpu_flags(), *parts):
+    for p in (f"v{VERSION}", torch.__version__, str(torch.get_num_threads()), cpu_flags(), *parts):
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 def _time_pass(fn: Callable[[], object]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
+
+
+def cpu_flags() -> str:
+    """This CPU's feature flags line from /proc/cpuinfo (the machine name where there is none):
+    what -march=native code and measured timings depend on, so it names what is cached."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
 
 
 def cpu_has_fast_bf16() -> bool:

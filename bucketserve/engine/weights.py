@@ -69,11 +69,12 @@ class FormatPlan:
         return set(self.formats)
 
     def describe(self) -> str:
+        """E.g. "M 1-16: int4, M 17+: fp32" (the last format serves every larger M)."""
         parts, lo = [], 1
-        for hi, fmt in zip(self.max_rows, self.formats, strict=True):
-            parts.append(f"M {lo}-{hi}: {fmt}")
+        for i, (hi, fmt) in enumerate(zip(self.max_rows, self.formats, strict=True)):
+            last = i == len(self.formats) - 1
+            parts.append(f"M {lo}+: {fmt}" if last else f"M {lo}-{hi}: {fmt}")
             lo = hi + 1
-        parts[-1] = parts[-1].split(":")[0].split("-")[0] + "+:" + parts[-1].split(":")[1]
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, list]:

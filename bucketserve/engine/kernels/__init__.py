@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bucketserve.engine.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -29,19 +31,9 @@ _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
 def _library_name() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_flags().encode()):
         h.update(part)
     return f"cpu_kernels-{h.hexdigest()[:16]}.so"
 
