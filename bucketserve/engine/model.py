@@ -88,7 +88,7 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self._norm(x)
         if self.kernels is not None and x.is_contiguous() and residual.is_contiguous():
-            return self.kernels.add_rms_norm(residual, x, self.weight, self.eps), residual
+            return self.kernels.add_rms_norm(residual, x, self.weight, self.eps, checked=True), residual
         residual = residual + x
         return self._norm(residual), residual
 
@@ -207,10 +207,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        if self.kernels is not None and self.rope_tables is not None:
+        if self.kernels is not None and self.rope_tables is not None and qkv.is_contiguous():
             # One native call rotates q and k in place and writes K and V to the cache.
             self.kernels.rope_write_kv(
-                qkv, meta.positions, *self.rope_tables, k_cache, v_cache, meta.slot_mapping, self.num_heads
+                qkv,
+                meta.positions,
+                *self.rope_tables,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                self.num_heads,
+                checked=True,
             )
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
@@ -250,7 +257,7 @@ class Attention(nn.Module):
                         meta.decode.block_tables,
                         meta.decode.context_lens,
                         self.head_dim**-0.5,
-                        checked=True,  # the runner built the tables from the lengths
+                        checked=True,
                     )
                 )
             else:
