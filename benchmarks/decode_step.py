@@ -1,0 +1,72 @@
+"""Time of one decode step of the real engine, per batch size, fast path against eager.
+
+What it measures
+    In process, the embedded model: B requests with 100-token prompts (max_tokens 500, EOS
+    ignored) are added and stepped past their prefill; then ``--steps`` calls of
+    ``engine.step()`` are timed, three times, and the best and median kept. Each batch size
+    runs on the default engine (native kernels, tuned weight formats) and, with ``--eager``,
+    on an ``--enforce-eager`` engine (the torch reference paths in the model's dtype), in
+    turns so that the machine's drift falls on both. ``--profile`` adds torch.profiler's
+    table of the fast engine's ops at the first batch size.
+
+How to run
+    .venv/bin/python benchmarks/decode_step.py                 # B = 1, 8, 32
+    .venv/bin/python benchmarks/decode_step.py --eager --batches 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from bucketserve import LLM, SamplingParams
+
+
+def time_steps(llm: LLM, batch: int, steps: int) -> list[float]:
+    engine = llm.engine
+    for i in range(batch):
+        params = SamplingParams(max_tokens=500, ignore_eos=True, temperature=0)
+        engine.add_request(f"b{batch}-{i}", list(range(100, 200)), params)
+    for _ in range(5):  # prefill, then a few decode steps
+        engine.step()
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        runs.append((time.perf_counter() - t) / steps * 1e3)
+    for rid in list(engine._requests):
+        engine.abort_request(rid)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eager", action="store_true", help="also time an --enforce-eager engine")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table at the first batch size")
+    a = ap.parse_args(argv)
+    engines = {"fast": LLM(kv_cache_memory=2**30, max_model_len=2048)}
+    if a.eager:
+        engines["eager"] = LLM(kv_cache_memory=2**30, max_model_len=2048, enforce_eager=True)
+    print(f"{'engine':<6} {'batch':>5} {'best ms':>8} {'median ms':>9} {'tok/s':>7}")
+    for b in (int(x) for x in a.batches.split(",")):
+        for name, llm in engines.items():
+            runs = time_steps(llm, b, a.steps)
+            best = min(runs)
+            print(f"{name:<6} {b:5d} {best:8.2f} {statistics.median(runs):9.2f} {b / best * 1e3:7.0f}", flush=True)
+    if a.profile:
+        from torch.profiler import profile
+
+        llm, b = engines["fast"], int(a.batches.split(",")[0])
+        with profile() as prof:
+            time_steps(llm, b, 10)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
