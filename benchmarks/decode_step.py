@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, llm in engines.items():
             runs = time_steps(llm, b, a.steps)
             best = min(runs)
-            print(f"{name:<6} {b:5d} {best:8.2f} {statistics.median(runs):9.2f} {b / best * 1e3:7.0f}", flush=True)
+            print(
+                f"{name:<6} {b:5d} {best:8.2f} {statistics.median(runs):9.2f} {b / best * 1e3:7.0f}",
+                flush=True,
+            )
     if a.profile:
         from torch.profiler import profile
 
