@@ -139,10 +139,10 @@ class ModelRunner:
 
     def _decode_rows(self, tables: list[list[int]], lens: list[int]) -> DecodeRows:
         width = max(len(t) for t in tables)
-        padded = torch.zeros(len(tables), width, dtype=torch.long)
-        for b, t in enumerate(tables):
-            padded[b, : len(t)] = torch.tensor(t)
-        rows = DecodeRows(padded.to(self.device), torch.tensor(lens, device=self.device))
+        padded = [t + [0] * (width - len(t)) for t in tables]  # one tensor built, not one per row
+        rows = DecodeRows(
+            torch.tensor(padded, dtype=torch.long, device=self.device), torch.tensor(lens, device=self.device)
+        )
         if self.model.kernels is None:  # the torch reference path needs the mask
             span = torch.arange(width * self.block_size).view(1, -1)
             hidden = span >= torch.tensor(lens).view(-1, 1)
