@@ -85,15 +85,28 @@ def assert_no_leaks(engine) -> None:
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_used_blocks} KV blocks leaked"
 
 
+@pytest.fixture(scope="session")
+def engine_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where the tiny engines keep their native kernels and tuned plans: the test session's
+    own, so tests neither read nor fill the user's ~/.cache/bucketserve."""
+    return str(tmp_path_factory.mktemp("engine-cache"))
+
+
 @pytest.fixture
-def make_llm(tiny_model_dir: Path) -> Iterator:
+def make_llm(tiny_model_dir: Path, engine_cache_dir: str) -> Iterator:
     """Build LLMs over the tiny model (fp32, small KV pool); each must end with no leaked block."""
     from bucketserve import LLM
 
     made = []
 
     def make(**kwargs: object) -> LLM:
-        opts = {"dtype": "float32", "device": "cpu", "kv_cache_memory": 2**20, **kwargs}
+        opts = {
+            "dtype": "float32",
+            "device": "cpu",
+            "kv_cache_memory": 2**20,
+            "cache_dir": engine_cache_dir,
+            **kwargs,
+        }
         llm = LLM(str(tiny_model_dir), **opts)
         made.append(llm)
         return llm

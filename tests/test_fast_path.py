@@ -175,3 +175,84 @@ def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) 
     got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+def test_tuning_keeps_the_fastest_format_for_each_step_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
+    head = MultiFormatLinear(64, 96)
+    for lin in (layers[0][0], layers[1][0], head):
+        torch.nn.init.normal_(lin.weight)
+
+    # A machine where int8 wins up to 8 rows and fp32 from there (the pass's format is its
+    # closure's default argument).
+    def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
+        fmt = fn.__defaults__[0]
+        rows = next(iter(fn.__defaults__[1].values())).shape[0]
+        return {"int8": 1.0 if rows <= 8 else 9.0, "fp32": 2.0, "bf16": 3.0}[fmt]
+
+    monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    plans = autotune.tune(layers, head, torch.float32, "auto", None)
+    assert plans.layers == FormatPlan((8, 512), ("int8", "fp32"))
+    assert plans.layers.format_for(3) == "int8" and plans.layers.format_for(9) == "fp32"
+
+
+def test_a_layer_without_a_tuned_quantized_format_falls_back_to_fp32() -> None:
+    from bucketserve.engine.optimize import _pack
+
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 128))  # int4 cannot hold it within 1%
+    assert _pack(lin, FormatPlan((16, 512), ("int4", "fp32")), "auto") is True
+    assert lin.plan == FormatPlan((16, 512), ("fp32", "fp32"))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(lin(x), x @ lin.weight.detach().T)
+
+
+def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: Path, native) -> None:  # type: ignore[no-untyped-def]
+    """head_dim 64 and blocks of 16: the AVX-512 decode path, the bf16 rope/KV write and the
+    bf16 residual norm, step by step (a prefill, a chunk over cached context, decodes)."""
+    from bucketserve.core.block_manager import BlockManager
+    from bucketserve.core.scheduler import ScheduledBatch
+    from bucketserve.core.sequence import Sequence
+    from bucketserve.engine.kv_cache import allocate_kv_cache
+    from bucketserve.engine.loader import load_state_dict, read_config
+    from bucketserve.engine.model import LlamaModel
+    from bucketserve.engine.model_runner import ModelRunner
+    from tests.conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    args = ModelArgs.from_hf_config(read_config(path))
+    logits: dict[str, list[torch.Tensor]] = {"torch": [], "native": []}
+
+    for name in logits:
+        model = LlamaModel(args)
+        model.load_hf_state_dict(load_state_dict(path))
+        model = model.to(torch.bfloat16).eval()
+        model.rotary.to(torch.float32)
+        model.use_kernels(native if name == "native" else None)
+        cache = allocate_kv_cache(args, 33, 16, torch.bfloat16, torch.device("cpu"))
+
+        def capture(lg, ids, params, banned, name=name):  # type: ignore[no-untyped-def]
+            logits[name].append(lg.clone())
+            return lg.argmax(-1).tolist()
+
+        runner = ModelRunner(model, cache, 16, capture)  # type: ignore[arg-type]
+        bm = BlockManager(32, 16)
+        a = Sequence("a", list(range(3, 43)), SamplingParams(max_tokens=8))
+        b = Sequence("b", list(range(50, 120)), SamplingParams(max_tokens=8))
+        for step in [((a, 40), (b, 30)), ((a, 1), (b, 40)), ((a, 1), (b, 1)), ((a, 1), (b, 1))]:
+            seqs = [s for s, _ in step]
+            counts = [n for _, n in step]
+            for s, n in step:
+                bm.allocate(s, s.num_computed_tokens + n)
+            result = runner.execute(ScheduledBatch(seqs, counts))
+            for s, n, tok in zip(seqs, counts, result.tokens, strict=True):
+                s.num_computed_tokens += n
+                if tok is not None:
+                    s.append_token(tok)
+    assert len(logits["torch"]) == len(logits["native"]) == 4
+    for ref, got in zip(logits["torch"], logits["native"], strict=True):
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0)

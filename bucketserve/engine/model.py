@@ -379,8 +379,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (fp32) of the tokens at ``logits_index``, after writing every token's KV."""
         h = self.embed_tokens(input_ids)
-        # The native rope reads the tables itself; the reference needs this step's rows.
-        cos, sin = (None, None) if self.kernels is not None else self.rotary(positions, h.dtype)
+        cos, sin = self.rotary(positions, h.dtype)  # the reference rope's (the native one reads the tables)
         residual = None
         for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
             h, residual = layer(h, residual, cos, sin, layer_cache[0], layer_cache[1], meta)

@@ -17,8 +17,7 @@ import torch
 from bucketserve.engine import kernels as native
 from bucketserve.engine.autotune import TunedPlans, cache_key, tune
 from bucketserve.engine.model import LlamaModel
-from bucketserve.engine.weights import MultiFormatLinear
-from bucketserve.errors import ConfigError
+from bucketserve.engine.weights import FormatPlan, MultiFormatLinear
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +38,28 @@ def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cac
     kernels = native.load(cache_dir)
     model.use_kernels(kernels)
     config = (model_path / "config.json").read_text() if (model_path / "config.json").exists() else ""
-    key = cache_key([str(model_path.resolve()), config, str(model.lm_head.weight.dtype), quantization])
+    # The weights' files by size and time: new weights under the same path are tuned anew.
+    files = sorted(
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in model_path.glob("*.safetensors")
+    )
+    key = cache_key(
+        [str(model_path.resolve()), config, *files, str(model.lm_head.weight.dtype), quantization]
+    )
     linears = model.linears()
     plans = tune(
         linears, model.lm_head, model.lm_head.weight.dtype, quantization, cache_dir / "tuning" / f"{key}.json"
     )
+    fallbacks = 0
     with torch.inference_mode():
-        for layer in linears:
-            for lin in layer:
-                lin.pack(plans.layers, _only(lin, plans.layers.used, quantization))
-        model.lm_head.pack(plans.lm_head, _only(model.lm_head, plans.lm_head.used, quantization))
+        for lin in [*(lin for layer in linears for lin in layer), model.lm_head]:
+            plan = plans.lm_head if lin is model.lm_head else plans.layers
+            fallbacks += _pack(lin, plan, quantization)
+    if fallbacks:
+        log.warning(
+            "%d linear(s) do not reproduce their weights within 1%% in a tuned quantized format; "
+            "they run those step sizes in fp32",
+            fallbacks,
+        )
     seconds = time.perf_counter() - t0
     log.info(
         "CPU fast path in %.1f s: decode attention %s; weight formats %s (lm head %s)",
@@ -60,13 +71,14 @@ def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cac
     return Optimization(kernels is not None, plans, seconds)
 
 
-def _only(lin: MultiFormatLinear, used: set[str], quantization: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The formats of ``used`` for one linear (building the others would cost memory)."""
-    formats = lin.candidate_formats(quantization, only=used)
-    missing = used - set(formats)
-    if missing:
-        raise ConfigError(
-            f"the tuned weight format(s) {sorted(missing)} do not reproduce every layer of this model; "
-            "start with --quantization none"
-        )
-    return formats
+def _pack(lin: MultiFormatLinear, plan: FormatPlan, quantization: str) -> bool:
+    """Pack one linear by ``plan``, building only the formats it names (the others would cost
+    memory). The tuning timed the first layers only: a later layer that does not offer a
+    tuned quantized format runs fp32 there instead (returns True)."""
+    formats = lin.candidate_formats(quantization, only=plan.used | {"fp32"})
+    if plan.used <= set(formats):
+        lin.pack(plan, formats)  # keeps only the formats the plan uses
+        return False
+    own = FormatPlan(plan.max_rows, tuple(f if f in formats else "fp32" for f in plan.formats))
+    lin.pack(own, formats)
+    return True

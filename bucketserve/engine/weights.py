@@ -156,13 +156,15 @@ class MultiFormatLinear(nn.Module):
         peak = float(w.abs().max()) or 1.0
         if "int8" in want and quantization in ("auto", "int8"):
             q, s = quantize_int8(w)
+            s = s.bfloat16()  # the kernel's scales: check what will run
             if quantization == "int8" or _close(dequantize_int8(q, s), w, peak):
-                out["int8"] = (q, s.bfloat16())
+                out["int8"] = (q, s)
         if "int4" in want and quantization in ("auto", "int4") and int4_supported(w):
             codes, sz = quantize_int4(w)
+            sz = sz.bfloat16()  # the kernel's scales and zeros: check what will run
             if quantization == "int4" or _close(dequantize_int4(codes, sz), w, peak):
                 packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-                out["int4"] = (packed, sz.bfloat16())
+                out["int4"] = (packed, sz)
         return out
 
     def pack(self, plan: FormatPlan, formats: dict[str, tuple[torch.Tensor, ...]]) -> None:

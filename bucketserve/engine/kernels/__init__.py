@@ -33,7 +33,8 @@ _ptr = ctypes.c_void_p
 
 def _library_name() -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_flags().encode()):
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or ""
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_flags().encode(), compiler.encode()):
         h.update(part)
     return f"cpu_kernels-{h.hexdigest()[:16]}.so"
 
@@ -59,7 +60,8 @@ def build(cache_dir: Path) -> Path:
 
 
 class NativeKernels:
-    """The loaded kernels; each call checks its tensors before handing raw pointers over."""
+    """The loaded kernels. Each call checks its tensors before handing raw pointers over,
+    unless its caller passes ``checked=True`` to say it guarantees them (the model does)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -137,6 +139,13 @@ class NativeKernels:
                 raise ValueError("rope_write_kv: cos and sin must be contiguous float32 tables")
             if positions.dtype != torch.int64 or slots.dtype != torch.int64:
                 raise ValueError("rope_write_kv: positions and slots must be int64")
+            if cos.shape != sin.shape or cos.shape[1] != dim or v_cache.shape != k_cache.shape:
+                raise ValueError("rope_write_kv: the rope tables or caches have the wrong shape")
+            if tokens and not (
+                0 <= int(positions.min()) <= int(positions.max()) < cos.shape[0]
+                and 0 <= int(slots.min()) <= int(slots.max()) < nb * bs
+            ):
+                raise ValueError("rope_write_kv: a position or slot is out of range")
         err = self._rope_write_kv(
             _DTYPE_CODES[qkv.dtype],
             qkv.data_ptr(),
@@ -179,8 +188,15 @@ class NativeKernels:
                 raise ValueError("block tables and context lengths must be int64")
             if block_tables.shape[0] != rows or context_lens.shape != (rows,):
                 raise ValueError("one block table and one context length per query row")
+            if v_cache.shape != k_cache.shape or k_cache.shape[3] != dim or heads % kvh:
+                raise ValueError("decode_attention: q, k_cache and v_cache disagree on heads or head_dim")
             if rows and int(context_lens.max()) > block_tables.shape[1] * bs:
                 raise ValueError("a context length exceeds its block table")
+            if rows and (
+                int(context_lens.min()) < 0
+                or not 0 <= int(block_tables.min()) <= int(block_tables.max()) < nb
+            ):
+                raise ValueError("decode_attention: a block id or context length is out of range")
         out = torch.empty_like(q)
         err = self._decode(
             _DTYPE_CODES[q.dtype],

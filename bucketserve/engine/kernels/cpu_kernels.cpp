@@ -50,7 +50,7 @@ inline float exp_nonpositive(float x) {
   p = p * f + 1.0f;
   int32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
+  bits += static_cast<int32_t>(n) * (1 << 23);  // n >= -126: no overflow
   std::memcpy(&p, &bits, sizeof p);
   return p;
 }
@@ -303,13 +303,15 @@ void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const flo
         store(x + i + half, b * c[i + half] + a * s[i + half]);
       }
     }
+  }
+  // The copies into the cache run in order: pad tokens all write the one scratch slot, and
+  // parallel copies to one slot would race (a few hundred bytes a token: no time to save).
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* row = qkv + t * width;
     for (int64_t h = 0; h < kv_heads; ++h) {
-      const T* k = row + (heads + h) * dim;
-      const T* v = row + (heads + kv_heads + h) * dim;
-      T* kc = k_cache + (h * cache_slots + slots[t]) * dim;
-      T* vc = v_cache + (h * cache_slots + slots[t]) * dim;
-      std::memcpy(kc, k, sizeof(T) * dim);
-      std::memcpy(vc, v, sizeof(T) * dim);
+      std::memcpy(k_cache + (h * cache_slots + slots[t]) * dim, row + (heads + h) * dim, sizeof(T) * dim);
+      std::memcpy(v_cache + (h * cache_slots + slots[t]) * dim, row + (heads + kv_heads + h) * dim,
+                  sizeof(T) * dim);
     }
   }
 }
