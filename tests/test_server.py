@@ -295,6 +295,9 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_kv_blocks(s
         ('{"prompt": ""}', 400, "the prompt is empty"),
         ('{"prompt": "hi", "top_p": 0}', 400, "top_p"),
         ('{"prompt": "hi", "logprobs": 21}', 400, "logprobs must be in [0, 20]"),
+        ('{"prompt": "hi", "suffix": "!"}', 400, "suffix is not supported"),
+        ("[" * 5000 + "]" * 5000, 400, "too deeply"),
+        ('{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", 400, "too deeply"),
         ('{"prompt": "' + "The quick brown fox " * 60 + '"}', 400, "maximum context length is 256 tokens"),
     ],
 )

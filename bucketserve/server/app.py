@@ -96,12 +96,16 @@ async def _parse_body(request: Request, model: type[_Model]) -> _Model:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # Python's JSON parser recurses once per nesting level
+        raise APIError(400, "the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors(include_url=False)) from None
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON arrays or objects too deeply") from None
 
 
 def _sse(payload: dict[str, Any]) -> str:

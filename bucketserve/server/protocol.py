@@ -104,12 +104,12 @@ class CompletionRequest(_GenerationRequest):
         self.check_common()
         if self.echo:
             raise InvalidRequestError("echo is not supported", "echo")
+        if self.suffix is not None:
+            raise InvalidRequestError("suffix is not supported", "suffix")
 
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
-        if self.suffix is not None:
-            raise InvalidRequestError("suffix is not supported", "suffix")
 
 
 class TextPart(BaseModel):
