@@ -187,21 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, levels, peer)
     if a.output_json:
         a.output_json.parent.mkdir(parents=True, exist_ok=True)
-        a.output_json.write_text(
-            json.dumps(
-                {
-                    "config": vars(a)
-                    | {
-                        "log_dir": str(a.log_dir),
-                        "peers_script": str(a.peers_script),
-                        "output_json": str(a.output_json),
-                    },
-                    "results": results,
-                },
-                indent=1,
-                default=str,
-            )
-        )
+        report = {"config": vars(a), "results": results}
+        a.output_json.write_text(json.dumps(report, indent=1, default=str))  # Paths as text
         print(f"wrote {a.output_json}")
     return 0
 

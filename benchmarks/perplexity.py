@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     engine = LLMEngine(EngineConfig(dtype="bfloat16", kv_cache_memory=64 * 2**20, max_model_len=MAX_LEN))
-    if engine.optimization is None:
+    if engine.weight_plans is None:
         print("the CPU fast path is off (not a CPU?): nothing to compare")
         return 1
     model = engine.model
-    default = engine.optimization.plans
+    default = engine.weight_plans
     pairs = pick_pairs(engine.tokenizer, a.num_replies, a.seed)
     tokens = sum(len(r) for _, r in pairs)
     kv = allocate_kv_cache(model.args, MAX_LEN // BLOCK + 1, BLOCK, torch.bfloat16, torch.device("cpu"))

@@ -9,6 +9,18 @@ VENV=${VENV:-.venv}
 stamp="$VENV/.bucketserve-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# The engine's native CPU kernels build with the system C++ compiler at first start (and the
+# tests build them): install g++ where it is missing and we may.
+if ! command -v c++ >/dev/null && ! command -v g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing g++ (the native kernels need a C++ compiler)" >&2
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+  else
+    echo "warning: no C++ compiler (c++ or g++); install g++, or the engine runs its slower" \
+      "torch paths and tests/test_fast_path.py fails" >&2
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

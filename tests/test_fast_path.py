@@ -171,7 +171,7 @@ def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) 
     fast = make_llm(max_num_batched_tokens=16)  # chunked prefill over cached context too
     assert fast.engine.model.kernels is not None
     eager = make_llm(max_num_batched_tokens=16, enforce_eager=True)
-    assert eager.engine.model.kernels is None and eager.engine.optimization is None
+    assert eager.engine.model.kernels is None and eager.engine.weight_plans is None
     got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
     assert got == want

@@ -86,7 +86,7 @@ def _tune_part(
                 bar.update(1)
                 continue
             for lin, cands in layers:
-                lin._packed = {fmt: cands[fmt]}
+                lin.pack(FormatPlan.single(fmt), cands)
             inputs = {lin.in_features: torch.randn(rows, lin.in_features, dtype=dtype) for lin, _ in layers}
 
             def one_pass(fmt: str = fmt, inputs: dict[int, torch.Tensor] = inputs) -> None:
@@ -144,7 +144,7 @@ def tune(
         layer_plan, layer_times = _tune_part("decoder layers", sample, dtype, bar)
         head_plan, head_times = _tune_part("lm head", head, dtype, bar)
     for lin, _ in (*sample, *head):
-        lin._packed = {}
+        lin.unpack()
     plans = TunedPlans(layer_plan, head_plan, {"layers": layer_times, "lm_head": head_times})
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

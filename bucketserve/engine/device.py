@@ -36,12 +36,11 @@ def cpu_flags() -> str:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: there bf16 matmuls run 2-3x faster than fp32 (measured on EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """AVX512-BF16 or AMX: bf16 matmuls ran 2-3x faster than fp32 on an EPYC with
+    AVX512-BF16 (on a Xeon without AMX, large ones ran slower: the CPU fast path then keeps
+    fp32 weights for large steps; the bf16 KV cache still halves attention's reads)."""
+    flags = f" {cpu_flags()} "
+    return " avx512_bf16 " in flags or " amx_bf16 " in flags
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -16,6 +16,7 @@ from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 from bucketserve.core.sequence import FinishReason, Sequence
+from bucketserve.engine.autotune import TunedPlans
 from bucketserve.engine.detokenizer import Detokenizer
 from bucketserve.engine.device import resolve_device, resolve_dtype
 from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -28,7 +29,7 @@ from bucketserve.engine.loader import (
 )
 from bucketserve.engine.model import LlamaModel, ModelArgs
 from bucketserve.engine.model_runner import ModelRunner, StepResult
-from bucketserve.engine.optimize import Optimization, optimize_for_cpu
+from bucketserve.engine.optimize import optimize_for_cpu
 from bucketserve.engine.sampler import Sampler
 from bucketserve.errors import ConfigError, InvalidRequestError
 from bucketserve.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
@@ -103,9 +104,10 @@ class LLMEngine:
         model.load_hf_state_dict(load_state_dict(self.model_path))
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rotary.to(torch.float32)  # keep the rope tables exact
-        self.optimization: Optimization | None = None
+        # The weight formats per step size the CPU fast path tuned (None: it is off).
+        self.weight_plans: TunedPlans | None = None
         if self.device.type == "cpu" and not config.enforce_eager:
-            self.optimization = optimize_for_cpu(
+            self.weight_plans = optimize_for_cpu(
                 self.model, self.model_path, config.quantization, cache_dir(config.cache_dir)
             )
         self.tokenizer = load_tokenizer(self.model_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,14 +21,9 @@ from bucketserve.engine.weights import FormatPlan, MultiFormatLinear
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Optimization:
-    kernels: bool  # decode attention runs the native kernel
-    plans: TunedPlans
-    seconds: float  # what start-up spent here
-
-
-def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cache_dir: Path) -> Optimization:
+def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cache_dir: Path) -> TunedPlans:
+    """Load (or build) the native kernels into ``model`` and pack its linears by the tuned
+    plans; returns the plans."""
     t0 = time.perf_counter()
     if quantization == "auto" and model.lm_head.weight.dtype != torch.bfloat16:
         # Asked for float32, a user gets exact float32 weights; in bfloat16, whose own
@@ -68,17 +62,17 @@ def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cac
         plans.layers.describe(),
         plans.lm_head.describe(),
     )
-    return Optimization(kernels is not None, plans, seconds)
+    return plans
 
 
 def _pack(lin: MultiFormatLinear, plan: FormatPlan, quantization: str) -> bool:
     """Pack one linear by ``plan``, building only the formats it names (the others would cost
     memory). The tuning timed the first layers only: a later layer that does not offer a
     tuned quantized format runs fp32 there instead (returns True)."""
-    formats = lin.candidate_formats(quantization, only=plan.used | {"fp32"})
+    formats = lin.candidate_formats(quantization, only=plan.used)
     if plan.used <= set(formats):
-        lin.pack(plan, formats)  # keeps only the formats the plan uses
+        lin.pack(plan, formats)
         return False
     own = FormatPlan(plan.max_rows, tuple(f if f in formats else "fp32" for f in plan.formats))
-    lin.pack(own, formats)
+    lin.pack(own, formats | lin.candidate_formats(quantization, only={"fp32"}))
     return True

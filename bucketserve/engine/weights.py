@@ -175,6 +175,11 @@ class MultiFormatLinear(nn.Module):
         self.plan = plan
         self._packed = {f: formats[f] for f in plan.used}
 
+    def unpack(self) -> None:
+        """Drop the packed formats: back to an ``nn.Linear`` on ``weight``."""
+        self.plan = None
+        self._packed = {}
+
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         w = self._packed[fmt]
         if fmt == "int4":

@@ -31,9 +31,12 @@ _i64 = ctypes.c_int64
 _ptr = ctypes.c_void_p
 
 
-def _library_name() -> str:
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _library_name(compiler: str) -> str:
     h = hashlib.sha256()
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or ""
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cpu_flags().encode(), compiler.encode()):
         h.update(part)
     return f"cpu_kernels-{h.hexdigest()[:16]}.so"
@@ -41,12 +44,12 @@ def _library_name() -> str:
 
 def build(cache_dir: Path) -> Path:
     """Compile the kernels into ``cache_dir/kernels`` unless already there; return the path."""
-    target = cache_dir / "kernels" / _library_name()
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH; scripts/setup.sh installs g++")
+    target = cache_dir / "kernels" / _library_name(compiler)
     if target.exists():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
