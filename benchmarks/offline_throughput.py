@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import resource
 import sys
@@ -36,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from bucketserve import LLM, SamplingParams
-from bucketserve.config import DTYPES, POLICIES, SchedulerConfig, parse_bytes
+from bucketserve.config import DTYPES, SchedulerConfig, parse_bytes
+from bucketserve.core.policies import policy_names
 from bucketserve.errors import BucketServeError
+from bucketserve.wire import write_json
 from bucketserve.workloads.sharegpt import SampledRequest, load_conversations, sample_sharegpt
 
 TARGET_SPEEDUP = 3.0
@@ -238,7 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-ceiling", action="store_true", help="do not measure the machine's compute ceiling afterwards"
     )
     sched = SchedulerConfig()
-    p.add_argument("--policy", choices=POLICIES, default=sched.policy, help="bucketserve: scheduling policy")
+    p.add_argument(
+        "--policy", choices=policy_names(), default=sched.policy, help="bucketserve: scheduling policy"
+    )
     p.add_argument(
         "--max-num-seqs",
         type=int,
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(hf=hf.to_dict(), speedup=ratio, target_speedup=TARGET_SPEEDUP)
 
     if a.output_json:
-        a.output_json.write_text(json.dumps(report, indent=2))
+        write_json(a.output_json, report)
         print(f"wrote {a.output_json}")
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -42,6 +41,7 @@ from bucketserve.bench.datasets import load_tokenizer, sharegpt_requests
 from bucketserve.bench.report import summarize_run
 from bucketserve.bench.runner import run_workload
 from bucketserve.bench.servers import free_port, managed_server, stop, wait_healthy
+from bucketserve.wire import write_json
 
 PEERS_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "llama-server.sh"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = bench_levels(url, name, requests, levels, counts)
     print_table(results, levels, peer)
     if a.output_json:
-        a.output_json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"config": vars(a), "results": results}
-        a.output_json.write_text(json.dumps(report, indent=1, default=str))  # Paths as text
+        write_json(a.output_json, {"config": vars(a), "results": results})
         print(f"wrote {a.output_json}")
     return 0
 

@@ -13,14 +13,15 @@ step time spent in schedule().
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 
 from bucketserve import LLM
 from bucketserve.bench.inprocess import replay
-from bucketserve.config import ORDERS, POLICIES, OrderConfig, parse_bytes
+from bucketserve.config import ORDERS, OrderConfig, parse_bytes
+from bucketserve.core.policies import policy_names
 from bucketserve.metrics import RequestRecord, percentile, summarize
+from bucketserve.wire import write_json
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
 
@@ -48,7 +49,7 @@ def measure(llm: LLM, requests: list, arrivals: list[float]) -> tuple[list[Reque
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    p.add_argument("--policies", default=",".join(policy_names()), help="comma-separated (default: all)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--max-output", type=int, default=128)
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
@@ -93,8 +94,7 @@ def main() -> None:
             )
         del llm
     if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(a.output_json, results)
 
 
 if __name__ == "__main__":

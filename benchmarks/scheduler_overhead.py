@@ -17,7 +17,7 @@ import time
 
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
-from bucketserve.core.policies import POLICY_CLASSES, make_scheduler
+from bucketserve.core.policies import make_scheduler, policy_names
 from bucketserve.core.sequence import Sequence
 from bucketserve.sampling_params import SamplingParams
 
@@ -54,10 +54,7 @@ def step(sched, now: float) -> float:
     batch = sched.schedule(now)
     elapsed = time.perf_counter() - t0
     if batch is not None:
-        for i, s in enumerate(batch.seqs):
-            if batch.samples(i):
-                s.append_token(7)
-        sched.update(batch, now)
+        sched.update(batch, [7] * len(batch), now)
     return elapsed
 
 
@@ -68,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed schedule() calls per cell")
     args = parser.parse_args()
     print(f"{'policy':<11}{'waiting':>9}{'running':>9}{'mean ms':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for policy in POLICY_CLASSES:
+    for policy in policy_names():
         for waiting in (100, 1_000, 10_000):
             sched = build(policy, 256, waiting)
             times = sorted(step(sched, 1.0 + k * 0.01) for k in range(args.steps))

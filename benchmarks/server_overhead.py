@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from bucketserve.bench.runner import run_workload
 from bucketserve.bench.servers import managed_server
 from bucketserve.engine.async_engine import AsyncEngine
 from bucketserve.metrics import RequestRecord, summarize
+from bucketserve.wire import write_json
 
 TARGET_OVERHEAD = 0.10
 
@@ -149,19 +149,17 @@ def main() -> None:
     print(f"\nserver vs LLM.generate: {cost:+.1%} of output throughput "
           f"({verdict} the < {TARGET_OVERHEAD:.0%} target); mean TPOT {tpot:+.1%}")  # fmt: skip
     print(f"HTTP alone (vs the same closed-loop clients in-process): {http_cost:+.1%} of output throughput")
-    a.output_json.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(a).items()},
-                "in_process": local,
-                "closed_loop": loop,
-                "http": http,
-                "throughput_cost": cost,
-                "http_cost": http_cost,
-                "tpot_change": tpot,
-            },
-            indent=2,
-        )
+    write_json(
+        a.output_json,
+        {
+            "args": {k: str(v) for k, v in vars(a).items()},
+            "in_process": local,
+            "closed_loop": loop,
+            "http": http,
+            "throughput_cost": cost,
+            "http_cost": http_cost,
+            "tpot_change": tpot,
+        },
     )
     print(f"wrote {a.output_json}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from bucketserve.config import POLICIES
+from bucketserve.core.policies import policy_names
 from bucketserve.sim.experiments import Setup, requests_for
 from bucketserve.sim.simulator import simulate
 
@@ -20,7 +20,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-requests", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=4.0, help="Poisson req/s (default 4)")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(policy_names()))
     a = p.parse_args()
     requests = requests_for("mixed", a.num_requests, a.rate, seed=0)
     setup = Setup()

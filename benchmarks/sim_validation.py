@@ -21,37 +21,31 @@ and those `bucketserve bench run --output-json` writes against a live server (no
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import random
 from pathlib import Path
 
 from bucketserve import LLM
 from bucketserve.bench.inprocess import Replay, replay
-from bucketserve.config import POLICIES, parse_bytes
-from bucketserve.sim.validate import StepSample, error_table, repeat_table, validate_run
+from bucketserve.config import parse_bytes
+from bucketserve.core.policies import policy_names
+from bucketserve.metrics import summarize
+from bucketserve.sim.validate import error_table, repeat_table, validate_run
+from bucketserve.wire import MeasuredRun, RequestRow, StepSample, write_json
 from bucketserve.workloads.sharegpt import sample_sharegpt
 
 
-def bench_rows(run: Replay) -> tuple[list[dict], list[dict]]:
-    """The run's requests and steps as a bench result file holds them (seconds from its start)."""
-    rows = [
-        {
-            "sent": r.arrival - run.start,
-            "ttft": r.ttft,
-            "e2el": r.e2e,
-            "prompt_tokens": r.prompt_tokens,
-            "output_tokens": r.output_tokens,
-            "error": None,
-        }
-        for r in run.records
-    ]
-    steps = [StepSample(s.start - run.start, s.duration, s.shape).to_json() for s in run.steps]
-    return rows, steps
+def to_measured_run(run: Replay) -> MeasuredRun:
+    """The run as a bench result file holds it, in seconds from its start."""
+    # the engine's records are on its clock: latencies keep, arrivals count from the start
+    rows = [dataclasses.replace(RequestRow.from_record(r), sent=r.arrival - run.start) for r in run.records]
+    steps = [StepSample(s.start - run.start, s.duration, s.shape) for s in run.steps]
+    return MeasuredRun(summarize(run.records, run.duration), rows, steps)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
+    p.add_argument("--policies", default=",".join(policy_names()), help="comma-separated (default: all)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--max-output", type=int, default=128, help="output length cap (default 128)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson requests/s; 0 = all at t=0 (default 2)")
@@ -88,10 +82,10 @@ def main() -> None:
             for _ in requests:
                 t += rng.expovariate(a.rate) if a.rate > 0 else 0.0
                 arrivals.append(t)
-            rows, steps = bench_rows(replay(llm.engine, requests, arrivals))
+            run = to_measured_run(replay(llm.engine, requests, arrivals))
             path = out_dir / f"{policy}-rate{a.rate:g}-{rep}.json"
             config = {"policy": policy, "kv_cache_memory": a.kv_cache_memory, "rate": a.rate, **sched}
-            path.write_text(json.dumps({"config": config, "requests": rows, "steps": steps}) + "\n")
+            write_json(path, {"config": config, **run.to_dict()})
             print(f"wrote {path}", flush=True)
             files.append((path, policy))
             del llm

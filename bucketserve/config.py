@@ -1,137 +1,78 @@
-"""All configuration, in one place, validated when it is built.
+"""Every option, in one tree, validated when it is built.
 
-Pure Python (the scheduling core imports it). Values that depend on the model or the machine
-(the model's context length, the KV pool size) are resolved by the engine at start-up.
+    EngineConfig      the model, the device, the KV pool                        (this module)
+    SchedulerConfig   the policy, its limits, the order of waiting requests     (this module)
+      .order          OrderConfig                                  (bucketserve.core.ordering)
+      .policy_config  the policy's own options, e.g. BucketConfig  (its module in core/policies)
+    ServerConfig      the HTTP server                                           (this module)
+
+Each option is a dataclass field declared with ``bucketserve.options.option``: its default,
+its help, its accepted forms and its choices live with the field. The command line's
+engine and server options are generated from these fields (``bucketserve.argparse_options``)
+and ``LLM`` takes the same values, read and checked by the same ``__post_init__``. A policy's
+options are declared next to its scheduler, which registers both under the policy's name;
+this module re-exports them, so every option is reachable from here.
+
+Pure Python (no torch, no I/O). Values that depend on the model or the machine (the model's
+context length, the KV pool size) are resolved by the engine at start-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
+from bucketserve.core.ordering import ORDERS, OrderConfig
+from bucketserve.core.policies import all_policies, get_policy, policy_names
+from bucketserve.core.policies.bucket import RESERVES, SPLIT_MODES, BucketConfig
+from bucketserve.core.policies.continuous import ContinuousConfig
+from bucketserve.core.policies.distserve import DistServeConfig
+from bucketserve.core.policies.static import StaticConfig
+from bucketserve.core.policies.uellm import UELLMConfig
 from bucketserve.errors import ConfigError
+from bucketserve.options import build, check, check_fields, option, parse_bytes
 
-POLICIES = ("bucket", "continuous", "static", "uellm", "distserve")
-ORDERS = ("fcfs", "sjf", "ljf", "edf")
-SPLIT_MODES = ("bisect", "optimal")
-RESERVES = ("max_tokens", "predicted")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-
-
-@dataclass
-class OrderConfig:
-    """Who goes first among waiting requests (every policy that orders uses this).
-
-    Each request gets a fixed urgency key, in seconds; the lowest runs first:
-
-        key = arrival + priority * aging_s            (fcfs)
-            + ttft_slo (or default_ttft_slo_s)        (edf)
-            + predicted job tokens * token_weight_s   (sjf; minus for ljf)
-
-    Because the key never changes after arrival, aging is built in: a request is overtaken
-    only by requests that arrive less than (its key - their key offset) later, so no request
-    waits forever. Priorities are integers, lower first, as in vLLM.
-    """
-
-    order: str = "fcfs"
-    aging_s: float = 1.0  # one priority level is worth this much waiting
-    token_weight_s: float = 0.001  # sjf/ljf: one token of job size is worth this much waiting
-    default_ttft_slo_s: float = 10.0  # edf: the deadline of a request without its own TTFT SLO
-
-    def __post_init__(self) -> None:
-        _one_of("order", self.order, ORDERS)
-        _check(self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}")
-        _check(self.token_weight_s >= 0, f"token_weight_s must be >= 0, got {self.token_weight_s}")
-        _check(self.default_ttft_slo_s > 0, f"default_ttft_slo_s must be > 0, got {self.default_ttft_slo_s}")
-
-
-@dataclass
-class BucketConfig:
-    """BucketServe (DESIGN section 3). Lengths are prompt tokens."""
-
-    n_max: int | None = None  # split threshold on queued requests; None: max_num_seqs
-    theta: float = 0.5  # split a crowded bucket when more than this share sits below its midpoint
-    dispatch_window_s: float = 0.05  # dispatch a bucket whose most urgent request waited this long
-    initial_boundaries: tuple[int, ...] = ()  # inner boundaries to start with; () = one bucket
-    split_mode: str = "bisect"  # bisect at the midpoint (paper) | optimal (least expected padding)
-    reserve: str = "max_tokens"  # KV reserved per request: prompt + max_tokens | + predicted output
-    memory_safety: float = 0.9  # M_safe = memory_safety x free KV memory
-
-    def __post_init__(self) -> None:
-        _check(self.n_max is None or self.n_max >= 1, f"n_max must be >= 1, got {self.n_max}")
-        _check(0 < self.theta < 1, f"theta must be in (0, 1), got {self.theta}")
-        _check(self.dispatch_window_s >= 0, f"dispatch_window_s must be >= 0, got {self.dispatch_window_s}")
-        self.initial_boundaries = tuple(sorted(set(self.initial_boundaries)))
-        _check(all(b > 0 for b in self.initial_boundaries), "initial boundaries must be > 0")
-        _one_of("split mode", self.split_mode, SPLIT_MODES)
-        _one_of("reserve", self.reserve, RESERVES)
-        _check(0 < self.memory_safety <= 1, f"memory_safety must be in (0, 1], got {self.memory_safety}")
-
-
-@dataclass
-class StaticConfig:
-    """Static batching (HF generate): FCFS batches of a fixed size, padded, run to completion."""
-
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"static batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass
-class UELLMConfig:
-    """UELLM's SLO_ODBS batching, with the constants of its released code (HYIUYOU/UELLM)."""
-
-    a: float = 1.0  # weight of the SLO (seconds) in the sort key
-    b: float = 0.5  # weight of the predicted output length (tokens) in the sort key
-    batch_cap: int = 10
-    threshold: float = 15000.0  # (out - current_max) x (len + 1) x 1.2 must stay under this
-
-    def __post_init__(self) -> None:
-        _check(self.batch_cap >= 1, f"uellm batch_cap must be >= 1, got {self.batch_cap}")
-        _check(self.threshold > 0, f"uellm threshold must be > 0, got {self.threshold}")
-
-
-@dataclass
-class DistServeConfig:
-    """DistServe's prefill batching: short prompts batched up to a saturation token count,
-    longer ones alone; decode by continuous batching."""
-
-    prefill_saturation_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        _check(
-            self.prefill_saturation_tokens >= 1,
-            f"prefill_saturation_tokens must be >= 1, got {self.prefill_saturation_tokens}",
-        )
-
-
 @dataclass
 class SchedulerConfig:
-    policy: str = "bucket"
-    max_num_seqs: int = 128  # the most sequences running at once
-    max_num_batched_tokens: int = 1024  # token budget per step (prefill chunks + decodes)
-    enable_chunked_prefill: bool = True  # continuous only
-    order: OrderConfig = field(default_factory=OrderConfig)
-    bucket: BucketConfig = field(default_factory=BucketConfig)
-    static: StaticConfig = field(default_factory=StaticConfig)
-    uellm: UELLMConfig = field(default_factory=UELLMConfig)
-    distserve: DistServeConfig = field(default_factory=DistServeConfig)
+    """Which policy schedules, and the limits every policy keeps."""
+
+    policy: str = option(
+        "bucket",
+        choices=policy_names,
+        help="; ".join(f"{p.name}: {p.summary}" for p in all_policies()),
+    )
+    max_num_seqs: int = option(128, help="most sequences running at once")
+    max_num_batched_tokens: int = option(1024, help="token budget per step (prefill chunks + decodes)")
+    enable_chunked_prefill: bool = option(
+        True, name="chunked-prefill", help="continuous: split a long prompt's prefill across steps"
+    )
+    order: OrderConfig = option(default_factory=OrderConfig, name="", help="who goes first")
+    # The chosen policy's own options: its registered config, or a dict of that config's
+    # fields; None means its defaults. (The command line offers every policy's options,
+    # named after it: --bucket-theta, --static-batch-size, ...)
+    policy_config: Any = option(None, help="the policy's own options (default: its defaults)")
 
     def __post_init__(self) -> None:
-        _one_of("policy", self.policy, POLICIES)
-        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        _check(
+        check_fields(self)
+        policy = get_policy(self.policy)
+        if self.policy_config is None:
+            self.policy_config = policy.config()
+        elif isinstance(self.policy_config, dict):
+            self.policy_config = build(policy.config, self.policy_config)
+        elif not isinstance(self.policy_config, policy.config):
+            raise ConfigError(
+                f"policy {self.policy!r} takes a {policy.config.__name__} (or a dict of its fields) "
+                f"as policy_config, got {type(self.policy_config).__name__}"
+            )
+        check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        check(
             self.max_num_batched_tokens >= 1,
             f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
         )
@@ -141,69 +82,143 @@ class SchedulerConfig:
 class EngineConfig:
     """How to build the engine. ``model`` None means the embedded SmolLM2-135M-Instruct."""
 
-    model: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 where this CPU/GPU computes it fast, else float32
-    device: str = "auto"  # auto: cuda when available, else cpu
-    kv_cache_memory: int | None = None  # bytes for the KV pool; overrides the fraction
-    kv_cache_fraction: float = 0.2  # share of free memory for the KV pool when no bytes given
-    block_size: int = 16  # tokens per KV block
-    max_model_len: int | None = None  # defaults to the model's context length
-    cache_dir: str | None = None  # where the embedded model is converted to (see loader)
-    num_threads: int | None = None  # torch intra-op threads on CPU; None keeps torch's choice
-    seed: int = 0
-    # CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16
-    # compute, int8/int4 only where they reproduce the weights within 1% (a GGUF Q4 model's
-    # int4 does), nothing quantized in float32; none = the model's dtype and fp32 only;
-    # int8 / int4 = offer that quantization whatever it costs.
-    quantization: str = "auto"
-    # No native kernels, no weight-format tuning: every op is torch's, as in vLLM's flag.
-    enforce_eager: bool = False
+    model: str | None = option(
+        None,
+        help="Hugging Face model folder (config.json, safetensors, tokenizer) "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    dtype: str = option(
+        "auto",
+        choices=DTYPES,
+        help="compute dtype; auto = bfloat16 where the CPU/GPU runs it fast, else float32",
+    )
+    device: str = option("auto", choices=DEVICES, help="auto = cuda if available, else cpu")
+    kv_cache_memory: int | None = option(
+        None,
+        parse=parse_bytes,
+        metavar="BYTES",
+        help="bytes for the KV-cache pool, e.g. 2GiB or 512MB; overrides --kv-cache-fraction "
+        "(default: none, the fraction decides)",
+    )
+    kv_cache_fraction: float = option(0.2, help="share of free memory for the KV-cache pool")
+    block_size: int = option(16, help="tokens per KV block")
+    max_model_len: int | None = option(
+        None, help="longest prompt + output in tokens (default: the model's context length)"
+    )
+    cache_dir: str | None = option(
+        None,
+        help="where the embedded model is converted and the native kernels and tuning are kept "
+        "(default: $BUCKETSERVE_CACHE or ~/.cache/bucketserve)",
+    )
+    num_threads: int | None = option(None, help="torch CPU threads (default: torch's choice)")
+    seed: int = option(0, name="engine-seed", help="seed for requests without their own seed")
+    quantization: str = option(
+        "auto",
+        choices=QUANTIZATIONS,
+        help="CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16 "
+        "compute, int8/int4 only where they reproduce the weights within 1% (the embedded Q4 GGUF "
+        "model's int4 does), nothing quantized in float32; none = the model's dtype and fp32 only; "
+        "int8/int4 = offer that quantization whatever it costs",
+    )
+    enforce_eager: bool = option(
+        False, help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)"
+    )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ConfigError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
-        if not 0 < self.kv_cache_fraction <= 0.95:
-            raise ConfigError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
-        if self.quantization not in QUANTIZATIONS:
+        check_fields(self)
+        check(
+            self.kv_cache_memory is None or self.kv_cache_memory > 0,
+            f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}",
+        )
+        check(
+            0 < self.kv_cache_fraction <= 0.95,
+            f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}",
+        )
+        check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        check(
+            self.max_model_len is None or self.max_model_len >= 2,
+            f"max_model_len must be >= 2, got {self.max_model_len}",
+        )
+        check(
+            self.num_threads is None or self.num_threads >= 1,
+            f"num_threads must be >= 1, got {self.num_threads}",
+        )
+
+
+@dataclass
+class ServerConfig:
+    """The OpenAI-compatible HTTP server in front of the engine."""
+
+    host: str = option("127.0.0.1", help="address to listen on")
+    port: int = option(8000, help="port to listen on; 0 picks a free one")
+    served_model_name: str = option(
+        "SmolLM2-135M-Instruct", help="the model name clients send (the --model path is accepted too)"
+    )
+    max_waiting_requests: int = option(
+        256, help="answer 429 (with Retry-After) beyond this many waiting requests"
+    )
+    api_key: str | None = option(
+        None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $BUCKETSERVE_API_KEY, else none)"
+    )
+    shutdown_grace_s: float = option(
+        10.0,
+        name="shutdown-grace",
+        metavar="SECONDS",
+        help="on SIGTERM, let in-flight requests finish for this long",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        check(
+            self.max_waiting_requests >= 1,
+            f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}",
+        )
+        check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+
+def with_options(
+    engine: EngineConfig | None, scheduler: SchedulerConfig | None, options: Mapping[str, Any]
+) -> tuple[EngineConfig, SchedulerConfig]:
+    """The configs given (or the defaults) with ``options`` set, by field name, on whichever
+    of the two has the field. Each config is built anew, so every value is read and checked
+    as in its constructor. (How ``LLM(**options)`` is configured.)"""
+    engine_names = {f.name for f in fields(EngineConfig)}
+    scheduler_names = {f.name for f in fields(SchedulerConfig)}
+    for name in options:
+        if name not in engine_names | scheduler_names:
+            close = difflib.get_close_matches(name, engine_names | scheduler_names, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(
-                f"unknown quantization {self.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}"
+                f"unknown option {name!r}{hint} (options are EngineConfig and SchedulerConfig fields)"
             )
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+    engine_options = {k: v for k, v in options.items() if k in engine_names}
+    scheduler_options = {k: v for k, v in options.items() if k in scheduler_names}
+    if scheduler is not None and scheduler_options.get("policy", scheduler.policy) != scheduler.policy:
+        # Another policy: the given config's policy options are not its options.
+        scheduler_options.setdefault("policy_config", None)
+    return (
+        replace(engine, **engine_options) if engine else EngineConfig(**engine_options),
+        replace(scheduler, **scheduler_options) if scheduler else SchedulerConfig(**scheduler_options),
+    )
 
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1e3,
-    "KB": 1e3,
-    "M": 1e6,
-    "MB": 1e6,
-    "G": 1e9,
-    "GB": 1e9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
-
-
-def parse_bytes(text: str | int) -> int:
-    """Parse '2GiB', '512MB', '1e9' or an int into a byte count."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGIB")
-    unit = s[len(num) :]
-    try:
-        value = float(num) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ConfigError(f"cannot read {text!r} as a size; write e.g. 2GiB, 512MiB or 1000000") from None
-    if value <= 0:
-        raise ConfigError(f"size must be > 0, got {text!r}")
-    return int(value)
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "ORDERS",
+    "QUANTIZATIONS",
+    "RESERVES",
+    "SPLIT_MODES",
+    "BucketConfig",
+    "ContinuousConfig",
+    "DistServeConfig",
+    "EngineConfig",
+    "OrderConfig",
+    "SchedulerConfig",
+    "ServerConfig",
+    "StaticConfig",
+    "UELLMConfig",
+    "parse_bytes",
+    "with_options",
+]

@@ -25,6 +25,9 @@ def seq(i: int, prompt_len: int, max_tokens: int, arrival: float = 0.0, **kw: ob
     return Sequence(f"r{i}", list(range(1, prompt_len + 1)), params, arrival_time=arrival, **kw)
 
 
+TOKEN = 7  # what every fake step samples; the helpers' requests ignore EOS
+
+
 @dataclass
 class FakeExecutor:
     """Runs a scheduler in virtual time: a step costs base + per_token x computed tokens."""
@@ -37,6 +40,7 @@ class FakeExecutor:
     max_used_blocks: int = 0
 
     def step(self) -> list[Sequence]:
+        """Schedule at ``now``, "run" the batch, update at its end; return what finished."""
         batch = self.sched.schedule(self.now)
         if batch is None:
             self.now += self.base
@@ -44,14 +48,10 @@ class FakeExecutor:
         self.batches.append(batch)
         bm = self.sched.block_manager
         self.max_used_blocks = max(self.max_used_blocks, bm.num_used_blocks)
-        for i, s in enumerate(batch.seqs):
-            assert len(s.block_table) * bm.block_size >= s.num_computed_tokens + batch.num_new_tokens[i]
-            if batch.samples(i):
-                if s.first_token_time is None:
-                    s.first_token_time = self.now
-                s.finish_reason = s.append_token(7)
+        for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True):  # every token has a KV slot
+            assert len(s.block_table) * bm.block_size >= s.num_computed_tokens + n
         self.now += self.base + self.per_token * batch.num_padded_tokens
-        return self.sched.update(batch, self.now)
+        return self.sched.update(batch, [TOKEN] * len(batch), self.now)
 
     def run(self, arrivals: list[Sequence], max_steps: int = 100_000) -> list[Sequence]:
         pending = sorted(arrivals, key=lambda s: s.arrival_time)
@@ -66,3 +66,8 @@ class FakeExecutor:
                 continue
             done += self.step()
         raise AssertionError("the scheduler made no progress")
+
+
+def step(sched: Scheduler, now: float) -> list[Sequence]:
+    """One step that takes no time: scheduled and updated at ``now``; return what finished."""
+    return FakeExecutor(sched, base=0.0, per_token=0.0, now=now).step()

@@ -12,30 +12,12 @@ from bucketserve.core.scheduler import Scheduler
 from bucketserve.core.sequence import FinishReason, Sequence
 from bucketserve.errors import ConfigError, InvalidRequestError
 from tests import core_helpers as helpers
-from tests.core_helpers import seq
+from tests.core_helpers import FakeExecutor, seq, step
 
 
 def make(**cfg: object) -> Scheduler:
     cfg.setdefault("policy", "continuous")
     return helpers.make(**cfg)  # type: ignore[arg-type]
-
-
-def fake_step(sched: Scheduler, now: float) -> list[Sequence] | None:
-    """Execute one step as an executor would: a token for every row that samples."""
-    batch = sched.schedule(now)
-    if batch is None:
-        return None
-    used = sched.block_manager.num_used_blocks
-    assert used <= sched.block_manager.num_blocks
-    for i, s in enumerate(batch.seqs):
-        # every scheduled token has a KV slot
-        assert (
-            len(s.block_table) * sched.block_manager.block_size
-            >= s.num_computed_tokens + batch.num_new_tokens[i]
-        )
-        if batch.samples(i):
-            s.finish_reason = s.append_token(7)
-    return sched.update(batch, now)
 
 
 def test_prefill_is_batched_then_decodes_run_together() -> None:
@@ -45,9 +27,7 @@ def test_prefill_is_batched_then_decodes_run_together() -> None:
     batch = sched.schedule(0.0)
     assert batch is not None
     assert batch.num_new_tokens == [10, 20, 5]
-    for s in batch.seqs:
-        s.append_token(7)
-    sched.update(batch, 0.0)
+    sched.update(batch, [7, 7, 7], 0.0)
     batch = sched.schedule(1.0)
     assert batch is not None and batch.num_new_tokens == [1, 1, 1]
 
@@ -61,9 +41,7 @@ def test_token_budget_chunks_a_long_prompt() -> None:
         batch = sched.schedule(0.0)
         assert batch is not None
         counts.append(batch.num_new_tokens[0])
-        if batch.samples(0):
-            s.append_token(7)
-        sched.update(batch, 0.0)
+        sched.update(batch, [7], 0.0)
     assert counts == [8, 8, 4]
 
 
@@ -86,7 +64,7 @@ def test_kv_exhaustion_preempts_the_newest_and_everything_still_finishes() -> No
     finished: list[Sequence] = []
     while sched.has_unfinished():
         now += 1
-        finished += fake_step(sched, now) or []
+        finished += step(sched, now)
     assert sched.num_preemptions >= 1
     assert b.num_preemptions >= 1 and a.num_preemptions == 0
     assert {s.seq_id for s in finished} == {"r0", "r1"}
@@ -112,13 +90,13 @@ def test_abort_frees_blocks_at_once() -> None:
     sched = make()
     s = seq(0, 10, 5)
     sched.add(s)
-    fake_step(sched, 0.0)
+    step(sched, 0.0)
     assert sched.block_manager.num_used_blocks > 0
-    assert sched.abort("r0") is s
+    assert sched.finish("r0", FinishReason.ABORT, 1.0) is s
     assert s.finish_reason is FinishReason.ABORT and s.is_finished
     assert sched.block_manager.num_used_blocks == 0
     assert not sched.has_unfinished()
-    assert sched.abort("r0") is None
+    assert sched.finish("r0", FinishReason.ABORT, 1.0) is None
 
 
 def test_without_chunked_prefill_the_budget_must_hold_a_whole_prompt() -> None:
@@ -168,9 +146,9 @@ def test_random_workloads_respect_memory_finish_and_leak_nothing(
                 assert s.max_len > num_blocks * block_size or s.max_len > max_model_len
         if admitted and rng.random() < 0.05:
             victim = rng.choice(admitted)
-            if sched.abort(victim.seq_id) is not None:
+            if sched.finish(victim.seq_id, FinishReason.ABORT, now) is not None:
                 aborted.add(victim.seq_id)
-        done.update(s.seq_id for s in fake_step(sched, now) or [])
+        done.update(s.seq_id for s in step(sched, now))
         assert sched.block_manager.num_used_blocks <= num_blocks
         now += 1
         steps += 1
@@ -185,16 +163,9 @@ def test_the_same_workload_gives_the_same_schedule() -> None:
         sched = make(num_blocks=20, max_num_batched_tokens=16)
         for i, (p, o) in enumerate([(9, 5), (3, 8), (15, 2), (6, 6), (20, 3)]):
             sched.add(seq(i, p, o))
-        out = []
-        now = 0.0
+        ex = FakeExecutor(sched)
         while sched.has_unfinished():
-            batch = sched.schedule(now)
-            out.append((tuple(s.seq_id for s in batch.seqs), tuple(batch.num_new_tokens)))
-            for i, s in enumerate(batch.seqs):
-                if batch.samples(i):
-                    s.finish_reason = s.append_token(7)
-            sched.update(batch, now)
-            now += 0.5
-        return out
+            ex.step()
+        return [(tuple(s.seq_id for s in b.seqs), tuple(b.num_new_tokens)) for b in ex.batches]
 
     assert trace() == trace()

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from bucketserve.config import BucketConfig, OrderConfig
 from bucketserve.core.buckets import BucketManager, optimal_boundaries
+from bucketserve.core.policies import policy_names
+from bucketserve.core.sequence import FinishReason
 from bucketserve.errors import InvalidRequestError
 from tests.core_helpers import FakeExecutor, make, seq
 
-POLICIES = ["bucket", "continuous", "static", "uellm", "distserve"]
+POLICIES = policy_names()
 
 
 @settings(max_examples=40, deadline=None)
@@ -44,7 +46,7 @@ def test_any_policy_respects_memory_finishes_everything_and_leaks_nothing(
             admitted.append(s)
         if admitted and rng.random() < 0.03:
             victim = rng.choice(admitted)
-            if sched.abort(victim.seq_id, ex.now) is not None:
+            if sched.finish(victim.seq_id, FinishReason.ABORT, ex.now) is not None:
                 aborted.add(victim.seq_id)
         finished.update(s.seq_id for s in ex.step())
         assert sched.block_manager.num_used_blocks <= num_blocks
@@ -117,7 +119,7 @@ def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
         num_blocks=4000,
         max_model_len=1024,
         max_num_batched_tokens=4096,
-        bucket=BucketConfig(n_max=4, dispatch_window_s=0.0),
+        policy_config=BucketConfig(n_max=4, dispatch_window_s=0.0),
     )
     rng = random.Random(0)
     arrivals = [
@@ -130,7 +132,7 @@ def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
     assert sched.buckets.num_splits > 0  # the load did split the single starting bucket
     for b in prefill_batches:
         lower, upper = b.bucket
-        prompts = [s.prompt_len for s, n in zip(b.seqs, b.num_new_tokens, strict=True) if n > 1]
+        prompts = [s.prompt_len for s, p in zip(b.seqs, b.is_prefill, strict=True) if p]
         assert all(lower <= p < upper for p in prompts), (b.bucket, prompts)
 
 
@@ -162,7 +164,7 @@ def test_bucket_pads_less_than_static_on_a_mixed_workload() -> None:
         padded = sum(b.num_padded_tokens for b in ex.batches)
         return 1 - real / padded
 
-    bucket = padding("bucket", bucket=BucketConfig(n_max=16, dispatch_window_s=0.0))
+    bucket = padding("bucket", policy_config=BucketConfig(n_max=16, dispatch_window_s=0.0))
     static = padding("static")
     assert bucket < static, (bucket, static)
 
@@ -205,7 +207,7 @@ def test_priority_runs_first_but_aging_bounds_the_wait() -> None:
         max_model_len=256,
         max_num_seqs=1,
         order=order,
-        bucket=BucketConfig(dispatch_window_s=0.0),
+        policy_config=BucketConfig(dispatch_window_s=0.0),
     )
     low = seq(0, 10, 4, arrival=0.5, priority=4)
     stream = [seq(i, 10, 4, arrival=0.025 * i, priority=0) for i in range(1, 200)]  # 5 s of arrivals
@@ -226,7 +228,7 @@ def test_edf_serves_the_tightest_deadline_first() -> None:
         max_model_len=256,
         max_num_seqs=1,
         order=OrderConfig(order="edf"),
-        bucket=BucketConfig(dispatch_window_s=0.0),
+        policy_config=BucketConfig(dispatch_window_s=0.0),
     )
     relaxed = seq(0, 10, 2, arrival=0.0, ttft_slo=5.0)
     urgent = seq(1, 10, 2, arrival=0.0, ttft_slo=0.1)
@@ -245,7 +247,7 @@ def test_bucket_batch_size_follows_free_memory() -> None:
         block_size=4,
         max_model_len=256,
         max_num_batched_tokens=4096,
-        bucket=BucketConfig(dispatch_window_s=0.0),
+        policy_config=BucketConfig(dispatch_window_s=0.0),
     )
     for i in range(5):
         sched.add(seq(i, 50, 4))
@@ -264,7 +266,7 @@ def test_predicted_reservation_admits_more_and_preempts_when_a_prediction_is_sho
             block_size=4,
             max_model_len=128,
             max_num_batched_tokens=512,
-            bucket=BucketConfig(reserve=reserve, dispatch_window_s=0.0),
+            policy_config=BucketConfig(reserve=reserve, dispatch_window_s=0.0),
         )
         arrivals = [seq(i, 8, 40, predicted_output_len=4) for i in range(8)]  # predictions far too short
         ex = FakeExecutor(sched)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bucketserve.config import SchedulerConfig, StaticConfig
-from bucketserve.core.policies import POLICY_CLASSES
+from bucketserve.core.policies import all_policies
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 from bucketserve.core.sequence import Sequence
 from bucketserve.metrics import summarize
@@ -54,7 +54,7 @@ def test_continuous_two_requests_exact_ttft_and_e2e():
 def test_static_padded_batch_with_ghost_row_exact_times():
     # Both prompts padded to 10: prefill 10 + 2 x 10 = 30 ms. Decodes cost 5 ms each; A (2 out)
     # finishes at 35 ms, B (3 out) runs one more step with A as a ghost row: 40 ms.
-    cfg = config("static", static=StaticConfig(batch_size=8))
+    cfg = config("static", policy_config=StaticConfig(batch_size=8))
     result = simulate(cfg, [SimRequest(0.0, 10, 2), SimRequest(0.0, 4, 3)])
     assert by_arrival(result) == [(0.030, 0.035), (0.030, 0.040)]
     assert result.padding_ratio == pytest.approx(1 - (14 + 2 + 1) / (20 + 2 + 2))
@@ -108,12 +108,12 @@ def test_every_policy_finishes_every_request_and_uses_the_core_classes(monkeypat
 
     monkeypatch.setattr(sim_module, "make_scheduler", spy)
     requests = [SimRequest(0.01 * i, 5 + 7 * i % 60, 1 + i % 9) for i in range(40)]
-    for policy in POLICY_CLASSES:
-        result = simulate(config(policy, max_num_seqs=8), requests)
+    for policy in all_policies():
+        result = simulate(config(policy.name, max_num_seqs=8), requests)
         assert [r.prompt_tokens for r in result.records] == [r.prompt_len for r in requests]
         assert [r.output_tokens for r in result.records] == [r.output_len for r in requests]
         assert all(r.first_token >= r.arrival and r.finished >= r.first_token for r in result.records)
-    assert used == list(POLICY_CLASSES.values())
+    assert used == [policy.scheduler for policy in all_policies()]
 
 
 def test_a_request_that_can_never_fit_is_rejected_not_run():
@@ -141,7 +141,7 @@ def test_records_feed_the_shared_metrics_module():
 
 # -- the cost model ----------------------------------------------------------------------
 def test_published_profile_loads_opt13b_coefficients():
-    profile, _ = load_profile("a100-distserve", tp=2)
+    profile = load_profile("a100-distserve", tp=2)
     assert profile.prefill[0] == pytest.approx(13.402703359246601)
     assert profile.large_batch_threshold == 95
     with pytest.raises(ValueError):
@@ -203,8 +203,7 @@ def test_core_detach_and_attach_move_a_sequence_between_schedulers():
     s = seq(0, 10, 6)
     prefill.add(s)
     batch = prefill.schedule(0.0)
-    s.finish_reason = s.append_token(7)
-    prefill.update(batch, 0.1)
+    prefill.update(batch, [7], 0.1)
     blocks = prefill.detach(s)
     assert s.seq_id not in prefill.seqs and not prefill.running and s.block_table == []
     assert prefill.block_manager.num_used_blocks == len(blocks) == 3  # held until copied

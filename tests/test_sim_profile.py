@@ -50,10 +50,10 @@ def test_quick_profile_of_the_tiny_model_loads_into_the_simulator(tiny_model_dir
     assert rc == 0
     data = json.loads(out.read_text())
     assert len(data["meta"]["prefill_points"]) == 4 and len(data["meta"]["decode_points"]) == 4
-    profile, entry = load_profile(str(out))
+    profile = load_profile(str(out))
     # tiny config: 2 layers x 2 kv heads x head_dim 16 x K and V x 4 bytes
-    assert entry["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
-    assert entry["weight_bytes"] > 0
+    assert profile.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+    assert profile.weight_bytes is not None and profile.weight_bytes > 0
     assert all(ms > 0 for _, _, ms in data["meta"]["prefill_points"] + data["meta"]["decode_points"])
     assert len(data["meta"]["mixed_check"]) == 1  # a mixed prefill + decode step, measured and modelled
     assert len(profile.step_overhead) == 2 and min(profile.step_overhead) >= 0

@@ -12,7 +12,8 @@ from bucketserve.config import SchedulerConfig
 from bucketserve.core.scheduler import BatchShape
 from bucketserve.sim.cost_model import CostModel, Profile, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
-from bucketserve.sim.validate import SpeedTrace, StepSample, error_table, read_bench, validate_run
+from bucketserve.sim.validate import SpeedTrace, error_table, read_bench, validate_run
+from bucketserve.wire import MeasuredRun, RequestRow, StepSample, write_json
 
 LINEAR = {
     "prefill": [10.0, 0.5, 0.0],
@@ -33,7 +34,7 @@ def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None, 
     """A bench-shaped result whose 'measurements' come from the simulator itself; with
     ``speed``, from a machine that slower, and with steps that say so; with ``delay``, from
     a server whose engine took each request in that long after the client sent it."""
-    profile, _ = load_profile(str(profile_path))
+    profile = load_profile(str(profile_path))
     requests = [SimRequest(0.05 * i, 20 + (37 * i) % 200, 2 + (11 * i) % 30) for i in range(60)]
     cfg = SimConfig(
         SchedulerConfig(policy=policy, max_num_seqs=128, max_num_batched_tokens=1024),
@@ -43,29 +44,25 @@ def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None, 
     )
     result = simulate(cfg, requests)
     rows = [
-        {
-            "sent": r.arrival - delay,
-            "admitted": r.arrival if delay else None,
-            "ttft": r.ttft + delay,
-            "e2el": r.e2e + delay,
-            "prompt_tokens": r.prompt_tokens,
-            "output_tokens": r.output_tokens,
-            "error": None,
-        }
+        RequestRow(
+            sent=r.arrival - delay,
+            admitted=r.arrival if delay else None,
+            ttft=r.ttft + delay,
+            e2el=r.e2e + delay,
+            prompt_tokens=r.prompt_tokens,
+            output_tokens=r.output_tokens,
+        )
         for r in result.records
     ]
-    rows.append(
-        {"sent": 9.0, "ttft": None, "e2el": None, "prompt_tokens": 5, "output_tokens": 0, "error": "HTTP 500"}
-    )
-    data = {"config": {}, "summary": {}, "requests": rows}
+    failed = RequestRow(sent=9.0, ttft=None, e2el=None, prompt_tokens=5, output_tokens=0, error="HTTP 500")
+    rows.append(failed)
+    steps = None
     if speed is not None:
         shape = BatchShape(decode=(100, 200))
         took = speed * CostModel(profile).shape_time(shape)
-        data["steps"] = [
-            StepSample(0.01 * i, took, shape).to_json() for i in range(int(result.end * 100) + 1)
-        ]
+        steps = [StepSample(0.01 * i, took, shape) for i in range(int(result.end * 100) + 1)]
     path = tmp_path / f"{policy}.json"
-    path.write_text(json.dumps(data))
+    write_json(path, {"config": {}, **MeasuredRun({}, rows, steps).to_dict()})
     return path
 
 

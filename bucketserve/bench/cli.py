@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from bucketserve.bench.datasets import DATASETS
+from bucketserve.core.policies import policy_names
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-ALL_POLICIES = "bucket,continuous,static,uellm,distserve"
 
 
 class Fmt(argparse.ArgumentDefaultsHelpFormatter):
@@ -243,7 +243,8 @@ def add_bench_parser(sub: Any) -> None:
     t.add_argument(
         "--policies",
         default=None,
-        help=f"comma-separated policies to start servers for (default: {ALL_POLICIES} unless --url is given)",
+        help="comma-separated policies to start servers for "
+        f"(default: {','.join(policy_names())} unless --url is given)",
     )
     t.add_argument(
         "--url",
@@ -339,8 +340,9 @@ def _stem(a: argparse.Namespace, kind: str) -> Path:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from bucketserve.bench.client import served_model
-    from bucketserve.bench.report import format_table, request_rows, summarize_run, write_json
+    from bucketserve.bench.report import format_table, measured_run, summarize_run
     from bucketserve.bench.runner import run_workload
+    from bucketserve.wire import write_json
 
     _quiet_http_logs()
     slo = _slo(a)
@@ -354,33 +356,22 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(format_table(summary))
     if a.output_json:
         config = {**_config(a), "model": cfg.model}
-        write_json(
-            a.output_json,
-            {"config": config, "summary": summary, "requests": request_rows(result), "steps": result.steps},
-        )
+        write_json(a.output_json, {"config": config, **measured_run(result, summary).to_dict()})
         print(f"wrote {a.output_json}")
     return 0 if summary["completed"] else 1
 
 
 def _points_json(points: list[Any]) -> list[dict[str, Any]]:
-    from bucketserve.bench.report import request_rows
+    from bucketserve.bench.report import measured_run
 
-    return [
-        {
-            "request_rate": p.rate,
-            "summary": p.summary,
-            "requests": request_rows(p.result),
-            "steps": p.result.steps,
-        }
-        for p in points
-    ]
+    return [{"request_rate": p.rate, **measured_run(p.result, p.summary).to_dict()} for p in points]
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
     from bucketserve.bench.client import served_model
     from bucketserve.bench.compare import format_compare_table
-    from bucketserve.bench.report import write_json
     from bucketserve.bench.sweep import capacity, plot_sweeps, run_sweep
+    from bucketserve.wire import write_json
 
     _quiet_http_logs()
     slo, rates = _slo(a), _rates(a)
@@ -403,8 +394,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from bucketserve.bench.compare import Target, format_compare_table, run_compare
-    from bucketserve.bench.report import write_json
     from bucketserve.bench.sweep import capacity, plot_sweeps
+    from bucketserve.wire import write_json
 
     _quiet_http_logs()
     slo, rates = _slo(a), _rates(a)
@@ -412,7 +403,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         urls = [Target.from_url_arg(u) for u in a.url]
     except ValueError as e:
         raise SystemExit(f"bucketserve bench: error: {e}") from None
-    policies = a.policies if a.policies is not None else ("" if urls else ALL_POLICIES)
+    policies = a.policies if a.policies is not None else ("" if urls else ",".join(policy_names()))
     targets = [Target(p, policy=p) for p in policies.split(",") if p] + urls
     if not targets:
         raise SystemExit("bucketserve bench: error: nothing to compare: give --policies and/or --url")

@@ -8,6 +8,7 @@ the time it waited for a ``--max-concurrency`` slot is kept apart, as ``schedule
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
@@ -20,8 +21,7 @@ import httpx
 from bucketserve.bench.datasets import BenchRequest
 from bucketserve.errors import BucketServeError
 from bucketserve.metrics import RequestRecord
-
-APIS = ("completions", "chat")
+from bucketserve.wire import StepSample
 
 
 class BenchError(BucketServeError):
@@ -169,16 +169,16 @@ class EngineTimeline:
     machines), to place the steps and the requests' arrivals on a run's clock."""
 
     offset: float  # the server's clock minus ours
-    steps: list[dict[str, Any]]  # start on the server's clock, duration, batch shape
+    steps: list[StepSample]  # start on the server's clock
 
-    def steps_between(self, run_start: float, run_end: float) -> list[dict[str, Any]]:
+    def steps_between(self, run_start: float, run_end: float) -> list[StepSample]:
         """The steps that started in [run_start, run_end] (our clock), their starts made
         relative to run_start."""
         out = []
         for step in self.steps:
-            start = self.to_run(float(step["start"]), run_start)
+            start = self.to_run(step.start, run_start)
             if 0 <= start <= run_end - run_start:
-                out.append({**step, "start": start})
+                out.append(dataclasses.replace(step, start=start))
         return out
 
     def to_run(self, server_time: float, run_start: float) -> float:
@@ -196,7 +196,8 @@ async def fetch_timeline(client: httpx.AsyncClient, cfg: ClientConfig) -> Engine
     if r.status_code != 200:
         return None
     data = r.json()
-    return EngineTimeline(float(data["now"]) - received, list(data.get("steps", [])))
+    steps = [StepSample.from_dict(d) for d in data.get("steps", [])]
+    return EngineTimeline(float(data["now"]) - received, steps)
 
 
 async def model_info(base_url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:

@@ -1,16 +1,15 @@
-"""Summaries, the printed table and the JSON result file of a benchmark run."""
+"""Summaries, the printed table and the result-file record of a benchmark run."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bucketserve.bench.runner import RunResult
 from bucketserve.metrics import goodput, slo_attainment, summarize
+from bucketserve.wire import MeasuredRun, RequestRow
 
 
 @dataclass(frozen=True)
@@ -53,45 +52,20 @@ def summarize_run(result: RunResult, slo: SLO | None = None) -> dict[str, Any]:
     return out
 
 
-def request_rows(result: RunResult) -> list[dict[str, Any]]:
-    """Per-request records for the JSON file (seconds from the run's start)."""
-    rows = []
-    for o in result.outcomes:
-        r = o.record
-        rows.append(
-            {
-                "scheduled": o.scheduled,
-                "sent": r.arrival,
-                "admitted": o.admitted,  # when the server's engine took it in (bucketserve only)
-                "ttft": r.ttft,
-                "e2el": r.e2e,
-                "tpot": r.tpot if r.ok else None,
-                "itls": r.itls,
-                "prompt_tokens": r.prompt_tokens,
-                "output_tokens": r.output_tokens,
-                "streamed_chunks": o.chunks,
-                "usage_output_tokens": o.usage_tokens,
-                "error": r.error,
-            }
+def measured_run(result: RunResult, summary: dict[str, Any]) -> MeasuredRun:
+    """The run as result files hold it: ``summary``, a row per request (seconds from the
+    run's start, with what only the client saw), and the server's engine steps if it said."""
+    rows = [
+        RequestRow.from_record(
+            o.record,
+            scheduled=o.scheduled,
+            admitted=o.admitted,  # when the server's engine took it in (bucketserve only)
+            streamed_chunks=o.chunks,
+            usage_output_tokens=o.usage_tokens,
         )
-    return rows
-
-
-def _clean(value: Any) -> Any:
-    """JSON without NaN/inf (not valid JSON): they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(data), indent=1))
+        for o in result.outcomes
+    ]
+    return MeasuredRun(summary, rows, result.steps)
 
 
 def _fmt(value: Any) -> str:

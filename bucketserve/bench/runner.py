@@ -7,22 +7,22 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 from tqdm import tqdm
 
 from bucketserve.bench.client import ClientConfig, Outcome, fetch_timeline, send_request
 from bucketserve.bench.datasets import BenchRequest
+from bucketserve.wire import StepSample
 
 
 @dataclass
 class RunResult:
     outcomes: list[Outcome]  # in request order
     duration: float  # from the first release to the last reply, seconds
-    # The server's engine steps during the run (start from the run's start, duration, batch
-    # shape), where the server is a bucketserve one; `simulate --validate` replays its drift.
-    steps: list[dict[str, Any]] | None = None
+    # The server's engine steps during the run (start from the run's start), where the
+    # server is a bucketserve one; `simulate --validate` replays the machine's drift from them.
+    steps: list[StepSample] | None = None
 
 
 async def run_workload(

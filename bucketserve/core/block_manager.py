@@ -34,10 +34,6 @@ class BlockManager:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    @property
-    def usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks
-
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Extra blocks ``seq`` needs so that its first ``num_tokens`` tokens have KV slots."""
         return max(0, blocks_for(num_tokens, self.block_size) - len(seq.block_table))

@@ -1,27 +1,32 @@
 """The scheduler interface shared by every policy, the real engine and the simulator.
 
-An executor (the engine's model runner, or the simulator's cost model) drives it:
+An executor (the engine's model runner, the simulator's cost model, the tests' fake
+executors) drives one loop:
 
-    scheduler.add(seq)                 # admission; raises if the request can never fit
-    batch = scheduler.schedule(now)    # what to compute this step, KV blocks allocated
-    ... execute, then append each sampled token with seq.append_token() ...
-    scheduler.update(batch, now)       # advance progress, release finished sequences
-    scheduler.abort(seq_id)            # cancel; frees its KV blocks at once
+    scheduler.add(seq)                    # admission; raises if the request can never fit
+    batch = scheduler.schedule(now)       # this step's rows, their KV blocks allocated
+    tokens = execute(batch)               # a token for each row that samples
+    scheduler.update(batch, tokens, now)  # append, stop, free: returns what finished
+    scheduler.finish(seq_id, reason, now) # a stop string, a failed batch or an abort;
+                                          # frees the sequence's KV blocks at once
+
+The scheduler alone decides when a sequence ends from its tokens (end-of-sequence, stop
+token ids, max_tokens); the engine adds stop strings, which need the detokenized text.
 """
 
 from __future__ import annotations
 
 import abc
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
-from bucketserve.core.monitor import Monitor
 from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from bucketserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from bucketserve.config import SchedulerConfig  # config.py imports the core's policies
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,8 @@ class BatchShape:
     tokens already cached before it, each decode row's context (its token included).
 
     The engine keeps it in its step records and the simulator's cost model charges it, so a
-    measured step can be set beside the model's estimate for the very same work.
+    measured step can be set beside the model's estimate for the very same work (its JSON
+    form is ``bucketserve.wire.StepSample``'s).
     """
 
     prefill: tuple[tuple[int, int], ...] = ()  # (chunk tokens, cached tokens) per prefill row
@@ -42,28 +48,16 @@ class BatchShape:
     def num_rows(self) -> int:
         return len(self.prefill) + len(self.decode)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers, for JSON."""
-        return {
-            "prefill": [list(r) for r in self.prefill],
-            "decode": list(self.decode),
-            "padded": self.padded,
-            "ghost_rows": self.num_ghost_rows,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BatchShape:
-        return cls(
-            tuple((int(n), int(c)) for n, c in d.get("prefill", ())),
-            tuple(int(c) for c in d.get("decode", ())),
-            bool(d.get("padded", False)),
-            int(d.get("ghost_rows", 0)),
-        )
-
 
 @dataclass
 class ScheduledBatch:
     """One step's work: each sequence computes its next ``num_new_tokens[i]`` tokens.
+
+    Two facts per row are fixed when the batch is formed, before the step advances anything:
+    ``is_prefill[i]``, the row computes more than one token (a prompt, a chunk of one, or a
+    recompute after preemption; a one-token row runs and costs as a decode row, whatever its
+    phase), and ``samples[i]``, the row's chunk reaches the end of its sequence's tokens, so
+    it yields an output token (a chunk short of the end does not).
 
     ``padded`` asks the executor to compute every prefill row as long as the longest one,
     as static-batching engines (HF ``generate``) do, and ``num_ghost_rows`` extra decode
@@ -77,7 +71,15 @@ class ScheduledBatch:
     padded: bool = False
     num_ghost_rows: int = 0
     bucket: tuple[int, int] | None = None  # the length interval its prefill rows came from
-    scheduled_at: float = 0.0
+    is_prefill: list[bool] = field(init=False)
+    samples: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_prefill = [n > 1 for n in self.num_new_tokens]
+        self.samples = [
+            seq.num_computed_tokens + n == len(seq)
+            for seq, n in zip(self.seqs, self.num_new_tokens, strict=True)
+        ]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -88,38 +90,57 @@ class ScheduledBatch:
 
     @property
     def num_prefill_rows(self) -> int:
-        return sum(n > 1 for n in self.num_new_tokens)
+        return sum(self.is_prefill)
 
     @property
     def num_padded_tokens(self) -> int:
         """Tokens the executor computes, padding and ghost rows included."""
-        if not self.padded:
+        return self.computed_tokens(self.padded)
+
+    def computed_tokens(self, padded: bool) -> int:
+        """Tokens computed with every prefill row padded to the longest (``padded``) or
+        packed without padding; ghost rows included."""
+        if not padded:
             return self.num_real_tokens + self.num_ghost_rows
-        prefill = [n for n in self.num_new_tokens if n > 1]
+        prefill = [n for n, p in zip(self.num_new_tokens, self.is_prefill, strict=True) if p]
         decode = len(self.num_new_tokens) - len(prefill)
         return len(prefill) * max(prefill, default=0) + decode + self.num_ghost_rows
 
     def shape(self) -> BatchShape:
         """The batch's shape now; call it before the step runs and advances the sequences."""
         prefill, decode = [], []
-        for seq, n in zip(self.seqs, self.num_new_tokens, strict=True):
-            if n > 1:
+        for seq, n, is_prefill in zip(self.seqs, self.num_new_tokens, self.is_prefill, strict=True):
+            if is_prefill:
                 prefill.append((n, seq.num_computed_tokens))
             else:
                 decode.append(len(seq))
         return BatchShape(tuple(prefill), tuple(decode), self.padded, self.num_ghost_rows)
 
-    def samples(self, i: int) -> bool:
-        """Whether row i yields an output token (its chunk reaches the end of its tokens)."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
+
+def check_stop(seq: Sequence) -> FinishReason | None:
+    """Why ``seq`` ends with the token it has just appended, if it does; a stop token id
+    that ends it is recorded as ``seq.stop_reason`` (vLLM reports it so).
+
+    An end-of-sequence token (unless ``ignore_eos``) or a stop token id ends it once
+    ``min_tokens`` are out; ``max_tokens`` ends it in any case.
+    """
+    p, token, n = seq.params, seq.output_token_ids[-1], seq.num_output_tokens
+    if n >= p.min_tokens:
+        if not p.ignore_eos and token == seq.eos_token_id:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            seq.stop_reason = token
+            return FinishReason.STOP
+    if n >= p.max_tokens:
+        return FinishReason.LENGTH
+    return None
 
 
 class Scheduler(abc.ABC):
     """Admission, queues and bookkeeping common to all policies; subclasses pick the batch.
 
     The waiting queue is a FIFO deque here; a policy with its own queues overrides
-    ``_enqueue``, ``_requeue``, ``_dequeue``, ``num_waiting`` and ``waiting_seqs``.
+    ``_enqueue``, ``_requeue``, ``_dequeue`` and ``num_waiting``.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
@@ -129,7 +150,6 @@ class Scheduler(abc.ABC):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
-        self.monitor = Monitor(max_model_len)
         self.num_preemptions = 0
 
     # -- admission ---------------------------------------------------------------------
@@ -164,7 +184,6 @@ class Scheduler(abc.ABC):
             raise InvalidRequestError(f"request id {seq.seq_id!r} is already queued", "request_id")
         seq.status = SequenceStatus.WAITING
         self.seqs[seq.seq_id] = seq
-        self.monitor.on_arrival(seq.arrival_time, seq.prompt_len)
         self._enqueue(seq)
 
     # -- policy ------------------------------------------------------------------------
@@ -172,27 +191,44 @@ class Scheduler(abc.ABC):
     def schedule(self, now: float) -> ScheduledBatch | None:
         """Choose this step's batch and allocate its KV blocks; None when there is nothing to do."""
 
-    # -- bookkeeping ---------------------------------------------------------------------
-    def update(self, batch: ScheduledBatch, now: float) -> list[Sequence]:
-        """Advance the batch's sequences; release and return those that finished."""
+    # -- the token protocol --------------------------------------------------------------
+    def update(self, batch: ScheduledBatch, sampled_tokens: list[int | None], now: float) -> list[Sequence]:
+        """Apply the step that ran ``batch`` and ended at ``now``; release and return the
+        sequences that finished.
+
+        Every row's tokens now have KV. Each row that samples appends its token
+        (``sampled_tokens[i]``; the entries of rows that do not sample are not read); a
+        sequence's first token stamps ``first_token_time``; an end-of-sequence token, a stop
+        token id or max_tokens finishes it and frees its KV blocks (``check_stop``). A
+        sequence that finished while the step ran (an abort) is left as it is.
+        """
         finished = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.is_finished:  # aborted while the step ran
+        rows = zip(batch.seqs, batch.num_new_tokens, batch.samples, sampled_tokens, strict=True)
+        for seq, n, samples, token in rows:
+            if seq.is_finished:
                 continue
             seq.num_computed_tokens += n
-            if seq.finish_reason is not None:
-                self._finish(seq, now)
+            if not samples:
+                continue
+            if token is None:
+                raise ValueError(f"{seq.seq_id!r} samples this step, but the executor gave it no token")
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = check_stop(seq)
+            if reason is not None:
+                self._finish(seq, reason, now)
                 finished.append(seq)
-        self.monitor.on_step(now - batch.scheduled_at, batch.num_prefill_rows > 0)
         return finished
 
-    def abort(self, seq_id: str, now: float = 0.0) -> Sequence | None:
-        """Cancel a waiting or running sequence; its KV blocks are free when this returns."""
+    def finish(self, seq_id: str, reason: FinishReason, now: float) -> Sequence | None:
+        """End a waiting or running sequence for a reason only the caller sees (a stop string,
+        a failed batch, an abort); its KV blocks are free when this returns. Returns the
+        sequence, or None if it is not here (unknown, or finished already)."""
         seq = self.seqs.get(seq_id)
         if seq is None:
             return None
-        seq.finish_reason = FinishReason.ABORT
-        self._finish(seq, now)
+        self._finish(seq, reason, now)
         return seq
 
     # -- disaggregated serving (the simulator's prefill and decode instances) ---------------
@@ -230,7 +266,8 @@ class Scheduler(abc.ABC):
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
-    def _finish(self, seq: Sequence, now: float) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        seq.finish_reason = reason
         self.block_manager.free(seq)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
@@ -270,9 +307,6 @@ class Scheduler(abc.ABC):
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
-
-    def waiting_seqs(self) -> Iterable[Sequence]:
-        return iter(self.waiting)
 
     def queue_lengths(self) -> list[tuple[str, int]]:
         """Waiting requests per queue, labelled (one queue here; a bucket each for ``bucket``)."""

@@ -45,6 +45,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -69,11 +70,6 @@ class Sequence:
         return len(self) - self.num_computed_tokens
 
     @property
-    def is_prefill(self) -> bool:
-        """True while more than one token lacks KV (the prompt, or all of it after preemption)."""
-        return self.num_uncomputed_tokens > 1
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -82,16 +78,6 @@ class Sequence:
         """The longest this sequence can grow: prompt plus max_tokens."""
         return self.prompt_len + self.params.max_tokens
 
-    def append_token(self, token_id: int) -> FinishReason | None:
-        """Record a sampled token; return why the sequence ends here, if it does."""
+    def append_token(self, token_id: int) -> None:
+        """Record a sampled token. Whether it ends the sequence is the scheduler's call."""
         self.output_token_ids.append(token_id)
-        n = len(self.output_token_ids)
-        p = self.params
-        if n >= p.min_tokens:
-            if not p.ignore_eos and token_id == self.eos_token_id:
-                return FinishReason.STOP
-            if token_id in p.stop_token_ids:
-                return FinishReason.STOP
-        if n >= p.max_tokens:
-            return FinishReason.LENGTH
-        return None

@@ -174,7 +174,6 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._stopping = False
         self._deadline = float("inf")
-        self._error: BaseException | None = None
         self._finish_times: deque[float] = deque(maxlen=32)  # engine thread only
         self.engine: LLMEngine
         self._snapshot: EngineSnapshot
@@ -306,7 +305,6 @@ class AsyncEngine:
             self._loop()
         except BaseException as e:  # a bug in the engine: fail every request, refuse new ones
             log.exception("the engine loop died")
-            self._error = e
             with self._cond:
                 self._stopping = True
                 cmds = list(self._inbox)

@@ -1,4 +1,4 @@
-"""The engine loop: admission, one scheduling step at a time, outputs and stop conditions."""
+"""The engine loop: admission, one scheduling step at a time, outputs and stop strings."""
 
 from __future__ import annotations
 
@@ -45,15 +45,9 @@ class StepRecord:
     start: float
     duration: float
     schedule_time: float
-    num_prefill: int
-    num_decode: int
     real_tokens: int
     padded_tokens: int
-    kv_blocks_used: int
     preempted: int
-    bucket: tuple[int, int] | None  # the length interval of its prefill rows (bucket policy)
-    num_waiting: int
-    num_running: int
     shape: BatchShape  # what the step computed, as the simulator's cost model charges it
 
 
@@ -64,7 +58,6 @@ class EngineStats:
     padded_tokens: int = 0
     preemptions: int = 0
     schedule_time: float = 0.0
-    busy_time: float = 0.0
     recent: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=4096))
 
     @property
@@ -78,7 +71,6 @@ class _Request:
     seq: Sequence
     prompt: str | None
     detok: Detokenizer
-    stop_reason: str | int | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # when the request asked
 
 
@@ -209,7 +201,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
-        self.scheduler.abort(request_id, time.monotonic())
+        self.scheduler.finish(request_id, FinishReason.ABORT, time.monotonic())
         self.sampler.forget(request_id)
         return True
 
@@ -230,12 +222,14 @@ class LLMEngine:
         except Exception:
             # One bad batch fails its own requests only; the engine and the rest go on.
             log.exception("a batch of %d sequences failed; their requests end with an error", len(batch))
-            result = StepResult([None] * len(batch), [None] * len(batch))
-            for seq in batch.seqs:
-                seq.finish_reason = FinishReason.ERROR
+            result = None
         now = time.monotonic()
-        advanced = self._process_tokens(batch, result, now)
-        finished = self.scheduler.update(batch, now)
+        if result is None:
+            advanced = finished = self._fail(batch, now)
+        else:
+            finished = self.scheduler.update(batch, result.tokens, now)
+            advanced, stopped = self._detokenize(batch, result, now)
+            finished += stopped
         self._record(batch, shape, start, now, schedule_time)
         outputs = [self._output(self._requests[s.seq_id]) for s in advanced]
         for seq in finished:
@@ -243,28 +237,30 @@ class LLMEngine:
             self.sampler.forget(seq.seq_id)
         return outputs
 
-    def _process_tokens(self, batch: ScheduledBatch, result: StepResult, now: float) -> list[Sequence]:
-        advanced = []
+    def _fail(self, batch: ScheduledBatch, now: float) -> list[Sequence]:
+        """End every request of a batch that raised (``finish_reason="error"``)."""
+        failed = (self.scheduler.finish(s.seq_id, FinishReason.ERROR, now) for s in batch.seqs)
+        return [s for s in failed if s is not None]
+
+    def _detokenize(
+        self, batch: ScheduledBatch, result: StepResult, now: float
+    ) -> tuple[list[Sequence], list[Sequence]]:
+        """Feed each sampled token to its request's detokenizer and keep its logprobs; end at
+        a stop string what the scheduler left running. Returns (advanced, stopped here)."""
+        advanced, stopped = [], []
         for seq, tok, lp in zip(batch.seqs, result.tokens, result.logprobs, strict=True):
-            if seq.finish_reason is FinishReason.ERROR:
-                advanced.append(seq)
-                continue
             if tok is None:
                 continue
             req = self._requests[seq.seq_id]
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = seq.append_token(tok)
             if lp is not None:
                 req.logprobs.append(lp)
-            if reason is FinishReason.STOP and tok != seq.eos_token_id:
-                req.stop_reason = tok
             stop_str = req.detok.add(tok)
-            if stop_str is not None and reason is None:
-                reason, req.stop_reason = FinishReason.STOP, stop_str
-            seq.finish_reason = reason
+            if stop_str is not None and not seq.is_finished:
+                seq.stop_reason = stop_str
+                self.scheduler.finish(seq.seq_id, FinishReason.STOP, now)
+                stopped.append(seq)
             advanced.append(seq)
-        return advanced
+        return advanced, stopped
 
     def _record(
         self, batch: ScheduledBatch, shape: BatchShape, start: float, end: float, schedule_time: float
@@ -274,15 +270,9 @@ class LLMEngine:
             start=start,
             duration=end - start,
             schedule_time=schedule_time,
-            num_prefill=sum(n > 1 for n in batch.num_new_tokens),
-            num_decode=sum(n == 1 for n in batch.num_new_tokens),
             real_tokens=batch.num_real_tokens,
             padded_tokens=batch.num_padded_tokens,
-            kv_blocks_used=self.block_manager.num_used_blocks,
             preempted=len(batch.preempted),
-            bucket=batch.bucket,
-            num_waiting=self.scheduler.num_waiting,
-            num_running=self.scheduler.num_running,
             shape=shape,
         )
         s.steps += 1
@@ -290,7 +280,6 @@ class LLMEngine:
         s.padded_tokens += rec.padded_tokens
         s.preemptions += rec.preempted
         s.schedule_time += schedule_time
-        s.busy_time += rec.duration
         s.recent.append(rec)
 
     def _output(self, req: _Request) -> RequestOutput:
@@ -306,7 +295,7 @@ class LLMEngine:
                     text=req.detok.visible_text(done),
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason.value if done else None,
-                    stop_reason=req.stop_reason,
+                    stop_reason=seq.stop_reason,
                     logprobs=list(req.logprobs) if seq.params.logprobs is not None else None,
                 )
             ],

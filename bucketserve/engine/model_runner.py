@@ -45,10 +45,10 @@ class ModelRunner:
         """
 
         # Prefill rows first, then decode rows, each in batch order.
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] == 1)
+        order = sorted(range(len(batch)), key=lambda i: not batch.is_prefill[i])
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        num_prefill = sum(n > 1 for n in counts)
+        num_prefill = batch.num_prefill_rows
         starts = [s.num_computed_tokens for s in seqs]
 
         ids: list[int] = []
@@ -74,7 +74,7 @@ class ModelRunner:
                 slots.extend([self.scratch_slot] * pad)
                 rows.append(PrefillRow(offset, n + pad, cached))
                 num_prefill_tokens = len(ids)
-            if start + n == len(seq):  # the chunk reaches the end: this row samples
+            if batch.samples[order[r]]:
                 logits_index.append(offset + n - 1)
                 sampled_rows.append(r)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bucketserve.config import EngineConfig, SchedulerConfig
+from bucketserve.config import EngineConfig, SchedulerConfig, with_options
 from bucketserve.engine.llm_engine import LLMEngine
 from bucketserve.errors import InvalidRequestError
 from bucketserve.outputs import RequestOutput
@@ -21,20 +21,25 @@ Messages = list[dict[str, Any]]
 class LLM:
     """Load a model once and generate for many prompts, batched by the scheduler.
 
-    Engine options (dtype, device, kv_cache_memory, ...) are EngineConfig fields; scheduler
-    options (policy, max_num_seqs, ...) are SchedulerConfig fields.
+    Options are given as configs, as keywords, or both (keywords override the configs'
+    fields): any field of EngineConfig (dtype, device, kv_cache_memory, ...) or of
+    SchedulerConfig (policy, max_num_seqs, order, policy_config, ...). Values are read and
+    checked as on the command line: ``LLM(kv_cache_memory="1GiB", policy="static",
+    policy_config={"batch_size": 4})``; a bad value raises ConfigError with one line.
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        engine_fields = EngineConfig.__dataclass_fields__
-        sched_fields = SchedulerConfig.__dataclass_fields__
-        unknown = set(kwargs) - set(engine_fields) - set(sched_fields)
-        if unknown:
-            raise TypeError(f"unknown LLM options: {', '.join(sorted(unknown))}")
-        self.engine = LLMEngine(
-            EngineConfig(model=model, **{k: v for k, v in kwargs.items() if k in engine_fields}),
-            SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_fields}),
-        )
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        engine_config: EngineConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if model is not None:
+            options["model"] = model
+        engine_config, scheduler_config = with_options(engine_config, scheduler_config, options)
+        self.engine = LLMEngine(engine_config, scheduler_config)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:

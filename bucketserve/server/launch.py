@@ -9,7 +9,7 @@ from types import FrameType
 
 import uvicorn
 
-from bucketserve.config import EngineConfig, SchedulerConfig
+from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
 from bucketserve.engine.async_engine import AsyncEngine
 from bucketserve.engine.llm_engine import LLMEngine
 from bucketserve.errors import ConfigError
@@ -49,25 +49,27 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(
     engine_config: EngineConfig,
     scheduler_config: SchedulerConfig,
+    server_config: ServerConfig | None = None,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    served_model_name: str = "SmolLM2-135M-Instruct",
-    api_key: str | None = None,
-    max_waiting_requests: int = 256,
-    shutdown_grace_s: float = 10.0,
     log_level: str = "info",
 ) -> int:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s`` to finish.
     Returns 0 after a SIGTERM (a clean stop); SIGINT raises KeyboardInterrupt afterwards."""
-    if max_waiting_requests < 1:
-        raise ConfigError(f"--max-waiting-requests must be >= 1, got {max_waiting_requests}")
+    server_config = server_config or ServerConfig()
+    host, port = server_config.host, server_config.port
+    max_waiting_requests = server_config.max_waiting_requests
+    shutdown_grace_s = server_config.shutdown_grace_s
     sock = bind(host, port)  # fail fast, before loading the model
     # built on the engine thread: every torch operation then runs on that one thread
     async_engine = AsyncEngine(
         lambda: LLMEngine(engine_config, scheduler_config), max_waiting_requests=max_waiting_requests
     )
-    app = build_app(async_engine, served_model_name, api_key, shutdown_grace_s=shutdown_grace_s)
+    app = build_app(
+        async_engine,
+        server_config.served_model_name,
+        server_config.api_key,
+        shutdown_grace_s=shutdown_grace_s,
+    )
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(

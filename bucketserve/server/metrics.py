@@ -1,7 +1,9 @@
-"""Prometheus metrics, named like vLLM's (``bucketserve:`` instead of ``vllm:``)."""
+"""Prometheus metrics, named like vLLM's (``bucketserve:`` instead of ``vllm:``): the engine's
+state read at scrape time, and per-request latencies observed as each request's outputs come."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -9,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bucketserve.engine.async_engine import EngineSnapshot
+from bucketserve.outputs import RequestOutput
 
 LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -96,3 +99,40 @@ class ServerMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
+
+
+class RequestTracker:
+    """Observes one request's outputs, as they come, into the server's metrics: TTFT and
+    queue time at its first token, the gaps between later tokens (spread evenly over the
+    tokens one output brought), E2E latency and its finish reason at the end."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.num_tokens = 0
+        self.last: float | None = None  # when the previous output brought tokens
+
+    def observe(self, out: RequestOutput) -> None:
+        m, label = self.metrics, self.metrics.model_name
+        now = time.monotonic()
+        n = len(out.outputs[0].token_ids)
+        new = n - self.num_tokens
+        if new > 0:
+            t = out.metrics
+            if self.num_tokens == 0 and t.first_token_time is not None:
+                m.ttft.labels(label).observe(max(0.0, t.first_token_time - t.arrival_time))
+                if t.first_scheduled_time is not None:
+                    m.queue_time.labels(label).observe(max(0.0, t.first_scheduled_time - t.arrival_time))
+            elif self.last is not None:
+                gap = (now - self.last) / new
+                for _ in range(new):
+                    m.itl.labels(label).observe(gap)
+            m.generation_tokens.labels(label).inc(new)
+            self.num_tokens, self.last = n, now
+        if out.finished:
+            end = out.metrics.finished_time or now
+            m.e2e.labels(label).observe(max(0.0, end - out.metrics.arrival_time))
+            m.success.labels(label, out.outputs[0].finish_reason or "unknown").inc()
+            m.prompt_tokens.labels(label).inc(len(out.prompt_token_ids))
+
+    def aborted(self) -> None:
+        self.metrics.success.labels(self.metrics.model_name, "abort").inc()

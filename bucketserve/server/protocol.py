@@ -1,4 +1,5 @@
-"""OpenAI request bodies (the subset we serve) and their translation to SamplingParams."""
+"""OpenAI request bodies (the subset we serve), their translation to SamplingParams, and the
+usage object every reply carries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bucketserve.errors import InvalidRequestError
+from bucketserve.outputs import RequestOutput
 from bucketserve.sampling_params import SamplingParams
 
 # Chat requests without max_tokens get the rest of the context, capped here: the bucket policy
@@ -152,3 +154,9 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def usage(out: RequestOutput) -> dict[str, int]:
+    """OpenAI's ``usage``: the prompt's tokens and the tokens generated so far."""
+    p, c = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bucketserve.config import POLICIES, parse_bytes
+from bucketserve.core.policies import policy_names
+from bucketserve.options import parse_bytes
 
 WORKLOAD_CHOICES = ("alpaca", "longbench", "mixed", "azure-conv", "azure-code")
 
@@ -62,7 +63,9 @@ def add_simulate_parser(sub: Any) -> None:
         help="bench result files (`bucketserve bench run --output-json`) to replay with --profile "
         "and compare with measurement; :POLICY names the server's policy (else --policy)",
     )
-    p.add_argument("--policies", type=_list, default=",".join(POLICIES), help="comma-separated policies")
+    p.add_argument(
+        "--policies", type=_list, default=",".join(policy_names()), help="comma-separated policies"
+    )
     p.add_argument("--workload", choices=WORKLOAD_CHOICES, default="mixed", help="single-run workload")
     p.add_argument("--num-requests", type=int, default=1000, help="single run: requests")
     p.add_argument("--rate", type=float, default=None, help="single run: Poisson req/s (default: all at t=0)")
@@ -106,7 +109,9 @@ def add_simulate_parser(sub: Any) -> None:
     e.add_argument("--trace-limit", type=float, default=None, help="traces: keep the first SECONDS")
     e.add_argument("--output-dir", default="results/sim", help="where tables, JSON and PNGs go")
     v = p.add_argument_group("--validate (the server's settings)")
-    v.add_argument("--policy", default=None, help="the server's policy, if the JSON does not say")
+    v.add_argument(
+        "--policy", choices=policy_names(), default=None, help="the server's policy, if the JSON does not say"
+    )
     v.add_argument("--kv-cache-memory", type=_bytes, default=2 * 2**30, help="the server's KV pool bytes")
     v.add_argument("--block-size", type=int, default=16, help="the server's KV block size")
     v.add_argument("--server-max-num-seqs", type=int, default=128, help="the server's --max-num-seqs")
@@ -132,9 +137,12 @@ def _setup(a: argparse.Namespace, default_len: int) -> Any:
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
-    unknown = [p for p in a.policies if p not in POLICIES]
+    unknown = [p for p in a.policies if p not in policy_names()]
     if unknown:
-        print(f"bucketserve simulate: unknown policies {unknown}; choose from {POLICIES}", file=sys.stderr)
+        print(
+            f"bucketserve simulate: unknown policies {unknown}; choose from {', '.join(policy_names())}",
+            file=sys.stderr,
+        )
         return 2
     if a.validate:
         return _validate(a)
@@ -179,8 +187,9 @@ def _single(a: argparse.Namespace) -> int:
 def _paper(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from bucketserve.sim.experiments import WORKLOADS, paper_experiment, save_json
+    from bucketserve.sim.experiments import WORKLOADS, paper_experiment
     from bucketserve.sim.report import paper_plots, paper_tables
+    from bucketserve.wire import write_json
 
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +198,7 @@ def _paper(a: argparse.Namespace) -> int:
         data = paper_experiment(
             _setup(a, 4096), a.policies, WORKLOADS, a.rates, a.num_offline, a.num_online, a.seed, bar.update
         )
-    save_json(data, out / "paper.json")
+    write_json(out / "paper.json", data)
     tables = paper_tables(data)
     (out / "paper.md").write_text("# Simulated paper experiment\n\n" + tables)
     plots = paper_plots(data, out)
@@ -201,8 +210,9 @@ def _paper(a: argparse.Namespace) -> int:
 def _traces(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from bucketserve.sim.experiments import save_json, trace_experiment
+    from bucketserve.sim.experiments import trace_experiment
     from bucketserve.sim.report import trace_tables
+    from bucketserve.wire import write_json
 
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +221,7 @@ def _traces(a: argparse.Namespace) -> int:
         data = trace_experiment(
             _setup(a, 8192), gpu_counts=gpus, policies=a.policies, limit_s=a.trace_limit, progress=bar.update
         )
-    save_json(data, out / "traces.json")
+    write_json(out / "traces.json", data)
     tables = trace_tables(data)
     (out / "traces.md").write_text("# Simulated Azure trace replays\n\n" + tables)
     print(tables)
@@ -226,7 +236,7 @@ def _validate(a: argparse.Namespace) -> int:
     for item in a.validate:
         # FILE:POLICY names the policy of the server that produced FILE.
         path, _, policy = (
-            item.rpartition(":") if item.rpartition(":")[2] in POLICIES else (item, "", a.policy)
+            item.rpartition(":") if item.rpartition(":")[2] in policy_names() else (item, "", a.policy)
         )
         rows.extend(
             validate_run(

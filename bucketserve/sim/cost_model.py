@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
-from typing import Any
 
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
+from bucketserve.wire import Profile, ProfileFile, read_json
+
+__all__ = ["PUBLISHED", "CostModel", "Profile", "kv_capacity_tokens", "kv_transfer_s", "load_profile"]
 
 PUBLISHED = {"a100-distserve": "a100-80g-distserve.json", "a100-vllm": "a100-80g-vllm.json"}
 
@@ -37,73 +38,30 @@ OPT_13B_WEIGHT_BYTES = 13_000_000_000 * 2  # fp16; stands in for LLaMA-2-13B (13
 GB = 1_000_000_000
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Latency coefficients (ms) of one model at one tensor-parallel degree."""
-
-    prefill: tuple[float, float, float]
-    decode_small: tuple[float, float, float]
-    decode_large: tuple[float, float, float]
-    large_batch_threshold: int = 95
-    name: str = ""
-    # Our profiles only: the engine's own work per step around the forward pass (scheduling,
-    # appending tokens, detokenizing) = a + b * rows, in ms. Published profiles: none.
-    step_overhead: tuple[float, float] = (0.0, 0.0)
-    # Our profiles only: measured time of mixed prefill+decode steps over the formula's
-    # estimate (a CPU step runs its prefill and decode rows less overlapped than a GPU's).
-    mixed_scale: float = 1.0
-    # Whether a padded (static) batch's decode rows all pay for the longest context, as in a
-    # dense-cache engine (the published profiles' use here), or for their own (our engine).
-    padded_decode: bool = True
-
-    def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
-        a, b, c = self.prefill
-        return a + b * sum_len + c * sum_len_sq
-
-    def decode_ms(self, sum_ctx: float, batch: int) -> float:
-        a, b, c = self.decode_large if batch >= self.large_batch_threshold else self.decode_small
-        return a + b * sum_ctx + c * batch
-
-    def decode_fixed_ms(self, batch: int) -> float:
-        return (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
-
-
-def _read_json(source: str) -> dict[str, Any]:
+def _read_profile_file(source: str) -> ProfileFile:
     if source in PUBLISHED:
         text = resources.files("bucketserve").joinpath("data", "profiles", PUBLISHED[source]).read_text()
-        return json.loads(text)
-    return json.loads(Path(source).read_text())
+        return ProfileFile.from_dict(json.loads(text), source)
+    return ProfileFile.from_dict(read_json(source), source)
 
 
-def load_profile(source: str, model: str | None = None, tp: int = 1) -> tuple[Profile, dict[str, Any]]:
+def load_profile(source: str, model: str | None = None, tp: int = 1) -> Profile:
     """A profile from a published name ("a100-distserve", "a100-vllm") or a JSON path.
 
-    Returns the coefficients and the raw entry (which for our measured profiles also holds
-    ``kv_bytes_per_token``, ``weight_bytes`` and ``meta``). ``model`` may be left out when
-    the file holds one model; published files default to facebook/opt-13b.
+    Our measured profiles also carry ``kv_bytes_per_token`` and ``weight_bytes``. ``model``
+    may be left out when the file holds one model; published files default to facebook/opt-13b.
     """
-    data = _read_json(source)
-    models = [k for k in data if isinstance(data[k], dict) and k != "meta"]
-    if model is None:
-        model = (
-            "facebook/opt-13b" if "facebook/opt-13b" in models else (models[0] if len(models) == 1 else None)
-        )
-    if model not in data:
+    models = _read_profile_file(source).models
+    if model is None and len(models) == 1:
+        model = next(iter(models))
+    elif model is None and "facebook/opt-13b" in models:
+        model = "facebook/opt-13b"
+    if model not in models:
         raise ValueError(f"profile {source!r} has no model {model!r}; it has {', '.join(models)}")
-    entry = data[model].get(str(tp))
-    if entry is None:
+    profile = models[model].get(tp)
+    if profile is None:
         raise ValueError(f"profile {source!r} has no tensor-parallel degree {tp} for {model}")
-    profile = Profile(
-        prefill=tuple(entry["prefill"]),
-        decode_small=tuple(entry["decoding_smallbs"]),
-        decode_large=tuple(entry["decoding_largebs"]),
-        large_batch_threshold=int(entry.get("decoding_large_small_bs_threshold", 95)),
-        name=f"{source}:{model}:tp{tp}",
-        step_overhead=tuple(entry.get("step_overhead_ms", (0.0, 0.0))),
-        mixed_scale=float(entry.get("mixed_scale", 1.0)),
-        padded_decode=bool(entry.get("padded_decode", True)),
-    )
-    return profile, entry
+    return profile
 
 
 def kv_capacity_tokens(
@@ -138,10 +96,7 @@ class CostModel:
 
     def computed_tokens(self, batch: ScheduledBatch) -> int:
         """Tokens the executor computes for ``batch``, padding and ghost rows included."""
-        if not self.pad_prefill or batch.padded:
-            return batch.num_padded_tokens
-        prefill = [n for n in batch.num_new_tokens if n > 1]
-        return len(prefill) * max(prefill, default=0) + len(batch.num_new_tokens) - len(prefill)
+        return batch.computed_tokens(batch.padded or self.pad_prefill)
 
     def step_time(self, batch: ScheduledBatch) -> float:
         """Seconds to run ``batch``, charged before it runs (it reads the sequences' progress)."""

@@ -13,14 +13,13 @@ synthetic (``bucketserve.workloads.synthetic``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bucketserve.config import POLICIES, SchedulerConfig
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.policies import policy_names
 from bucketserve.metrics import load_capacity, meets_slo, summarize
 from bucketserve.sim.cost_model import (
     OPT_13B_KV_BYTES_PER_TOKEN,
@@ -58,7 +57,7 @@ class Setup:
     overrides: dict[str, Any] = field(default_factory=dict)  # extra SchedulerConfig fields
 
     def instance(self, num_gpus: int) -> InstanceSpec:
-        profile, _ = load_profile(self.profile, tp=num_gpus)
+        profile = load_profile(self.profile, tp=num_gpus)
         cap = kv_capacity_tokens(self.gpu_memory, num_gpus, self.weight_bytes, self.kv_bytes_per_token)
         return InstanceSpec(profile, cap, num_gpus)
 
@@ -150,7 +149,7 @@ Progress = Callable[[], None]
 
 def paper_experiment(
     setup: Setup,
-    policies: Iterable[str] = POLICIES,
+    policies: Iterable[str] | None = None,  # None: every registered policy
     workloads: Iterable[str] = WORKLOADS,
     rates: Iterable[float] = DEFAULT_RATES,
     num_offline: int = 1000,
@@ -161,7 +160,8 @@ def paper_experiment(
     """Offline throughput, busy share and padding (all requests at t=0), the same with every
     prefill charged padded (an engine without ragged kernels), then SLO attainment over a
     Poisson rate sweep and the load capacity at 80% per policy and workload."""
-    policies, workloads, rates = list(policies), list(workloads), sorted(rates)
+    policies = list(policy_names() if policies is None else policies)
+    workloads, rates = list(workloads), sorted(rates)
     padded = Setup(**{**setup.__dict__, "pad_prefill": True})
     out: dict[str, Any] = {
         "setup": {p: setup.describe(p) for p in policies},
@@ -199,11 +199,12 @@ def trace_experiment(
     base: Setup,
     traces: Iterable[str] = ("azure-conv", "azure-code"),
     gpu_counts: Iterable[int] = (1, 4),
-    policies: Iterable[str] = POLICIES,
+    policies: Iterable[str] | None = None,  # None: every registered policy
     limit_s: float | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Replay the Azure traces at their real arrival times; ``limit_s`` keeps the first seconds."""
+    policies = list(policy_names() if policies is None else policies)
     out: dict[str, Any] = {}
     for name in traces:
         trace = [t for t in load_trace(name) if limit_s is None or t.arrival < limit_s]
@@ -222,7 +223,3 @@ def trace_experiment(
                 if progress:
                     progress()
     return out
-
-
-def save_json(data: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=1, default=float, allow_nan=True) + "\n")

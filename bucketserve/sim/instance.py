@@ -1,7 +1,7 @@
 """One simulated serving instance: a scheduler from the core driven by a cost model.
 
-It does what the engine's step does (schedule, execute, append tokens, update), with the
-forward pass replaced by the cost model's latency in virtual time.
+It drives the engine's loop (schedule, execute, ``scheduler.update``), with the forward
+pass replaced by the cost model's latency in virtual time.
 """
 
 from __future__ import annotations
@@ -25,13 +25,7 @@ class InstanceStats:
     real_tokens: int = 0
     padded_tokens: int = 0  # tokens computed, padding and ghost rows included
     schedule_wall_s: float = 0.0  # real seconds spent in scheduler.schedule()
-    max_schedule_wall_s: float = 0.0
     preemptions: int = 0
-
-    @property
-    def padding_ratio(self) -> float:
-        """Share of computed tokens that were padding (the engine's definition)."""
-        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 class Instance:
@@ -63,9 +57,7 @@ class Instance:
         assert self.batch is None, "an instance runs one batch at a time"
         t0 = time.perf_counter()
         batch = self.scheduler.schedule(now)
-        wall = time.perf_counter() - t0
-        self.stats.schedule_wall_s += wall
-        self.stats.max_schedule_wall_s = max(self.stats.max_schedule_wall_s, wall)
+        self.stats.schedule_wall_s += time.perf_counter() - t0
         if batch is None:
             return None
         duration = self.cost.step_time(batch)
@@ -81,17 +73,11 @@ class Instance:
         return now + duration
 
     def finish(self, now: float) -> list[Sequence]:
-        """Complete the running batch at ``now``: each row that samples gets a token (the
-        first one's time is its TTFT); return the sequences that finished."""
+        """Complete the running batch at ``now`` (each row that samples gets ``SIM_TOKEN``);
+        return the sequences that finished."""
         batch, self.batch = self.batch, None
         assert batch is not None
-        for i, seq in enumerate(batch.seqs):
-            if seq.is_finished or not batch.samples(i):
-                continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.finish_reason = seq.append_token(SIM_TOKEN)
-        return self.scheduler.update(batch, now)
+        return self.scheduler.update(batch, [SIM_TOKEN] * len(batch), now)
 
     @property
     def load(self) -> int:

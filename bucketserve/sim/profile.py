@@ -12,12 +12,14 @@ appending tokens, detokenizing), kept as ``step_overhead_ms`` = [a, b]: a + b * 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from bucketserve.argparse_options import add_engine_options, engine_configs
+from bucketserve.wire import Profile, ProfileFile, write_json
 
 FULL_PREFILL = [(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024) if b * n <= 4096]
 FULL_DECODE = [(b, c) for b in (1, 4, 16, 32, 64, 128) for c in (64, 256, 512, 1024)]
@@ -161,18 +163,9 @@ def mixed_scale(checks: list[list[float]]) -> float:
     return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
-def mixed_check(
-    engine: Any, entry: dict[str, Any], grid: list[tuple[int, int, int, int]], repeats: int
-) -> list:
-    """[prefill rows, prompt len, decode rows, context, measured ms, modelled ms] per point."""
-    from bucketserve.sim.cost_model import Profile
-
-    prof = Profile(
-        tuple(entry["prefill"]),
-        tuple(entry["decoding_smallbs"]),
-        tuple(entry["decoding_largebs"]),
-        entry["decoding_large_small_bs_threshold"],
-    )
+def mixed_check(engine: Any, prof: Profile, grid: list[tuple[int, int, int, int]], repeats: int) -> list:
+    """[prefill rows, prompt len, decode rows, context, measured ms, modelled ms] per point,
+    modelled by the formulas alone (no step overhead, no mixed scale: this measures that)."""
     out = []
     for pb, n, db, c in grid:
         ms = time_rows(engine, [(n, False)] * pb + [(x, True) for x in spread(c, db)], repeats)
@@ -229,7 +222,7 @@ def measure_overhead(
 
 def build_profile(
     engine: Any, prefill: list[Point], decode: list[Point], overhead: list[float] | None = None
-) -> dict[str, Any]:
+) -> ProfileFile:
     """The profile file's content: DistServe's structure for one model at TP 1, plus the KV
     and weight sizes and how the measurement was made."""
     import platform
@@ -251,21 +244,20 @@ def build_profile(
         )
 
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.model.parameters())
-    return {
-        engine.model_name: {
-            "1": {
-                "decoding_large_small_bs_threshold": threshold,
-                "prefill": p_coef,
-                "decoding_smallbs": d_small,
-                "decoding_largebs": d_large,
-                "step_overhead_ms": overhead or [0.0, 0.0],
-                # Our engine decodes a static batch's rows on the paged cache, unpadded.
-                "padded_decode": False,
-                "kv_bytes_per_token": kv_bytes_per_token(engine.args, engine.dtype),
-                "weight_bytes": weight_bytes,
-            }
-        },
-        "meta": {
+    profile = Profile(
+        prefill=(p_coef[0], p_coef[1], p_coef[2]),
+        decode_small=(d_small[0], d_small[1], d_small[2]),
+        decode_large=(d_large[0], d_large[1], d_large[2]),
+        large_batch_threshold=threshold,
+        step_overhead=(overhead[0], overhead[1]) if overhead else (0.0, 0.0),
+        # Our engine decodes a static batch's rows on the paged cache, unpadded.
+        padded_decode=False,
+        kv_bytes_per_token=kv_bytes_per_token(engine.args, engine.dtype),
+        weight_bytes=weight_bytes,
+    )
+    return ProfileFile(
+        {engine.model_name: {1: profile}},
+        {
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(),
@@ -276,12 +268,10 @@ def build_profile(
             "prefill_max_rel_error": max_relative_error(p_coef, pf, [p.ms for p in prefill]),
             "decode_max_rel_error": decode_error(),
         },
-    }
+    )
 
 
 def add_profile_parser(sub: Any) -> None:
-    from bucketserve.cli import add_engine_args
-
     p = sub.add_parser(
         "profile",
         help="time the real engine and fit the simulator's cost model",
@@ -289,7 +279,7 @@ def add_profile_parser(sub: Any) -> None:
         "machine's engine, fit t = a + b*sum(len) + c*sum(len^2) and t = a + b*sum(ctx) + c*batch "
         "(ms), and write a profile JSON for `bucketserve simulate --profile`.",
     )
-    add_engine_args(p)
+    add_engine_options(p)
     p.add_argument(
         "--output", "-o", default="profile.json", help="profile file to write (default profile.json)"
     )
@@ -307,7 +297,6 @@ def add_profile_parser(sub: Any) -> None:
 def cmd_profile(a: Any) -> int:
     from tqdm import tqdm
 
-    from bucketserve.cli import engine_configs
     from bucketserve.engine.llm_engine import LLMEngine
 
     engine_cfg, sched_cfg = engine_configs(a)
@@ -330,23 +319,22 @@ def cmd_profile(a: Any) -> int:
         prefill, decode = measure(engine, prefill_grid, decode_grid, a.repeats, bar.update)
     overhead = measure_overhead(engine, 8 if a.quick else 32, 16 if a.quick else 32, 8 if a.quick else 32)
     data = build_profile(engine, prefill, decode, overhead)
-    entry = data[engine.model_name]["1"]
+    by_tp, meta = data.models[engine.model_name], data.meta
     mixed = [m for m in (QUICK_MIXED if a.quick else MIXED) if fits(m[0] + m[2], max(m[1], m[3]))]
-    data["meta"]["mixed_check"] = mixed_check(engine, entry, mixed, a.repeats)
-    entry["mixed_scale"] = mixed_scale(data["meta"]["mixed_check"])
-    Path(a.output).write_text(json.dumps(data, indent=1) + "\n")
-    meta = data["meta"]
-    print(f"prefill ms = {entry['prefill']} (max rel. error {meta['prefill_max_rel_error']:.1%})")
+    meta["mixed_check"] = mixed_check(engine, by_tp[1], mixed, a.repeats)
+    by_tp[1] = entry = dataclasses.replace(by_tp[1], mixed_scale=mixed_scale(meta["mixed_check"]))
+    write_json(a.output, data.to_dict())
+    print(f"prefill ms = {list(entry.prefill)} (max rel. error {meta['prefill_max_rel_error']:.1%})")
     print(
-        f"decode  ms = {entry['decoding_smallbs']} below batch {entry['decoding_large_small_bs_threshold']}, "
-        f"{entry['decoding_largebs']} from there (max rel. error {meta['decode_max_rel_error']:.1%})"
+        f"decode  ms = {list(entry.decode_small)} below batch {entry.large_batch_threshold}, "
+        f"{list(entry.decode_large)} from there (max rel. error {meta['decode_max_rel_error']:.1%})"
     )
     print(f"engine overhead per step: {overhead[0]:.2f} ms + {overhead[1]:.3f} ms per row")
-    for pb, n, db, c, ms, model in data["meta"]["mixed_check"]:
+    for pb, n, db, c, ms, model in meta["mixed_check"]:
         print(
             f"mixed step {pb} x {n} prefill + {db} x {c} decode: {ms:.1f} ms measured, "
             f"{model:.1f} ms modelled ({(model - ms) / ms:+.0%})"
         )
-    print(f"mixed steps are charged x {entry['mixed_scale']:.3f} (the median measured / modelled)")
+    print(f"mixed steps are charged x {entry.mixed_scale:.3f} (the median measured / modelled)")
     print(f"wrote {a.output}")
     return 0

@@ -1,9 +1,9 @@
 """Check the simulator against measurement: replay a bench run's requests in simulation.
 
 A bench result JSON (``bucketserve bench run --output-json``, or ``bench compare``'s, which
-holds a run per server and rate) has per-request rows with
-``sent`` (seconds from the run's start), ``ttft``, ``e2el``, ``prompt_tokens``,
-``output_tokens`` and ``error``. The simulator replays the same arrivals and lengths with
+holds a run per server and rate; the layouts are ``bucketserve.wire``'s) has a row per request
+with when it was sent (seconds from the run's start), its TTFT, E2E latency, token counts and
+error. The simulator replays the same arrivals and lengths with
 a measured profile (``bucketserve profile``) and the server's KV budget and scheduler
 settings, and the two are compared on output throughput, TTFT p50 and TPOT p50.
 
@@ -22,61 +22,20 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bucketserve.config import POLICIES, SchedulerConfig
-from bucketserve.core.scheduler import BatchShape
+from bucketserve.config import SchedulerConfig
+from bucketserve.core.policies import policy_names
 from bucketserve.metrics import RequestRecord, summarize
 from bucketserve.sim.cost_model import CostModel, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
+from bucketserve.wire import MeasuredRun, StepSample, read_json
 
 METRICS = ("output_throughput", "p50_ttft_ms", "p50_tpot_ms")
-
-
-def _records(rows: list[dict[str, Any]]) -> list[RequestRecord]:
-    records = []
-    for r in rows:
-        sent = float(r.get("sent", r.get("arrival", 0.0)))
-        ttft, e2e = r.get("ttft"), r.get("e2el", r.get("e2e"))
-        records.append(
-            RequestRecord(
-                arrival=sent,
-                first_token=sent + ttft if ttft is not None else math.nan,
-                finished=sent + e2e if e2e is not None else math.nan,
-                prompt_tokens=int(r["prompt_tokens"]),
-                output_tokens=int(r.get("output_tokens") or 0),
-                error=r.get("error"),
-            )
-        )
-    return records
-
-
-@dataclass(frozen=True)
-class StepSample:
-    """One measured engine step: when it started (seconds from the run's start), how long it
-    took, and what it computed."""
-
-    start: float
-    duration: float
-    shape: BatchShape
-
-    @property
-    def kind(self) -> str:
-        if self.shape.prefill and self.shape.decode:
-            return "mixed"
-        return "prefill" if self.shape.prefill else "decode"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"start": round(self.start, 6), "duration": round(self.duration, 6), **self.shape.to_dict()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> StepSample:
-        return cls(float(d["start"]), float(d["duration"]), BatchShape.from_dict(d))
 
 
 class SpeedTrace:
@@ -113,18 +72,6 @@ def _cumsum(xs: list[float]) -> list[float]:
     return out
 
 
-def step_ratios(steps: list[StepSample], cost: CostModel) -> dict[str, tuple[int, float]]:
-    """Per step kind (and "all"): the count and measured / estimated time."""
-    sums: dict[str, list[float]] = {}
-    for s in steps:
-        for kind in (s.kind, "all"):
-            acc = sums.setdefault(kind, [0, 0.0, 0.0])
-            acc[0] += 1
-            acc[1] += s.duration
-            acc[2] += cost.shape_time(s.shape)
-    return {k: (int(n), m / p if p > 0 else math.nan) for k, (n, m, p) in sums.items()}
-
-
 @dataclass
 class BenchRun:
     name: str
@@ -143,20 +90,16 @@ def _rate(rate: float | None) -> str:
 def read_bench(path: str | Path) -> list[BenchRun]:
     """The runs in a ``bench run`` file (one) or a ``bench compare`` file (one per server and
     rate; a server named after a policy was started with that policy)."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path)
     name = Path(path).stem
     if isinstance(data.get("requests"), list):
-        policy = data.get("config", {}).get("policy")
-        rows = data["requests"]
-        return [BenchRun(name, policy, _records(rows), _steps(data), _admitted(rows))]
+        return [_bench_run(name, data.get("config", {}).get("policy"), MeasuredRun.from_dict(data))]
     if isinstance(data.get("servers"), dict):
         return [
-            BenchRun(
+            _bench_run(
                 f"{name} {server} @ {_rate(p.get('request_rate'))}",
-                server if server in POLICIES else None,
-                _records(p["requests"]),
-                _steps(p),
-                _admitted(p["requests"]),
+                server if server in policy_names() else None,
+                MeasuredRun.from_dict(p),
             )
             for server, entry in data["servers"].items()
             for p in entry.get("points", [])
@@ -164,15 +107,15 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     raise ValueError(f"{path}: neither a `bench run` nor a `bench compare` result (no requests or servers)")
 
 
-def _admitted(rows: list[dict[str, Any]]) -> list[float | None] | None:
-    times = [r.get("admitted") for r in rows]
-    return None if all(t is None for t in times) else [None if t is None else float(t) for t in times]
-
-
-def _steps(run: dict[str, Any]) -> list[StepSample] | None:
-    """The engine's steps that a run carries: `sim_validation.py` records them in process,
-    and the bench client fetches them from the server's /debug/steps."""
-    return [StepSample.from_json(d) for d in run["steps"]] if run.get("steps") else None
+def _bench_run(name: str, policy: str | None, run: MeasuredRun) -> BenchRun:
+    admitted = [r.admitted for r in run.requests]
+    return BenchRun(
+        name,
+        policy,
+        [r.to_record() for r in run.requests],
+        run.steps or None,  # `sim_validation.py` records them in process, `bench` from /debug/steps
+        None if all(t is None for t in admitted) else admitted,
+    )
 
 
 def span(records: list[RequestRecord]) -> float:
@@ -210,10 +153,10 @@ def validate_run(
 ) -> list[Comparison]:
     """Simulate the requests of each run in a bench file and compare the three metrics;
     ``policy`` is the server's where the file does not say."""
-    prof, entry = load_profile(profile)
-    if "kv_bytes_per_token" not in entry:
+    prof = load_profile(profile)
+    if prof.kv_bytes_per_token is None:
         raise ValueError(f"profile {profile!r} has no kv_bytes_per_token; use one from `bucketserve profile`")
-    capacity = kv_cache_memory // entry["kv_bytes_per_token"]
+    capacity = kv_cache_memory // prof.kv_bytes_per_token
     out = []
     for run in read_bench(path):
         run_policy = run.policy or policy  # a compare file names its servers' policies

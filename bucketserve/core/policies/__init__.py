@@ -1,26 +1,27 @@
-"""Scheduling policies, each a Scheduler subclass, built by name."""
+"""Scheduling policies, one module each, registered by name (see ``registry``).
+
+Importing this package registers every policy, in the order ``--policy`` lists them.
+"""
 
 from __future__ import annotations
 
-from bucketserve.config import SchedulerConfig
-from bucketserve.core.block_manager import BlockManager
-from bucketserve.core.policies.bucket import BucketScheduler
-from bucketserve.core.policies.continuous import ContinuousScheduler
-from bucketserve.core.policies.distserve import DistServeScheduler
-from bucketserve.core.policies.static import StaticScheduler, UELLMScheduler
-from bucketserve.core.scheduler import Scheduler
+from typing import TYPE_CHECKING
 
-POLICY_CLASSES: dict[str, type[Scheduler]] = {
-    "bucket": BucketScheduler,
-    "continuous": ContinuousScheduler,
-    "static": StaticScheduler,
-    "uellm": UELLMScheduler,
-    "distserve": DistServeScheduler,
-}
+# The order of registration is the order every list of policies shows.
+# isort: off
+from bucketserve.core.policies import bucket, continuous, static, uellm, distserve  # noqa: F401
+
+# isort: on
+from bucketserve.core.policies.registry import Policy, all_policies, get_policy, policy_names
+
+if TYPE_CHECKING:
+    from bucketserve.config import SchedulerConfig
+    from bucketserve.core.block_manager import BlockManager
+    from bucketserve.core.scheduler import Scheduler
 
 
 def make_scheduler(config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> Scheduler:
-    return POLICY_CLASSES[config.policy](config, block_manager, max_model_len)
+    return get_policy(config.policy).scheduler(config, block_manager, max_model_len)
 
 
-__all__ = ["POLICY_CLASSES", "make_scheduler"]
+__all__ = ["Policy", "all_policies", "get_policy", "make_scheduler", "policy_names"]

@@ -11,23 +11,79 @@ least urgent first, should a sequence outgrow its reservation while memory is sh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager, blocks_for
 from bucketserve.core.buckets import Bucket, BucketManager, optimal_boundaries
+from bucketserve.core.monitor import Monitor
 from bucketserve.core.ordering import urgency
+from bucketserve.core.policies.registry import register_policy
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
-from bucketserve.core.sequence import Sequence, SequenceStatus
+from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
+from bucketserve.options import check, check_fields, option
+
+if TYPE_CHECKING:
+    from bucketserve.config import SchedulerConfig
+
+SPLIT_MODES = ("bisect", "optimal")
+RESERVES = ("max_tokens", "predicted")
+
+
+@dataclass
+class BucketConfig:
+    """BucketServe's options (DESIGN section 3). Lengths are prompt tokens."""
+
+    n_max: int | None = option(
+        None, help="split buckets when more requests than this wait (default: --max-num-seqs)"
+    )
+    theta: float = option(0.5, help="split a crowded bucket when more than this share is below its midpoint")
+    dispatch_window_s: float = option(
+        0.05,
+        name="window",
+        metavar="SECONDS",
+        help="dispatch a bucket whose most urgent request waited this long",
+    )
+    initial_boundaries: tuple[int, ...] = option(
+        (),
+        name="boundaries",
+        metavar="N,N,...",
+        help="initial inner bucket boundaries in prompt tokens (default: one bucket)",
+    )
+    split_mode: str = option(
+        "bisect",
+        choices=SPLIT_MODES,
+        help="bisect at the midpoint (paper) or optimal (least expected padding)",
+    )
+    reserve: str = option(
+        "max_tokens",
+        choices=RESERVES,
+        help="KV reserved per request: prompt + max_tokens (never preempts) or + predicted output",
+    )
+    memory_safety: float = option(0.9, help="M_safe = this share of the free KV memory")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(self.n_max is None or self.n_max >= 1, f"n_max must be >= 1, got {self.n_max}")
+        check(0 < self.theta < 1, f"theta must be in (0, 1), got {self.theta}")
+        check(self.dispatch_window_s >= 0, f"dispatch_window_s must be >= 0, got {self.dispatch_window_s}")
+        self.initial_boundaries = tuple(sorted(set(self.initial_boundaries)))
+        check(all(b > 0 for b in self.initial_boundaries), "initial boundaries must be > 0")
+        check(0 < self.memory_safety <= 1, f"memory_safety must be in (0, 1], got {self.memory_safety}")
 
 
 class BucketScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int):
         super().__init__(config, block_manager, max_model_len)
-        self.cfg = config.bucket
+        self.cfg: BucketConfig = config.policy_config
         self.buckets = BucketManager(max_model_len, self.cfg.initial_boundaries)
         self.n_max = self.cfg.n_max or config.max_num_seqs
+        self.monitor = Monitor(max_model_len)
         self._keys: dict[str, float] = {}
+
+    def add(self, seq: Sequence) -> None:
+        super().add(seq)
+        self.monitor.on_arrival(seq.prompt_len)
 
     # -- queue: the buckets ------------------------------------------------------------
     def _enqueue(self, seq: Sequence) -> None:
@@ -39,16 +95,13 @@ class BucketScheduler(Scheduler):
     def _dequeue(self, seq: Sequence) -> None:
         self.buckets.remove(seq)
 
-    def _finish(self, seq: Sequence, now: float) -> None:
-        super()._finish(seq, now)
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        super()._finish(seq, reason, now)
         self._keys.pop(seq.seq_id, None)
 
     @property
     def num_waiting(self) -> int:
         return len(self.buckets)
-
-    def waiting_seqs(self) -> Iterator[Sequence]:
-        return iter(self.buckets)
 
     def queue_lengths(self) -> list[tuple[str, int]]:
         return [(f"[{b.lower},{b.upper})", len(b)) for b in self.buckets.buckets]
@@ -152,7 +205,7 @@ class BucketScheduler(Scheduler):
 
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, preempted, bucket=bounds, scheduled_at=now)
+        return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
 
     def _pick_bucket(self, now: float) -> Bucket | None:
         """The most urgent bucket that is full (N_b queued), whose most urgent request has
@@ -167,3 +220,11 @@ class BucketScheduler(Scheduler):
             if idle or waited or len(bucket) >= n_b:
                 return bucket
         return None
+
+
+register_policy(
+    "bucket",
+    BucketScheduler,
+    BucketConfig,
+    "BucketServe's length buckets that split and merge with the load, batches sized from free KV",
+)

@@ -3,11 +3,23 @@ preemption by recompute when the KV cache runs out."""
 
 from __future__ import annotations
 
-from bucketserve.config import SchedulerConfig
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from bucketserve.core.block_manager import BlockManager
+from bucketserve.core.policies.registry import register_policy
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
 from bucketserve.core.sequence import Sequence
 from bucketserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bucketserve.config import SchedulerConfig
+
+
+@dataclass
+class ContinuousConfig:
+    """vLLM-style scheduling has no options of its own: it runs on the scheduler's token
+    budget (max_num_batched_tokens) and chunked prefill (enable_chunked_prefill)."""
 
 
 class ContinuousScheduler(Scheduler):
@@ -70,4 +82,12 @@ class ContinuousScheduler(Scheduler):
 
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, preempted, scheduled_at=now)
+        return ScheduledBatch(seqs, counts, preempted)
+
+
+register_policy(
+    "continuous",
+    ContinuousScheduler,
+    ContinuousConfig,
+    "vLLM-style FCFS with a token budget per step, chunked prefill and preemption by recompute",
+)

@@ -11,9 +11,30 @@ two instances and the KV transfer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bucketserve.core.block_manager import blocks_for
+from bucketserve.core.policies.registry import register_policy
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
 from bucketserve.core.sequence import Sequence
+from bucketserve.options import check, check_fields, option
+
+
+@dataclass
+class DistServeConfig:
+    """DistServe's prefill batching: short prompts batched up to a saturation token count,
+    longer ones alone; decode by continuous batching."""
+
+    prefill_saturation_tokens: int = option(
+        512, name="saturation", help="batch short prompts up to this many tokens"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(
+            self.prefill_saturation_tokens >= 1,
+            f"prefill_saturation_tokens must be >= 1, got {self.prefill_saturation_tokens}",
+        )
 
 
 class DistServeScheduler(Scheduler):
@@ -30,7 +51,7 @@ class DistServeScheduler(Scheduler):
             seqs.append(seq)
             counts.append(1)
 
-        saturation = self.config.distserve.prefill_saturation_tokens
+        saturation = self.config.policy_config.prefill_saturation_tokens
         free = bm.num_free_blocks - self._promised_blocks()
         tokens = 0
         while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -51,4 +72,12 @@ class DistServeScheduler(Scheduler):
 
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, scheduled_at=now)
+        return ScheduledBatch(seqs, counts)
+
+
+register_policy(
+    "distserve",
+    DistServeScheduler,
+    DistServeConfig,
+    "DistServe's prefill batching on one aggregated instance (the simulator disaggregates)",
+)

@@ -1,0 +1,147 @@
+"""Command-line options generated from the config dataclasses, and the configs built back.
+
+Each field declared with ``bucketserve.options.option`` becomes one option: ``--`` + its name
+(the field's, or the ``name`` it declares) with dashes, after its group's prefix (a policy's
+options carry the policy's name: ``--bucket-theta``, ``--static-batch-size``). The help is
+the field's, with its default appended; text is read by the field's own parser, so the
+command line and ``LLM(...)`` accept the same forms ("1GiB") and report the same errors; a
+boolean is a ``--x/--no-x`` pair. Building the config back runs its ``__post_init__``, the one
+place where values are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
+from bucketserve.core.policies import all_policies, get_policy
+from bucketserve.errors import ConfigError
+from bucketserve.options import choices_of, field_types
+
+C = TypeVar("C")
+Parser = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def option_name(f: dataclasses.Field, prefix: str = "") -> str:
+    """The option's name without ``--``: the group's prefix, then the field's own name."""
+    own = f.metadata.get("name")
+    own = (f.name if own is None else own).replace("_", "-")
+    return "-".join(part for part in (prefix, own) if part)
+
+
+def _dest(f: dataclasses.Field, prefix: str) -> str:
+    return option_name(f, prefix).replace("-", "_")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _help(f: dataclasses.Field, prefix: str) -> str:
+    text = f.metadata["help"]
+    default = _default(f)
+    if "default" not in text:  # a None default is explained in words by the help itself
+        if isinstance(default, bool):
+            shown = f"--{'' if default else 'no-'}{option_name(f, prefix)}"
+        elif isinstance(default, tuple):
+            shown = ",".join(map(str, default))
+        else:
+            shown = default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The field's parser, its ConfigError shown by argparse as "argument --x: <message>"."""
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    read.__name__ = getattr(parse, "__name__", "value")
+    return read
+
+
+def add_config_options(parser: Parser, cls: type, prefix: str = "") -> None:
+    """Add one option per field of the dataclass ``cls`` (nested configs recursively)."""
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        ft = types[f.name]
+        if ft.kind is object or "help" not in f.metadata:
+            continue  # not declared as an option (SchedulerConfig.policy_config: see below)
+        if ft.is_config:
+            # A nested config's options are prefixed with its field's option name
+            # (SchedulerConfig.order declares name="": --order, --aging).
+            add_config_options(parser, ft.kind, option_name(f, prefix))
+            continue
+        flag = "--" + option_name(f, prefix)
+        common: dict[str, Any] = dict(dest=_dest(f, prefix), default=_default(f), help=_help(f, prefix))
+        if ft.kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            continue
+        metavar = f.metadata.get("metavar")
+        choices = choices_of(f)
+        parser.add_argument(
+            flag,
+            type=_argparse_type(ft.text_parser(f)),
+            choices=choices,
+            metavar=metavar if metavar or choices else option_name(f).upper().replace("-", "_"),
+            **common,
+        )
+
+
+def config_from_options(cls: type[C], args: argparse.Namespace, prefix: str = "", **given: Any) -> C:
+    """Build ``cls`` back from the options :func:`add_config_options` added (``given``
+    fields are taken as they are); its ``__post_init__`` checks the values."""
+    types = field_types(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        ft = types[f.name]
+        if f.name in given or ft.kind is object or "help" not in f.metadata:
+            continue
+        if ft.is_config:
+            values[f.name] = config_from_options(ft.kind, args, option_name(f, prefix))
+        else:
+            values[f.name] = getattr(args, _dest(f, prefix))
+    return cls(**values, **given)
+
+
+# -- the engine's and the server's options ---------------------------------------------------
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The model, engine and scheduler options, and every registered policy's own options,
+    each policy's named after it (--bucket-theta, --static-batch-size, ...)."""
+    add_config_options(parser.add_argument_group("model and engine"), EngineConfig)
+    add_config_options(parser.add_argument_group("scheduler"), SchedulerConfig)
+    for policy in all_policies():
+        if dataclasses.fields(policy.config):
+            group = parser.add_argument_group(f"{policy.name} policy (with --policy {policy.name})")
+            add_config_options(group, policy.config, policy.name)
+
+
+def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, SchedulerConfig]:
+    """The engine and scheduler configs from :func:`add_engine_options`'s options; the chosen
+    policy's options become its ``policy_config`` (other policies' are ignored, so one set of
+    server arguments can serve every policy, as ``bench compare --server-args`` does)."""
+    policy = get_policy(args.policy)
+    policy_config = config_from_options(policy.config, args, policy.name)
+    return (
+        config_from_options(EngineConfig, args),
+        config_from_options(SchedulerConfig, args, policy_config=policy_config),
+    )
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser.add_argument_group("server"), ServerConfig)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return config_from_options(ServerConfig, args)
