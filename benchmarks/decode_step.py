@@ -4,14 +4,16 @@ What it measures
     In process, the embedded model: B requests with 100-token prompts (max_tokens 500, EOS
     ignored) are added and stepped past their prefill; then ``--steps`` calls of
     ``engine.step()`` are timed, three times, and the best and median kept. Each batch size
-    runs on the default engine (native kernels, tuned weight formats) and, with ``--eager``,
-    on an ``--enforce-eager`` engine (the torch reference paths in the model's dtype), in
-    turns so that the machine's drift falls on both. ``--profile`` adds torch.profiler's
-    table of the fast engine's ops at the first batch size.
+    runs on the default engine (native kernels, tuned weight formats), with ``--w8a8`` on one
+    with ``--quantization w8a8``, and, with ``--eager``, on an ``--enforce-eager`` engine (the
+    torch reference paths in the model's dtype), in turns so that the machine's drift falls on
+    all. ``--profile`` adds torch.profiler's table of the fast engine's ops at the first batch
+    size.
 
 How to run
     .venv/bin/python benchmarks/decode_step.py                 # B = 1, 8, 32
     .venv/bin/python benchmarks/decode_step.py --eager --batches 1,8
+    .venv/bin/python benchmarks/decode_step.py --w8a8          # beside --quantization w8a8
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eager", action="store_true", help="also time an --enforce-eager engine")
+    ap.add_argument("--w8a8", action="store_true", help="also time a --quantization w8a8 engine")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table at the first batch size")
     a = ap.parse_args(argv)
     engines = {"fast": LLM(kv_cache_memory=2**30, max_model_len=2048)}
+    if a.w8a8:
+        engines["w8a8"] = LLM(kv_cache_memory=2**30, max_model_len=2048, quantization="w8a8")
     if a.eager:
         engines["eager"] = LLM(kv_cache_memory=2**30, max_model_len=2048, enforce_eager=True)
     print(f"{'engine':<6} {'batch':>5} {'best ms':>8} {'median ms':>9} {'tok/s':>7}")

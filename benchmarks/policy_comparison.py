@@ -17,6 +17,7 @@ import random
 import statistics
 
 from bucketserve import LLM
+from bucketserve.argparse_options import argparse_type
 from bucketserve.bench.inprocess import replay
 from bucketserve.config import ORDERS, OrderConfig, parse_bytes
 from bucketserve.core.policies import policy_names
@@ -54,7 +55,9 @@ def main() -> None:
     p.add_argument("--max-output", type=int, default=128)
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate, requests/s")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("2GiB"))
+    # argparse_type: argparse shows our ConfigError ("cannot read 'x' as a size"), not its own
+    # "invalid parse_bytes value".
+    p.add_argument("--kv-cache-memory", type=argparse_type(parse_bytes), default=parse_bytes("2GiB"))
     p.add_argument("--modes", default="offline,poisson")
     p.add_argument("--order", choices=ORDERS, default="fcfs", help="request ordering (bucket policy)")
     p.add_argument("--output-json", default=None)

@@ -26,10 +26,12 @@ import random
 from pathlib import Path
 
 from bucketserve import LLM
+from bucketserve.argparse_options import argparse_type
 from bucketserve.bench.inprocess import Replay, replay
-from bucketserve.config import parse_bytes
+from bucketserve.config import SchedulerConfig, parse_bytes
 from bucketserve.core.policies import policy_names
 from bucketserve.metrics import summarize
+from bucketserve.options import default_of
 from bucketserve.sim.validate import error_table, repeat_table, validate_run
 from bucketserve.wire import MeasuredRun, RequestRow, StepSample, write_json
 from bucketserve.workloads.sharegpt import sample_sharegpt
@@ -50,9 +52,13 @@ def main() -> None:
     p.add_argument("--max-output", type=int, default=128, help="output length cap (default 128)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson requests/s; 0 = all at t=0 (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=parse_bytes("2GiB"))
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    # argparse_type: argparse shows our ConfigError ("cannot read 'x' as a size"), not its own
+    # "invalid parse_bytes value".
+    p.add_argument("--kv-cache-memory", type=argparse_type(parse_bytes), default=parse_bytes("2GiB"))
+    p.add_argument("--max-num-seqs", type=int, default=default_of(SchedulerConfig, "max_num_seqs"))
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=default_of(SchedulerConfig, "max_num_batched_tokens")
+    )
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument(
         "--profile", default=None, help="profile JSON; without it only the result files are written"

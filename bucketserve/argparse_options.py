@@ -5,21 +5,25 @@ Each field declared with ``bucketserve.options.option`` becomes one option: ``--
 options carry the policy's name: ``--bucket-theta``, ``--static-batch-size``). The help is
 the field's, with its default appended; text is read by the field's own parser, so the
 command line and ``LLM(...)`` accept the same forms ("1GiB") and report the same errors; a
-boolean is a ``--x/--no-x`` pair. Building the config back runs its ``__post_init__``, the one
-place where values are checked.
+boolean is a ``--x/--no-x`` pair; a field without a default is a required option. Building
+the config back runs its ``__post_init__``, the one place where values are checked.
+
+The same functions build the ``bench`` and ``simulate`` parsers from their configs (the
+client, workload, arrival and sweep options; the simulated setup): a subcommand may leave
+some fields out (``exclude``) or give one another default (``defaults``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
 from bucketserve.core.policies import all_policies, get_policy
 from bucketserve.errors import ConfigError
-from bucketserve.options import choices_of, field_types
+from bucketserve.options import choices_of, field_types, item_word, one_of, parse_bytes
 
 C = TypeVar("C")
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
@@ -42,26 +46,43 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _help(f: dataclasses.Field, prefix: str) -> str:
+def _help(f: dataclasses.Field, prefix: str, default: Any) -> str:
     text = f.metadata["help"]
-    default = _default(f)
-    if "default" not in text:  # a None default is explained in words by the help itself
+    if default is not dataclasses.MISSING and "default" not in text:
+        # (a None default is explained in words by the help itself)
         if isinstance(default, bool):
             shown = f"--{'' if default else 'no-'}{option_name(f, prefix)}"
         elif isinstance(default, tuple):
             shown = ",".join(map(str, default))
+        elif f.metadata.get("parse") is parse_bytes and isinstance(default, int):
+            shown = _bytes_text(default)
         else:
             shown = default
         text = f"{text} (default: {shown})"
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """The field's parser, its ConfigError shown by argparse as "argument --x: <message>"."""
+def _bytes_text(n: int) -> str:
+    """A byte count as it would be written: 2GiB, 40GB, else the number."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("GB", 10**9), ("MB", 10**6)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def argparse_type(
+    parse: Callable[[str], Any], item_choices: tuple[str, ...] | None = None, what: str = "choice"
+) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type=``: its ConfigError shown by argparse as "argument --x:
+    <message>" (argparse would print only "invalid parse_bytes value"); ``item_choices``
+    checks each item of a parsed list, which argparse's ``choices=`` cannot."""
 
     def read(text: str) -> Any:
         try:
-            return parse(text)
+            value = parse(text)
+            for item in value if item_choices is not None else ():
+                one_of(what, item, item_choices)  # type: ignore[arg-type]
+            return value
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -69,12 +90,20 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return read
 
 
-def add_config_options(parser: Parser, cls: type, prefix: str = "") -> None:
-    """Add one option per field of the dataclass ``cls`` (nested configs recursively)."""
+def add_config_options(
+    parser: Parser,
+    cls: type,
+    prefix: str = "",
+    exclude: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """Add one option per field of the dataclass ``cls`` (nested configs recursively), except
+    the fields named in ``exclude``; ``defaults`` replaces some fields' defaults (by name)."""
     types = field_types(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         ft = types[f.name]
-        if ft.kind is object or "help" not in f.metadata:
+        if ft.kind is object or "help" not in f.metadata or f.name in exclude:
             continue  # not declared as an option (SchedulerConfig.policy_config: see below)
         if ft.is_config:
             # A nested config's options are prefixed with its field's option name
@@ -82,29 +111,42 @@ def add_config_options(parser: Parser, cls: type, prefix: str = "") -> None:
             add_config_options(parser, ft.kind, option_name(f, prefix))
             continue
         flag = "--" + option_name(f, prefix)
-        common: dict[str, Any] = dict(dest=_dest(f, prefix), default=_default(f), help=_help(f, prefix))
+        default = defaults.get(f.name, _default(f))
+        common: dict[str, Any] = dict(dest=_dest(f, prefix), help=_help(f, prefix, default))
+        if default is dataclasses.MISSING:
+            common["required"] = True
+        else:
+            common["default"] = default
         if ft.kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue
         metavar = f.metadata.get("metavar")
         choices = choices_of(f)
+        if ft.kind is tuple:  # a list's choices are its items': checked as it is read
+            read, choices = argparse_type(ft.text_parser(f), choices, item_word(f.name)), None
+            metavar = metavar or f"{option_name(f).upper().replace('-', '_')}[,...]"
+        else:
+            read = argparse_type(ft.text_parser(f))
         parser.add_argument(
             flag,
-            type=_argparse_type(ft.text_parser(f)),
+            type=read,
             choices=choices,
             metavar=metavar if metavar or choices else option_name(f).upper().replace("-", "_"),
             **common,
         )
 
 
-def config_from_options(cls: type[C], args: argparse.Namespace, prefix: str = "", **given: Any) -> C:
+def config_from_options(
+    cls: type[C], args: argparse.Namespace, prefix: str = "", exclude: Collection[str] = (), **given: Any
+) -> C:
     """Build ``cls`` back from the options :func:`add_config_options` added (``given``
-    fields are taken as they are); its ``__post_init__`` checks the values."""
+    fields are taken as they are, ``exclude``d ones keep their defaults); its
+    ``__post_init__`` checks the values."""
     types = field_types(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         ft = types[f.name]
-        if f.name in given or ft.kind is object or "help" not in f.metadata:
+        if f.name in given or f.name in exclude or ft.kind is object or "help" not in f.metadata:
             continue
         if ft.is_config:
             values[f.name] = config_from_options(ft.kind, args, option_name(f, prefix))

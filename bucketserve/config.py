@@ -13,6 +13,13 @@ and ``LLM`` takes the same values, read and checked by the same ``__post_init__`
 options are declared next to its scheduler, which registers both under the policy's name;
 this module re-exports them, so every option is reachable from here.
 
+The benchmark client's and the simulator's options are declared the same way, next to the
+code they configure (they import this module, so it names them without importing them):
+``bench.client.ClientConfig``, ``bench.workload.WorkloadConfig`` and ``ArrivalConfig``,
+``bench.sweep.SweepConfig``, ``bench.report.ReportConfig``, ``bench.compare.CompareConfig``;
+``sim.experiments.Setup``, ``SimulateConfig`` and ``ExperimentConfig``,
+``sim.validate.ValidateConfig``.
+
 Pure Python (no torch, no I/O). Values that depend on the model or the machine (the model's
 context length, the KV pool size) are resolved by the engine at start-up.
 """
@@ -36,7 +43,7 @@ from bucketserve.options import build, check, check_fields, option, parse_bytes
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8")
 
 
 @dataclass
@@ -116,9 +123,11 @@ class EngineConfig:
         "auto",
         choices=QUANTIZATIONS,
         help="CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16 "
-        "compute, int8/int4 only where they reproduce the weights within 1% (the embedded Q4 GGUF "
-        "model's int4 does), nothing quantized in float32; none = the model's dtype and fp32 only; "
-        "int8/int4 = offer that quantization whatever it costs",
+        "compute, int8/int4 weights only where they reproduce the weights within 1% (the embedded Q4 "
+        "GGUF model's int4 does) and int8 activations (w8a8) in the LM head only, nothing quantized "
+        "in float32; none = the model's dtype and fp32 only; int8/int4 = offer that weight "
+        "quantization whatever it costs; w8a8 = auto plus int8 activations in every linear (about "
+        "2x faster batched steps and prefill, +1.2% perplexity, and greedy answers can change)",
     )
     enforce_eager: bool = option(
         False, help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)"
@@ -166,6 +175,12 @@ class ServerConfig:
         metavar="SECONDS",
         help="on SIGTERM, let in-flight requests finish for this long",
     )
+    max_request_body: int = option(
+        16 * 2**20,
+        parse=parse_bytes,
+        metavar="BYTES",
+        help="answer 413 to a request body larger than this, e.g. 16MiB (default: 16 MiB)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -175,6 +190,7 @@ class ServerConfig:
             f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}",
         )
         check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        check(self.max_request_body >= 1, f"max_request_body must be >= 1 byte, got {self.max_request_body}")
 
 
 def with_options(

@@ -58,6 +58,12 @@ def one_of(what: str, value: str, choices: Iterable[str]) -> None:
         raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
+def item_word(name: str) -> str:
+    """What one item of a list field is called: "policies" -> "policy", "rates" -> "rate"."""
+    words = name.replace("_", " ")
+    return words[:-3] + "y" if words.endswith("ies") else words.removesuffix("s")
+
+
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -104,6 +110,19 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         raise ConfigError(f"expected integers separated by commas, got {text!r}") from None
 
 
+def parse_float_list(text: str) -> tuple[float, ...]:
+    """Parse '0.5,1,inf' (an empty string is an empty list)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def parse_str_list(text: str) -> tuple[str, ...]:
+    """Parse 'bucket,static' (an empty string is an empty list)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _parse_int(text: str) -> int:
     try:
         return int(text)
@@ -133,10 +152,12 @@ def _parse_bool(text: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class FieldType:
     """What a field holds, read once from its annotation: a scalar (bool, int, float, str), a
-    tuple of ints, or a nested config; ``optional`` when None is allowed."""
+    tuple of ints, numbers or strings (``item``), or a nested config; ``optional`` when None
+    is allowed."""
 
     kind: type
     optional: bool
+    item: type = int  # a tuple's items
 
     @property
     def is_config(self) -> bool:
@@ -147,9 +168,9 @@ class FieldType:
         custom = f.metadata.get("parse")
         if custom is not None:
             return custom
-        return {bool: _parse_bool, int: _parse_int, float: _parse_float, tuple: parse_int_list}.get(
-            self.kind, str
-        )
+        if self.kind is tuple:
+            return {int: parse_int_list, float: parse_float_list, str: parse_str_list}[self.item]
+        return {bool: _parse_bool, int: _parse_int, float: _parse_float}.get(self.kind, str)
 
 
 _TYPE_CACHE: dict[type, dict[str, FieldType]] = {}
@@ -164,15 +185,24 @@ def field_types(cls: type) -> dict[str, FieldType]:
             hint = hints[f.name]
             args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
             kinds = [a for a in args if a is not type(None)]
-            kind = object  # Any, or a union of several types: taken as it is
+            kind, item = object, int  # Any, or a union of several types: taken as it is
             if len(kinds) == 1 and kinds[0] is not Any:
                 kind = typing.get_origin(kinds[0]) or kinds[0]  # tuple[int, ...] -> tuple
-            found[f.name] = FieldType(kind, type(None) in args)
+                if kind is tuple:
+                    item = typing.get_args(kinds[0])[0]
+            found[f.name] = FieldType(kind, type(None) in args, item)
         _TYPE_CACHE[cls] = found
     return _TYPE_CACHE[cls]
 
 
 _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_ITEM_WORDS = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _is_item(value: Any, item: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if item is float else isinstance(value, item)
 
 
 def _coerce(f: dataclasses.Field, ft: FieldType, value: Any) -> Any:
@@ -196,10 +226,10 @@ def _coerce(f: dataclasses.Field, ft: FieldType, value: Any) -> Any:
             raise ConfigError(f"{f.name}: {e}") from None
     if ft.kind is tuple and isinstance(value, list | tuple):
         check(
-            all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-            f"{f.name} must be integers, got {value!r}",
+            all(_is_item(v, ft.item) for v in value),
+            f"{f.name} must be {_ITEM_WORDS[ft.item]}, got {value!r}",
         )
-        return tuple(value)
+        return tuple(float(v) for v in value) if ft.item is float else tuple(value)
     if ft.kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if ft.kind in _KIND_WORDS and not (
@@ -218,8 +248,20 @@ def check_fields(config: Any) -> None:
         value = _coerce(f, types_[f.name], getattr(config, f.name))
         choices = choices_of(f)
         if choices is not None and value is not None:
-            one_of(f.name.replace("_", " "), value, choices)
+            what = f.name.replace("_", " ")
+            if isinstance(value, tuple):  # the choices are its items': "unknown policy 'x'"
+                for item in value:
+                    one_of(item_word(f.name), item, choices)
+            else:
+                one_of(what, value, choices)
         setattr(config, f.name, value)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of ``cls``'s field ``name``: another option that follows it says so here,
+    rather than restating the value (``simulate --block-size`` defaults to the server's)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def build(cls: type, values: dict[str, Any]) -> Any:

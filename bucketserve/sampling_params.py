@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from bucketserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# The seeds torch.Generator.manual_seed takes: a seed outside them would fail its batch's step.
+SEED_MIN, SEED_END = -(2**63), 2**64
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
             )
+        if self.seed is not None and not SEED_MIN <= self.seed < SEED_END:
+            raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")
 

@@ -252,7 +252,7 @@ def test_every_list_of_policies_reads_the_registry() -> None:
     policy = next(a for a in subcommand("generate")._actions if a.dest == "policy")
     assert tuple(policy.choices) == policy_names()
     simulate = subcommand("simulate").parse_args([])
-    assert simulate.policies == list(policy_names())
+    assert simulate.policies == policy_names()
     compare = subcommand("bench")._subparsers._group_actions[0].choices["compare"]  # type: ignore[union-attr]
     assert ",".join(policy_names()) in next(a.help for a in compare._actions if a.dest == "policies")
     # No module spells the five names out again.

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from bucketserve.engine import autotune, kernels
-from bucketserve.engine.model import Attention, DecodeRows, ModelArgs
-from bucketserve.engine.weights import FormatPlan, MultiFormatLinear, dequantize_int4, quantize_int4
+from bucketserve.engine.calibration import record_input_ranges
+from bucketserve.engine.loader import load_state_dict, read_config
+from bucketserve.engine.model import Attention, DecodeRows, LlamaModel, ModelArgs
+from bucketserve.engine.weights import (
+    FormatPlan,
+    MultiFormatLinear,
+    dequantize_int4,
+    int8_matmul_reference,
+    quantize_int4,
+    quantize_int8,
+)
 from bucketserve.sampling_params import SamplingParams
 
 
@@ -99,23 +108,82 @@ def _grid_weight(n: int, k: int) -> torch.Tensor:
     return (codes.view(n, k // 32, 32).float() * scale + low).view(n, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_native_int8_matmul_equals_the_torch_reference(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """The w8a8 format's native quantize and rescale compute what its torch ops do."""
+    w = torch.randn(96, 128)
+    smooth = torch.linspace(0.5, 2, 128)
+    q, scale = quantize_int8(w * smooth)
+    x = (torch.randn(rows, 128) * torch.linspace(0.1, 3, 128)).to(dtype)
+    args = (q.t(), scale.float(), (1 / smooth).contiguous())
+    got = native.int8_matmul(x, *args)
+    want = int8_matmul_reference(x, *args)
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2 * want.abs().max().item(), rtol=0)
+    exact = x.float() @ w.T  # the smoothing cancels: (x / s) @ (W * s).T
+    torch.testing.assert_close(got.float(), exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
+
+
+def test_w8a8_smoothing_keeps_an_outlier_channel_from_rounding_the_others_away() -> None:
+    """One input channel 100x the others: one scale per token leaves the rest a few int8
+    steps; smoothing by the calibrated ranges (SmoothQuant) brings the error back down."""
+    torch.manual_seed(0)
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 128))
+    x = torch.randn(16, 128)
+    x[:, 3] *= 100
+    exact = x @ lin.weight.detach().T
+
+    def error() -> float:
+        lin.pack(FormatPlan.single("w8a8"), lin.candidate_formats("w8a8", only={"w8a8"}))
+        return float((lin(x) - exact).abs().max() / exact.abs().max())
+
+    plain = error()
+    lin.input_absmax = x.abs().amax(0)
+    smoothed = error()
+    assert smoothed < plain / 3, (plain, smoothed)
+
+
+def test_calibration_records_every_linear_input_range(tiny_model_dir: Path) -> None:
+    model = LlamaModel(ModelArgs.from_hf_config(read_config(tiny_model_dir)))
+    model.load_hf_state_dict(load_state_dict(tiny_model_dir))
+    record_input_ranges(model, list(range(3, 40)))
+    for lin in [*(lin for layer in model.linears() for lin in layer), model.lm_head]:
+        assert lin.input_absmax is not None and lin.input_absmax.shape == (lin.in_features,)
+        assert bool((lin.input_absmax > 0).all())
+
+
 def test_int4_reproduces_a_weight_that_was_4_bit_already() -> None:
     w = _grid_weight(64, 128)
     codes, sz = quantize_int4(w)
     assert (dequantize_int4(codes, sz) - w).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
-def test_every_weight_format_computes_the_same_linear(fmt: str) -> None:
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "w8a8"])
+def test_every_weight_format_computes_the_same_linear(fmt: str, rows: int) -> None:
     lin = MultiFormatLinear(128, 64)
     with torch.no_grad():
         lin.weight.copy_(_grid_weight(64, 128))
-    formats = lin.candidate_formats("int4" if fmt == "int4" else "int8")
+    formats = lin.candidate_formats({"int4": "int4", "w8a8": "w8a8"}.get(fmt, "int8"))
     lin.pack(FormatPlan.single(fmt), formats)
-    x = torch.randn(5, 128)
+    x = torch.randn(rows, 128)
     ref = x @ lin.weight.detach().T
-    tol = {"fp32": 1e-5, "bf16": 3e-2, "int8": 3e-2, "int4": 3e-2}[fmt]
+    tol = {"fp32": 1e-5, "bf16": 3e-2, "int8": 3e-2, "int4": 3e-2, "w8a8": 3e-2}[fmt]
     torch.testing.assert_close(lin(x), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_auto_quantization_rounds_activations_in_the_lm_head_only() -> None:
+    layer, head = MultiFormatLinear(128, 64), MultiFormatLinear(128, 64)
+    head.auto_w8a8 = True  # as LlamaModel sets on its LM head
+    for lin in (layer, head):
+        torch.nn.init.normal_(lin.weight)
+    assert "w8a8" not in layer.candidate_formats("auto")
+    assert "w8a8" in head.candidate_formats("auto")
+    assert "w8a8" in layer.candidate_formats("w8a8")  # asked for: every linear
+    assert "w8a8" not in head.candidate_formats("none")
 
 
 def test_auto_quantization_offers_only_formats_that_reproduce_the_weight() -> None:
@@ -190,12 +258,53 @@ def test_tuning_keeps_the_fastest_format_for_each_step_size(
     def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
         fmt = fn.__defaults__[0]
         rows = next(iter(fn.__defaults__[1].values())).shape[0]
-        return {"int8": 1.0 if rows <= 8 else 9.0, "fp32": 2.0, "bf16": 3.0}[fmt]
+        return {"int8": 1.0 if rows <= 8 else 9.0, "fp32": 2.0, "bf16": 3.0, "w8a8": 9.0}[fmt]
 
     monkeypatch.setattr(autotune, "_time_pass", fake_time)
     plans = autotune.tune(layers, head, torch.float32, "auto", None)
     assert plans.layers == FormatPlan((8, 512), ("int8", "fp32"))
     assert plans.layers.format_for(3) == "int8" and plans.layers.format_for(9) == "fp32"
+
+
+def test_tuning_keeps_measuring_w8a8_after_it_loses_at_small_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weight-only formats are dropped once they fall well behind (they only lose more as M
+    grows); w8a8 computes in int8 and wins at large M, so losing small steps must not drop it."""
+    layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
+    head = MultiFormatLinear(64, 96)
+    for lin in (layers[0][0], layers[1][0], head):
+        torch.nn.init.normal_(lin.weight)
+
+    def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
+        fmt = fn.__defaults__[0]
+        rows = next(iter(fn.__defaults__[1].values())).shape[0]
+        return {
+            "int8": 1.0 if rows <= 4 else 50.0,
+            "fp32": 2.0,
+            "bf16": 3.0,
+            "w8a8": 9.0 if rows < 64 else 1.0,
+        }[fmt]
+
+    monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    plans = autotune.tune(layers, head, torch.float32, "w8a8", None)
+    assert plans.layers == FormatPlan((4, 32, 512), ("int8", "fp32", "w8a8"))
+    assert "int8@512" not in plans.timings["layers"], "int8 was dropped once it fell behind"
+
+
+def test_tuning_gives_a_tie_to_the_format_with_fewer_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
+    head = MultiFormatLinear(64, 96)
+    for lin in (layers[0][0], layers[1][0], head):
+        torch.nn.init.normal_(lin.weight)
+
+    def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
+        fmt = fn.__defaults__[0]
+        return {"int8": 1.0, "w8a8": 1.5, "fp32": 0.97, "bf16": 3.0}[fmt]  # fp32 by 3%: a tie
+
+    monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    plans = autotune.tune(layers, head, torch.float32, "auto", None)
+    assert plans.layers == FormatPlan((512,), ("int8",))  # 1 byte a weight against fp32's 4
 
 
 def test_a_layer_without_a_tuned_quantized_format_falls_back_to_fp32() -> None:

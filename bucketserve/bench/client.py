@@ -21,7 +21,11 @@ import httpx
 from bucketserve.bench.datasets import BenchRequest
 from bucketserve.errors import BucketServeError
 from bucketserve.metrics import RequestRecord
+from bucketserve.options import check, check_fields, option
 from bucketserve.wire import StepSample
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+APIS = ("completions", "chat")
 
 
 class BenchError(BucketServeError):
@@ -30,16 +34,35 @@ class BenchError(BucketServeError):
 
 @dataclass
 class ClientConfig:
-    """How to talk to one server."""
+    """How to talk to one server, and what every request carries besides its prompt.
 
-    base_url: str  # e.g. http://127.0.0.1:8000 (without /v1)
-    model: str
-    api: str = "completions"
-    ignore_eos: bool = True
-    temperature: float = 0.0
-    request_timeout: float = 600.0
-    api_key: str | None = None
-    extra_body: dict[str, Any] = field(default_factory=dict)  # priority, ttft_slo_ms, tpot_slo_ms
+    The ``bench`` subcommands' client options are generated from these fields."""
+
+    base_url: str = option(DEFAULT_URL, help="the server, without /v1")
+    model: str = option("", help="model name to send (default: the first of /v1/models)")
+    api: str = option("completions", choices=APIS, help="/v1/completions or /v1/chat/completions")
+    ignore_eos: bool = option(
+        True,
+        help="send ignore_eos=true, so each request generates exactly its output length; "
+        "--no-ignore-eos lets the model stop at EOS",
+    )
+    temperature: float = option(0.0, help="sampling temperature sent")
+    request_timeout: float = option(600.0, help="seconds per request before it counts as failed")
+    api_key: str | None = option(
+        None, help="bearer token (default: $BUCKETSERVE_API_KEY or $OPENAI_API_KEY, else none)"
+    )
+    priority: int | None = option(
+        None, help="send this priority (lower first) with every request (default: not sent)"
+    )
+    ttft_slo_ms: float | None = option(None, help="send this TTFT SLO with every request (default: not sent)")
+    tpot_slo_ms: float | None = option(None, help="send this TPOT SLO with every request (default: not sent)")
+    # More fields for every body, as they are (not a command-line option).
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(self.request_timeout > 0, f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+        check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
 
     @property
     def endpoint(self) -> str:
@@ -79,6 +102,9 @@ def build_payload(req: BenchRequest, cfg: ClientConfig) -> dict[str, Any]:
         body["prompt"] = req.prompt
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extension: generate exactly max_tokens
+    for name in ("priority", "ttft_slo_ms", "tpot_slo_ms"):  # bucketserve's extensions, if set
+        if getattr(cfg, name) is not None:
+            body[name] = getattr(cfg, name)
     body.update(cfg.extra_body)
     return body
 

@@ -15,6 +15,31 @@ from bucketserve.bench.client import ClientConfig, served_model
 from bucketserve.bench.servers import managed_server
 from bucketserve.bench.sweep import SweepPoint, capacity, run_sweep
 from bucketserve.bench.workload import Workload
+from bucketserve.core.policies import policy_names
+from bucketserve.options import check, check_fields, option
+
+
+@dataclass
+class CompareConfig:
+    """Which servers ``bench compare`` starts, and how (running servers are given by --url)."""
+
+    policies: tuple[str, ...] | None = option(
+        None,
+        choices=policy_names,
+        help="comma-separated policies to start servers for "
+        f"(default: {','.join(policy_names())} unless --url is given)",
+    )
+    server_args: str = option(
+        "",
+        metavar="'ARGS'",
+        help="extra `bucketserve serve` arguments, one quoted string after '=', e.g. "
+        "--server-args='--kv-cache-memory 2GiB --max-model-len 2048' (default: none)",
+    )
+    startup_timeout: float = option(300.0, help="seconds to wait for /health")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(self.startup_timeout > 0, f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
 
 
 @dataclass(frozen=True)

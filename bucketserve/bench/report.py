@@ -9,7 +9,22 @@ from typing import Any
 
 from bucketserve.bench.runner import RunResult
 from bucketserve.metrics import goodput, slo_attainment, summarize
+from bucketserve.options import check_fields, option
 from bucketserve.wire import MeasuredRun, RequestRow
+
+
+@dataclass
+class ReportConfig:
+    """What a benchmark shows and writes besides its table (``--goodput`` is read by
+    :meth:`SLO.parse`; ``bench sweep`` and ``compare`` write to ``SweepConfig.output_dir``)."""
+
+    progress: bool = option(True, help="show a progress bar")
+    output_json: str | None = option(
+        None, help="write config, summary and per-request records here (default: not written)"
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from bucketserve.bench.report import SLO, summarize_run
 from bucketserve.bench.runner import RunResult, run_workload
 from bucketserve.bench.workload import Workload
 from bucketserve.metrics import load_capacity
+from bucketserve.options import check, check_fields, option
 
 
 @dataclass
@@ -21,12 +22,30 @@ class SweepPoint:
     result: RunResult
 
 
-def parse_rates(text: str) -> list[float]:
-    """'0.5,1,2,inf' -> [0.5, 1.0, 2.0, inf]; every rate > 0."""
-    rates = [float(x) for x in text.split(",") if x.strip()]
-    if not rates or any(r <= 0 or math.isnan(r) for r in rates):
-        raise ValueError(f"bad rates {text!r}: give comma-separated numbers > 0 (or inf)")
-    return rates
+@dataclass
+class SweepConfig:
+    """The rates a sweep runs and where its results go (``bench sweep`` and ``compare``)."""
+
+    request_rates: tuple[float, ...] = option(
+        metavar="R,R,...",
+        help="request rates to run, comma-separated, req/s; inf = all at once. A trace keeps "
+        "its arrival pattern, rescaled to each mean rate",
+    )
+    target_attainment: float = option(0.8, help="load capacity = highest rate with this attainment")
+    output_dir: str = option("bench-results", help="where the JSON and PNG go")
+    name: str | None = option(None, help="file name stem (default: <command>-<dataset>)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        rates = self.request_rates
+        check(
+            bool(rates) and all(r > 0 for r in rates),  # (nan > 0 is false)
+            f"request_rates must be numbers > 0 (or inf), got {','.join(f'{r:g}' for r in rates) or 'none'}",
+        )
+        check(
+            0 < self.target_attainment <= 1,
+            f"target_attainment must be in (0, 1], got {self.target_attainment}",
+        )
 
 
 async def run_sweep(

@@ -17,6 +17,7 @@ from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 from bucketserve.core.sequence import FinishReason, Sequence
 from bucketserve.engine.autotune import TunedPlans
+from bucketserve.engine.calibration import CALIBRATION_TEXT
 from bucketserve.engine.detokenizer import Detokenizer
 from bucketserve.engine.device import resolve_device, resolve_dtype
 from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -97,12 +98,16 @@ class LLMEngine:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rotary.to(torch.float32)  # keep the rope tables exact
         # The weight formats per step size the CPU fast path tuned (None: it is off).
+        self.tokenizer = load_tokenizer(self.model_path)
         self.weight_plans: TunedPlans | None = None
         if self.device.type == "cpu" and not config.enforce_eager:
             self.weight_plans = optimize_for_cpu(
-                self.model, self.model_path, config.quantization, cache_dir(config.cache_dir)
+                self.model,
+                self.model_path,
+                config.quantization,
+                cache_dir(config.cache_dir),
+                self.tokenizer.encode(CALIBRATION_TEXT, add_special_tokens=False)[: self.max_model_len],
             )
-        self.tokenizer = load_tokenizer(self.model_path)
         log.info(
             "loaded %s from %s on %s in %s (%.1f s)",
             self.model_name,

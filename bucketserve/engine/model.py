@@ -307,9 +307,13 @@ class MLP(nn.Module):
         self.inter = args.intermediate_size
         self.gate_up_proj = MultiFormatLinear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = MultiFormatLinear(args.intermediate_size, args.hidden_size, bias=False)
+        self.kernels: NativeKernels | None = None  # set by LlamaModel.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and gate_up.is_contiguous():
+            return self.down_proj(self.kernels.silu_and_mul(gate_up, checked=True))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -340,15 +344,17 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = MultiFormatLinear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head.auto_w8a8 = True
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
         self.kernels: NativeKernels | None = None
+        self._cache_views: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def use_kernels(self, kernels: NativeKernels | None) -> None:
-        """Run attention, rope with the KV write, and the residual norms through the native
-        kernels (None: the torch reference paths). Call it after the last ``.to()``: the rope
-        kernel reads the fp32 tables as they are now."""
+        """Run attention, rope with the KV write, the residual norms, SwiGLU and w8a8 linears
+        through the native kernels (None: the torch reference paths). Call it after the last
+        ``.to()``: the rope kernel reads the fp32 tables as they are now."""
         self.kernels = kernels
         tables = (
             None
@@ -359,7 +365,17 @@ class LlamaModel(nn.Module):
             layer.self_attn.kernels = kernels
             layer.self_attn.rope_tables = tables
             layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
+            layer.mlp.kernels = kernels
         self.norm.kernels = kernels
+        for lin in [*(lin for layer in self.linears() for lin in layer), self.lm_head]:
+            lin.kernels = kernels
+
+    def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (K, V) views of ``kv_cache``, made once per cache: indexing the cache
+        anew each step cost 90 dispatches a step."""
+        if self._cache_views is None or self._cache_views[0] is not kv_cache:
+            self._cache_views = (kv_cache, [(c[0], c[1]) for c in kv_cache])
+        return self._cache_views[1]
 
     def linears(self) -> list[list[MultiFormatLinear]]:
         """Each decoder layer's linears, in the order they run."""
@@ -381,8 +397,8 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)  # the reference rope's (the native one reads the tables)
         residual = None
-        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
-            h, residual = layer(h, residual, cos, sin, layer_cache[0], layer_cache[1], meta)
+        for layer, (k_cache, v_cache) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
+            h, residual = layer(h, residual, cos, sin, k_cache, v_cache, meta)
         h, _ = self.norm(h[logits_index], residual[logits_index])
         return self.lm_head(h).float()
 

@@ -15,15 +15,19 @@ import torch
 
 from bucketserve.engine import kernels as native
 from bucketserve.engine.autotune import TunedPlans, cache_key, tune
+from bucketserve.engine.calibration import record_input_ranges
 from bucketserve.engine.model import LlamaModel
 from bucketserve.engine.weights import FormatPlan, MultiFormatLinear
 
 log = logging.getLogger(__name__)
 
 
-def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cache_dir: Path) -> TunedPlans:
+def optimize_for_cpu(
+    model: LlamaModel, model_path: Path, quantization: str, cache_dir: Path, calibration_ids: list[int]
+) -> TunedPlans:
     """Load (or build) the native kernels into ``model`` and pack its linears by the tuned
-    plans; returns the plans."""
+    plans; returns the plans. ``calibration_ids`` (``calibration.CALIBRATION_TEXT``
+    tokenized) give the activation ranges that w8a8 smooths with."""
     t0 = time.perf_counter()
     if quantization == "auto" and model.lm_head.weight.dtype != torch.bfloat16:
         # Asked for float32, a user gets exact float32 weights; in bfloat16, whose own
@@ -31,6 +35,8 @@ def optimize_for_cpu(model: LlamaModel, model_path: Path, quantization: str, cac
         quantization = "none"
     kernels = native.load(cache_dir)
     model.use_kernels(kernels)
+    if quantization in ("auto", "w8a8"):  # the ones that offer w8a8
+        record_input_ranges(model, calibration_ids)
     config = (model_path / "config.json").read_text() if (model_path / "config.json").exists() else ""
     # The weights' files by size and time: new weights under the same path are tuned anew.
     files = sorted(

@@ -10,30 +10,45 @@ Which format is fastest depends on the machine and on M, the rows of the step (m
     int8   10.2  21.6  36.1  67.5 118.2
     int4    5.6  13.8  26.7  52.8 102.2
 
-Small steps read weights (fewer bytes win: int4), large steps compute (the dtype the CPU's
-GEMM runs fastest wins: fp32 there; bf16 on CPUs with AMX). So the engine measures each
-format on the model's own layers at start-up (``autotune.py``) and gives every linear the
-same ``FormatPlan``: a format per range of M.
+Small steps read weights (fewer bytes win: int4), large steps compute: there the fastest
+arithmetic wins, int8 with int32 sums (VNNI on x86, AMX where present) over fp32 and bf16.
+So the engine measures each format on the model's own layers at start-up (``autotune.py``)
+and gives every linear the same ``FormatPlan``: a format per range of M.
 
-Quantized formats use torch's packed weight-only kernels (``_weight_int4pack_mm_for_cpu``,
-``_weight_int8pack_mm``), not hand-written quantization math. A format is offered only where
-it reproduces the weights closely (``reproduces``): the embedded SmolLM2 ships as a Q4_1
-GGUF, whose 4-bit groups of 32 int4 with a scale and zero per group reproduces up to
+The formats: fp32 and bf16; int8 and int4, weight-only (torch's packed kernels
+``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` dequantize the weights and multiply
+in floating point); w8a8, int8 weights times int8 activations quantized per token at each call
+(torch's ``_int_mm``, oneDNN's int8 GEMM; the quantization and the rescale of its int32 sums
+are one native call each, ``kernels.NativeKernels.int8_matmul``). A weight format is offered
+only where it reproduces the weights closely (``_close``): the embedded SmolLM2 ships as a
+Q4_1 GGUF, whose 4-bit groups of 32 int4 with a scale and zero per group reproduces up to
 rounding; int8 with a scale per output channel is within 0.4% of each row's largest weight.
+What w8a8's activation rounding costs the model is measured by ``benchmarks/perplexity.py``.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMATS = ("fp32", "bf16", "int8", "int4")
-QUANTIZED = ("int8", "int4")
+if TYPE_CHECKING:
+    from bucketserve.engine.kernels import NativeKernels
+
+FORMATS = ("fp32", "bf16", "int8", "int4", "w8a8")
+QUANTIZED = ("int8", "int4", "w8a8")
+# Weights stored in fewer bits, multiplied in floating point: they pay while a step reads
+# weights (small M) and only fall behind as M grows. w8a8 multiplies in int8 too (activations
+# quantized per token), which pays most where the step computes (large M).
+WEIGHT_ONLY = ("int8", "int4")
 INT4_GROUP = 32
+# The share of each input channel's range that w8a8 moves from the activations into the
+# weights (SmoothQuant's alpha; its default, and the best of 0.3-0.85 measured here).
+SMOOTHING_ALPHA = 0.5
 # The most a quantized weight may differ from the original, relative to the tensor's largest
 # magnitude, for ``quantization="auto"`` to offer it.
 AUTO_TOLERANCE = 0.01
@@ -137,12 +152,23 @@ class MultiFormatLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.plan: FormatPlan | None = None
         self._packed: dict[str, tuple[torch.Tensor, ...]] = {}
+        # The native kernels (kernels/), set by the model's ``use_kernels``: w8a8 quantizes
+        # and rescales through them, else through torch ops (same numbers, more dispatch).
+        self.kernels: NativeKernels | None = None
+        # Whether --quantization auto offers w8a8 here (the model sets it on its LM head):
+        # rounding the LM head's input cost 0.2% perplexity and changed no answer we checked,
+        # where w8a8 in every decoder layer cost 1.2% and changed the README's greedy answer;
+        # the decoder layers take it only when asked (--quantization w8a8).
+        self.auto_w8a8 = False
+        # The largest magnitude of each input channel over the calibration text
+        # (calibration.py), from which w8a8 smooths its activations; None: not calibrated.
+        self.input_absmax: torch.Tensor | None = None
 
     def candidate_formats(
         self, quantization: str, only: set[str] | None = None
     ) -> dict[str, tuple[torch.Tensor, ...]]:
         """Every format (of ``only``, if given) this weight may run in under ``quantization``
-        (auto, none, int8, int4)."""
+        (auto, none, int8, int4, w8a8)."""
         want = set(FORMATS) if only is None else only
         w = self.weight.detach()
         out: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -154,12 +180,22 @@ class MultiFormatLinear(nn.Module):
         if not lossy_ok:
             return out
         peak = float(w.abs().max()) or 1.0
-        if "int8" in want and quantization in ("auto", "int8"):
+        if "int8" in want and quantization in ("auto", "int8", "w8a8"):
             q, s = quantize_int8(w)
             s = s.bfloat16()  # the kernel's scales: check what will run
             if quantization == "int8" or _close(dequantize_int8(q, s), w, peak):
                 out["int8"] = (q, s)
-        if "int4" in want and quantization in ("auto", "int4") and int4_supported(w):
+        if "w8a8" in want and (quantization == "w8a8" or (quantization == "auto" and self.auto_w8a8)):
+            smooth = (
+                torch.ones(self.in_features) if self.input_absmax is None else smoothing(self.input_absmax, w)
+            )
+            smoothed = w.float() * smooth
+            q, s = quantize_int8(smoothed)
+            if _close(dequantize_int8(q, s), smoothed, float(smoothed.abs().max())):
+                # _int_mm multiplies [M, K] by [K, N]; the transposed view of the row-major
+                # weight ran faster than a contiguous [K, N] copy (oneDNN reads it as N x K).
+                out["w8a8"] = (q.t(), s.float(), (1 / smooth).contiguous())
+        if "int4" in want and quantization in ("auto", "int4", "w8a8") and int4_supported(w):
             codes, sz = quantize_int4(w)
             sz = sz.bfloat16()  # the kernel's scales and zeros: check what will run
             if quantization == "int4" or _close(dequantize_int4(codes, sz), w, peak):
@@ -182,18 +218,59 @@ class MultiFormatLinear(nn.Module):
 
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         w = self._packed[fmt]
+        if fmt == "w8a8":
+            if self.kernels is not None and x.is_contiguous():
+                y = self.kernels.int8_matmul(x, *w)
+            else:
+                y = int8_matmul_reference(x, *w)
+            return y if self.bias is None else y + self.bias
+        # Conversions only where the dtypes differ: a no-op .to() still costs a dispatch, and a
+        # batch-1 decode step made 240 of them.
+        xin = _as(x, torch.bfloat16 if fmt in WEIGHT_ONLY else w[0].dtype)
         if fmt == "int4":
-            y = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), w[0], INT4_GROUP, w[1]).to(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(xin, w[0], INT4_GROUP, w[1])
         elif fmt == "int8":
-            y = torch._weight_int8pack_mm(x.bfloat16(), w[0], w[1]).to(x.dtype)
+            y = torch._weight_int8pack_mm(xin, w[0], w[1])
         else:
-            y = F.linear(x.to(w[0].dtype), w[0]).to(x.dtype)
+            y = F.linear(xin, w[0])
+        y = _as(y, x.dtype)
         return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plan is None:
             return F.linear(x, self.weight, self.bias)
         return self.forward_format(x, self.plan.format_for(x.shape[0]))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def smoothing(
+    input_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA
+) -> torch.Tensor:
+    """SmoothQuant's factor per input channel (float32 [K]): w8a8 runs (x / s) @ (W * s).T,
+    with s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) (calibration.py says why)."""
+    w = weight.detach().float().abs().amax(0).clamp(min=1e-5)
+    return (input_absmax.float().clamp(min=1e-5) ** alpha / w ** (1 - alpha)).clamp(min=1e-5)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row (per token): (int8 [M, K], scales float32 [M, 1])."""
+    xf = x.float()
+    scale = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(xf / scale).to(torch.int8), scale
+
+
+def int8_matmul_reference(
+    x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, inv_smoothing: torch.Tensor
+) -> torch.Tensor:
+    """x @ W.T in the w8a8 format, in torch ops: x divided by the smoothing factors and
+    quantized per token, the smoothed W per output channel, multiplied in int8 with int32 sums
+    by torch's ``_int_mm`` (oneDNN's VNNI/AMX int8 GEMM on x86). The native kernels' version
+    (``NativeKernels.int8_matmul``) computes the same in one call each side of the matmul."""
+    q, scale = quantize_rows_int8(x.float() * inv_smoothing)
+    return (torch._int_mm(q, weight_t) * scale * weight_scale).to(x.dtype)
 
 
 def _close(approx: torch.Tensor, w: torch.Tensor, peak: float) -> bool:

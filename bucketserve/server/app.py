@@ -24,6 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bucketserve.engine.async_engine import AsyncEngine
 from bucketserve.server.errors import APIError, add_error_handlers
 from bucketserve.server.metrics import ServerMetrics
+from bucketserve.server.openapi import json_body, with_body_schemas
+from bucketserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from bucketserve.server.serving import DEFAULT_MAX_BODY_BYTES
 from bucketserve.server.serving_chat import ChatServing
 from bucketserve.server.serving_completion import CompletionServing
 from bucketserve.wire import StepSample
@@ -71,12 +74,12 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 router = APIRouter()
 
 
-@v1.post("/completions", response_model=None)
+@v1.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest))
 async def create_completion(request: Request) -> Response:
     return await _state(request).completions.create(request)
 
 
-@v1.post("/chat/completions", response_model=None)
+@v1.post("/chat/completions", response_model=None, openapi_extra=json_body(ChatCompletionRequest))
 async def create_chat_completion(request: Request) -> Response:
     return await _state(request).chat.create(request)
 
@@ -132,11 +135,13 @@ def build_app(
     api_key: str | None = None,
     *,
     shutdown_grace_s: float = 5.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The FastAPI app serving ``async_engine`` as ``model_name`` (the engine's own model
     path is accepted too). With ``api_key``, /v1/* and /debug/steps need
     ``Authorization: Bearer KEY``. Stopping the app stops the engine, letting requests in
-    flight finish for up to ``shutdown_grace_s``."""
+    flight finish for up to ``shutdown_grace_s``. A request body over ``max_body_bytes`` gets
+    a 413."""
     metrics = ServerMetrics(async_engine.stats, model_name)
     app = FastAPI(title="bucketserve", lifespan=_lifespan)
     app.state.server = ServerState(
@@ -145,12 +150,13 @@ def build_app(
         api_key=api_key,
         shutdown_grace_s=shutdown_grace_s,
         metrics=metrics,
-        completions=CompletionServing(async_engine, model_name, metrics),
-        chat=ChatServing(async_engine, model_name, metrics),
+        completions=CompletionServing(async_engine, model_name, metrics, max_body_bytes),
+        chat=ChatServing(async_engine, model_name, metrics, max_body_bytes),
         created=int(time.time()),
     )
     app.state.metrics, app.state.engine = metrics, async_engine
     add_error_handlers(app, metrics)
     app.include_router(v1)
     app.include_router(router)
+    app.openapi = with_body_schemas(app, [CompletionRequest, ChatCompletionRequest])  # type: ignore[method-assign]
     return app

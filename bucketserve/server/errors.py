@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bucketserve.errors import InvalidRequestError
 from bucketserve.outputs import RequestOutput
+from bucketserve.server.json_reply import JSONReply
 from bucketserve.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.response_body(), status_code=self.status, headers=self.headers)
+        return JSONReply(self.response_body(), status_code=self.status, headers=self.headers)
 
 
 def output_error(out: RequestOutput) -> APIError | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
@@ -19,16 +21,46 @@ log = logging.getLogger("bucketserve.server")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, logging the URL once it accepts connections."""
+    """uvicorn's server, logging the URL once it accepts connections, and draining on the
+    first SIGTERM/SIGINT before it stops listening.
 
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
+    uvicorn alone would close the listening socket at once, so a client arriving during the
+    grace period would get "connection refused" and a load balancer could not tell a stopping
+    server from a dead one. Draining instead keeps answering: new requests get a 503 with a
+    message (the engine refuses them), /health turns 503, and requests in flight run for up to
+    the grace period; then uvicorn's own shutdown runs. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, url: str, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
         self.url = url
+        self.drain = drain
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._drain_task: asyncio.Future[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
         if self.started:
             log.info("serving on %s (OpenAI API under %s/v1)", self.url, self.url)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self.should_exit or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._captured_signals.append(sig)  # re-raised after the shutdown, as uvicorn does
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())  # kept: not collected
+
+    async def _drain_then_exit(self) -> None:
+        log.info("stopping: refusing new requests, letting those in flight finish")
+        try:
+            await self.drain()
+        finally:
+            self.should_exit = True
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -69,6 +101,7 @@ def serve(
         server_config.served_model_name,
         server_config.api_key,
         shutdown_grace_s=shutdown_grace_s,
+        max_body_bytes=server_config.max_request_body,
     )
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
@@ -79,7 +112,9 @@ def serve(
         timeout_graceful_shutdown=int(shutdown_grace_s) + 1,
         access_log=log_level == "debug",
     )
-    server = _Server(config, f"http://{shown_host}:{actual_port}")
+    server = _Server(
+        config, f"http://{shown_host}:{actual_port}", drain=lambda: async_engine.shutdown(shutdown_grace_s)
+    )
     # uvicorn re-raises a captured signal after its graceful shutdown, to the handler installed
     # before it ran: SIGTERM's is replaced so that a requested stop exits with status 0.
     terminated: list[int] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import TypeVar
 
 from fastapi import Request
@@ -24,12 +25,59 @@ from bucketserve.server.streaming import ChunkWriter, sse_response
 _Body = TypeVar("_Body", bound=BaseModel)
 
 _TOO_DEEP = "the request body nests JSON arrays or objects too deeply"
+# A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that is not text (the
+# tokenizer and every UTF-8 writer refuse it), a pair decodes to one character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-async def parse_body(request: Request, model: type[_Body]) -> _Body:
+def has_lone_surrogate(data: object) -> bool:
+    """Whether any string in ``data`` (keys included) holds a lone surrogate; iterative, as
+    the body may nest deeply."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+# Enough for a prompt that fills a long context as text or as token ids; beyond it a body is
+# refused before it is read whole (a client could otherwise fill the server's memory).
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, or a 413 as soon as it is known to exceed ``max_bytes``: from its
+    Content-Length before reading anything, else (a chunked upload) while reading it."""
+    too_large = APIError(
+        413,
+        f"the request body is larger than this server accepts ({max_bytes} bytes; see --max-request-body)",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model: type[_Body], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> _Body:
     """The JSON body as ``model``, whatever the Content-Type (curl -d sends a form type).
     Pydantic's complaints go to the validation handler (``errors.validation_message``)."""
-    body = await request.body()
+    body = await read_body(request, max_bytes)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -38,6 +86,10 @@ async def parse_body(request: Request, model: type[_Body]) -> _Body:
         raise APIError(400, _TOO_DEEP) from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and has_lone_surrogate(data):
+        raise APIError(
+            400, "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not text"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -49,11 +101,26 @@ async def parse_body(request: Request, model: type[_Body]) -> _Body:
 class OpenAIServing:
     """The base of ``CompletionServing`` and ``ChatServing``, over one engine."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        metrics: ServerMetrics,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
         self.accepted_models = {model_name, engine.model_name}  # the engine's model path too
+
+    async def parse(self, request: Request, model: type[_Body]) -> _Body:
+        """The body as ``model`` (see ``parse_body``); a body refused is counted as invalid."""
+        try:
+            return await parse_body(request, model, self.max_body_bytes)
+        except APIError:
+            self.metrics.reject("invalid")
+            raise
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.accepted_models:

@@ -8,14 +8,15 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from bucketserve.errors import InvalidRequestError
 from bucketserve.outputs import TokenLogprobs
+from bucketserve.server.json_reply import JSONReply
 from bucketserve.server.logprobs import DecodeToken, chat_logprobs
 from bucketserve.server.metrics import RequestTracker
 from bucketserve.server.protocol import DEFAULT_CHAT_MAX_TOKENS, ChatCompletionRequest, usage
-from bucketserve.server.serving import OpenAIServing, parse_body
+from bucketserve.server.serving import OpenAIServing
 from bucketserve.server.streaming import ChunkWriter
 
 
@@ -45,7 +46,7 @@ class ChatChunks(ChunkWriter):
 
 class ChatServing(OpenAIServing):
     async def create(self, request: Request) -> Response:
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await self.parse(request, ChatCompletionRequest)
         self.check_model(req.model)
         try:
             req.check()
@@ -81,7 +82,7 @@ class ChatServing(OpenAIServing):
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
-        return JSONResponse(
+        return JSONReply(
             {
                 "id": rid,
                 "object": "chat.completion",

@@ -7,14 +7,15 @@ import uuid
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from bucketserve.errors import InvalidRequestError
 from bucketserve.outputs import TokenLogprobs
+from bucketserve.server.json_reply import JSONReply
 from bucketserve.server.logprobs import DecodeToken, completion_logprobs
 from bucketserve.server.metrics import RequestTracker
 from bucketserve.server.protocol import DEFAULT_COMPLETION_MAX_TOKENS, CompletionRequest, usage
-from bucketserve.server.serving import OpenAIServing, parse_body
+from bucketserve.server.serving import OpenAIServing
 from bucketserve.server.streaming import ChunkWriter
 
 
@@ -37,7 +38,7 @@ class CompletionChunks(ChunkWriter):
 
 class CompletionServing(OpenAIServing):
     async def create(self, request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest)
+        req = await self.parse(request, CompletionRequest)
         self.check_model(req.model)
         try:
             req.check()
@@ -64,4 +65,4 @@ class CompletionServing(OpenAIServing):
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
-        return JSONResponse({**base, "choices": [choice], "usage": usage(final)})
+        return JSONReply({**base, "choices": [choice], "usage": usage(final)})

@@ -9,7 +9,6 @@ KV blocks at once) when the client goes away before the end.
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from bucketserve.engine.async_engine import EngineStoppedError, RequestStream
 from bucketserve.outputs import RequestOutput, TokenLogprobs
 from bucketserve.server.errors import APIError, output_error
+from bucketserve.server.json_reply import json_text
 from bucketserve.server.metrics import RequestTracker
 from bucketserve.server.protocol import usage
 
@@ -28,7 +28,7 @@ DONE = "data: [DONE]\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json_text(payload)}\n\n"
 
 
 class ChunkWriter(abc.ABC):

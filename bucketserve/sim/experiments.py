@@ -21,6 +21,7 @@ from typing import Any
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.policies import policy_names
 from bucketserve.metrics import load_capacity, meets_slo, summarize
+from bucketserve.options import check, check_fields, option, parse_bytes
 from bucketserve.sim.cost_model import (
     OPT_13B_KV_BYTES_PER_TOKEN,
     OPT_13B_WEIGHT_BYTES,
@@ -31,30 +32,55 @@ from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, SimRe
 from bucketserve.workloads import arrivals, synthetic
 from bucketserve.workloads.traces import load_trace
 
-GPU_MEMORY = 40e9  # A100-40GB
+GPU_MEMORY = 40_000_000_000  # A100-40GB
+NVLINK_BANDWIDTH = 300_000_000_000  # bytes/s
 SHORT_SLO = (0.25, 0.1)  # TTFT s, TPOT s
 LONG_SLO = (2.5, 0.15)
 LONG_PROMPT = 1000  # prompts this long or longer get the long SLO
 WORKLOADS = ("alpaca", "longbench", "mixed")
+TRACES = ("azure-conv", "azure-code")
 DEFAULT_RATES = (0.05, 0.1, 0.15, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
 
 @dataclass
 class Setup:
-    """The simulated hardware and serving configuration shared by every run."""
+    """The simulated hardware and serving configuration shared by every run (``simulate``'s
+    "simulated hardware" options are generated from the fields declared with ``option``)."""
 
-    profile: str = "a100-distserve"
-    gpu_memory: float = GPU_MEMORY
-    num_gpus: int = 4
+    profile: str = option(
+        "a100-distserve",
+        help="cost model: a100-distserve, a100-vllm (published, OPT-13B) or a profile JSON path",
+    )
+    gpu_memory: int = option(GPU_MEMORY, parse=parse_bytes, metavar="BYTES", help="bytes per GPU (A100-40GB)")
+    num_gpus: int = option(4, help="GPUs (aggregated: one TP instance; distserve: halves)")
+    # Not an option here: the command line's default depends on the workload (4096, traces 8192).
     max_model_len: int = 4096
-    link_bandwidth: float = 300e9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 4096
-    slo_scale: float = 1.0  # multiplies every TTFT and TPOT target (DistServe's "SLO scale")
-    pad_prefill: bool = False  # charge prefill padded for every policy (see CostModel)
+    link_bandwidth: int = option(
+        NVLINK_BANDWIDTH, parse=parse_bytes, metavar="BYTES", help="KV transfer bytes/s (NVLink)"
+    )
+    max_num_seqs: int = option(256, help="most sequences running at once")
+    max_num_batched_tokens: int = option(4096, help="token budget per step")
+    slo_scale: float = option(
+        1.0,
+        help="multiply the SLOs (prompts under 1000 tokens: TTFT 0.25 s, TPOT 0.1 s; longer: 2.5 s, 0.15 s)",
+    )
+    pad_prefill: bool = option(
+        False, help="charge every policy's prefill batches padded to their longest prompt (no ragged kernels)"
+    )
+    # The simulated model (OPT-13B's sizes), and extra SchedulerConfig fields: not options.
     kv_bytes_per_token: int = OPT_13B_KV_BYTES_PER_TOKEN
-    weight_bytes: float = OPT_13B_WEIGHT_BYTES
-    overrides: dict[str, Any] = field(default_factory=dict)  # extra SchedulerConfig fields
+    weight_bytes: int = OPT_13B_WEIGHT_BYTES
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("gpu_memory", "num_gpus", "max_model_len", "link_bandwidth", "max_num_seqs"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(
+            self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
+        )
+        check(self.slo_scale > 0, f"slo_scale must be > 0, got {self.slo_scale}")
 
     def instance(self, num_gpus: int) -> InstanceSpec:
         profile = load_profile(self.profile, tp=num_gpus)
@@ -88,6 +114,50 @@ class Setup:
                 f"KV over {self.link_bandwidth / 1e9:.0f} GB/s"
             )
         return f"one TP{cfg.instance.num_gpus} instance ({cfg.instance.kv_capacity_tokens} KV tokens)"
+
+
+@dataclass
+class SimulateConfig:
+    """Which policies ``simulate`` runs, and its single run's workload."""
+
+    policies: tuple[str, ...] = option(
+        default_factory=policy_names, choices=policy_names, help="comma-separated policies"
+    )
+    workload: str = option(
+        "mixed", choices=(*WORKLOADS, *TRACES), help="single run: synthetic lengths, or an Azure trace"
+    )
+    num_requests: int = option(1000, help="single run: requests (a trace: its first N)")
+    rate: float | None = option(None, help="single run: Poisson req/s (default: all at t=0)")
+    seed: int = option(0, help="seed of lengths and arrivals")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(bool(self.policies), "policies must name at least one policy")
+        check(self.num_requests >= 1, f"num_requests must be >= 1, got {self.num_requests}")
+        check(self.rate is None or self.rate > 0, f"rate must be > 0, got {self.rate}")
+
+
+@dataclass
+class ExperimentConfig:
+    """The sizes of ``simulate --experiment paper`` and ``traces``, and where they write."""
+
+    rates: tuple[float, ...] = option(DEFAULT_RATES, help="paper: Poisson rates swept")
+    num_offline: int = option(1000, help="paper: requests per offline run")
+    num_online: int = option(500, help="paper: requests per rate point")
+    trace_limit: float | None = option(
+        None, metavar="SECONDS", help="traces: keep the first SECONDS (default: the whole trace)"
+    )
+    output_dir: str = option("results/sim", help="where tables, JSON and PNGs go")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check(bool(self.rates) and all(r > 0 for r in self.rates), f"rates must be > 0, got {self.rates}")
+        check(self.num_offline >= 1, f"num_offline must be >= 1, got {self.num_offline}")
+        check(self.num_online >= 1, f"num_online must be >= 1, got {self.num_online}")
+        check(
+            self.trace_limit is None or self.trace_limit > 0,
+            f"trace_limit must be > 0, got {self.trace_limit}",
+        )
 
 
 def slo_for(prompt_len: int, scale: float = 1.0) -> tuple[float, float]:

@@ -28,14 +28,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bucketserve.config import SchedulerConfig
+from bucketserve.config import EngineConfig, SchedulerConfig
 from bucketserve.core.policies import policy_names
 from bucketserve.metrics import RequestRecord, summarize
+from bucketserve.options import check, check_fields, default_of, option, parse_bytes
 from bucketserve.sim.cost_model import CostModel, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
 from bucketserve.wire import MeasuredRun, StepSample, read_json
 
 METRICS = ("output_throughput", "p50_ttft_ms", "p50_tpot_ms")
+# The server sizes its KV pool from free memory unless given --kv-cache-memory, and a bench
+# file does not record the pool: validation assumes this one unless told.
+ASSUMED_KV_POOL = 2 * 2**30
+
+
+@dataclass
+class ValidateConfig:
+    """The settings of the server that produced the bench files ``simulate --validate``
+    replays; each defaults to the server's own default (``EngineConfig``, ``SchedulerConfig``)."""
+
+    policy: str | None = option(
+        None, choices=policy_names, help="the server's policy, if the JSON does not say (default: none)"
+    )
+    kv_cache_memory: int = option(
+        ASSUMED_KV_POOL,
+        parse=parse_bytes,
+        metavar="BYTES",
+        help="the server's KV pool bytes: its --kv-cache-memory (a server sized by "
+        "--kv-cache-fraction has a pool the file does not record: give it here)",
+    )
+    block_size: int = option(default_of(EngineConfig, "block_size"), help="the server's --block-size")
+    server_max_num_seqs: int = option(
+        default_of(SchedulerConfig, "max_num_seqs"), help="the server's --max-num-seqs"
+    )
+    server_max_num_batched_tokens: int = option(
+        default_of(SchedulerConfig, "max_num_batched_tokens"), help="the server's --max-num-batched-tokens"
+    )
+    target: float = option(0.15, help="relative error target")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("block_size", "server_max_num_seqs", "server_max_num_batched_tokens"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.kv_cache_memory >= 1, f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
+        check(self.target > 0, f"target must be > 0, got {self.target}")
+
+    @property
+    def scheduler(self) -> dict[str, int]:
+        """The server's scheduler limits, as SchedulerConfig fields."""
+        return {
+            "max_num_seqs": self.server_max_num_seqs,
+            "max_num_batched_tokens": self.server_max_num_batched_tokens,
+        }
 
 
 class SpeedTrace:

@@ -81,6 +81,63 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, *[_i64] * 5]
         self._rope_write_kv = fn
+        fn = lib.bucketserve_silu_and_mul
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _i64, _i64]
+        self._silu_and_mul = fn
+        fn = lib.bucketserve_quantize_rows_int8
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        self._quantize_rows_int8 = fn
+        fn = lib.bucketserve_rescale_int32
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        self._rescale_int32 = fn
+
+    def silu_and_mul(self, gate_up: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """SwiGLU's ``silu(gate) * up`` of ``gate_up`` [T, 2I] (gate first): [T, I]."""
+        tokens, width = gate_up.shape
+        if not checked:
+            _check(gate_up)
+            if width % 2:
+                raise ValueError("silu_and_mul needs gate and up side by side: an even width")
+        out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
+        if self._silu_and_mul(
+            _DTYPE_CODES[gate_up.dtype], out.data_ptr(), gate_up.data_ptr(), tokens, width // 2
+        ):
+            raise ValueError("silu_and_mul rejected its arguments")
+        return out
+
+    def int8_matmul(
+        self, x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, inv_smoothing: torch.Tensor
+    ) -> torch.Tensor:
+        """``x @ W.T`` in the w8a8 format (weights.py): x times ``inv_smoothing`` quantized per
+        token here, the int8 product by ``torch._int_mm``, its int32 sums scaled back here;
+        [M, N] in x's dtype. ``weight_t`` is the smoothed int8 weight's [K, N] transposed view,
+        ``weight_scale`` float32 [N], ``inv_smoothing`` float32 [K]."""
+        if x.dtype not in _DTYPE_CODES or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError("int8_matmul needs a contiguous float32 or bfloat16 CPU input")
+        rows, k = x.shape
+        n = weight_t.shape[1]
+        if weight_t.dtype != torch.int8 or weight_t.shape[0] != k:
+            raise ValueError("int8_matmul needs int8 weights of [K, N] for an input of [M, K]")
+        for t, size in ((weight_scale, n), (inv_smoothing, k)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (size,):
+                raise ValueError("int8_matmul needs contiguous float32 scales of [N] and smoothing of [K]")
+        code = _DTYPE_CODES[x.dtype]
+        q = torch.empty(rows, k, dtype=torch.int8)
+        row_scale = torch.empty(rows, dtype=torch.float32)
+        if self._quantize_rows_int8(
+            code, q.data_ptr(), row_scale.data_ptr(), x.data_ptr(), inv_smoothing.data_ptr(), rows, k
+        ):
+            raise ValueError("quantize_rows_int8 rejected its arguments")
+        acc = torch._int_mm(q, weight_t).contiguous()
+        out = torch.empty(rows, n, dtype=x.dtype)
+        if self._rescale_int32(
+            code, out.data_ptr(), acc.data_ptr(), row_scale.data_ptr(), weight_scale.data_ptr(), rows, n
+        ):
+            raise ValueError("rescale_int32 rejected its arguments")
+        return out
 
     def add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False
