@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bucketserve import LLM, SamplingParams
-from bucketserve.config import DTYPES, SchedulerConfig, parse_bytes
+from bucketserve.config import DTYPES, QUANTIZATIONS, EngineConfig, SchedulerConfig, parse_bytes
 from bucketserve.core.policies import policy_names
 from bucketserve.errors import BucketServeError
 from bucketserve.wire import write_json
@@ -268,6 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compute dtype of both systems; auto = bfloat16 where the CPU runs it fast, else float32",
     )
     p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=EngineConfig().quantization,
+        help="bucketserve: the CPU weight formats the start-up tuning may pick (see `serve --help`)",
+    )
+    p.add_argument(
         "--output-json", type=Path, default=None, metavar="PATH", help="also write the figures here as JSON"
     )
     a = p.parse_args(argv)
@@ -281,6 +287,7 @@ def build_llm(a: argparse.Namespace) -> Any:
         policy=a.policy,
         kv_cache_memory=a.kv_cache_memory,
         dtype=a.dtype,
+        quantization=a.quantization,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
     )
@@ -317,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ceiling = measure_ceiling()
         print("\n== share of this machine's compute ceiling (benchmarks/machine_ceiling.py) ==")
-        for dtype in ceiling.gflops:
-            tps = ceiling.tokens_per_s(dtype)
+        for kind in ceiling.gflops:  # not `dtype`: the report below names the model's
+            tps = ceiling.tokens_per_s(kind)
             print(
-                f"  {dtype} GEMM {ceiling.gflops[dtype]:.0f} GFLOP/s -> ceiling {tps:.0f} tokens/s; "
+                f"  {kind} GEMM {ceiling.gflops[kind]:.0f} GFLOP/s -> ceiling {tps:.0f} tokens/s; "
                 f"bucketserve {ours.total_tok_s:.0f} total tokens/s = {100 * ours.total_tok_s / tps:.1f}%"
             )
         share = ours.total_tok_s / ceiling.tokens_per_s("bf16")

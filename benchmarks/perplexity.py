@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from bucketserve.config import EngineConfig
 from bucketserve.engine.kv_cache import allocate_kv_cache
 from bucketserve.engine.llm_engine import LLMEngine
-from bucketserve.engine.model import AttentionMetadata, LlamaModel, PrefillRow
+from bucketserve.engine.model import AttentionMetadata, LlamaModel
 from bucketserve.engine.weights import FormatPlan
 from bucketserve.workloads.sharegpt import load_conversations, prompt_reply_pairs
 
@@ -59,13 +59,7 @@ def reply_nll(model: LlamaModel, kv: torch.Tensor, prompt: list[int], reply: lis
     """Summed NLL of ``reply`` given ``prompt``, and its token count."""
     ids = torch.tensor(prompt + reply)
     n = ids.numel()
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n),
-        positions=torch.arange(n),
-        prefill=[PrefillRow(0, n, None)],
-        num_prefill_tokens=n,
-        decode=None,
-    )
+    meta = AttentionMetadata.one_prefill(n)
     first = len(prompt) - 1  # the logits at position i predict token i + 1
     index = torch.arange(first, n - 1)
     logits = model(ids, meta.positions, kv, meta, index)

@@ -5,6 +5,7 @@ engine on the fast path against one with ``enforce_eager``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -245,64 +246,51 @@ def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) 
     assert got == want
 
 
-def test_tuning_keeps_the_fastest_format_for_each_step_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _tuning_case(monkeypatch: pytest.MonkeyPatch, ms: Callable[[str, int], float]):  # type: ignore[no-untyped-def]
+    """Two one-linear layers and a head, with the tuner's timing replaced by ``ms(format,
+    rows)`` (the pass's format and inputs are its closure's default arguments)."""
     layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
     head = MultiFormatLinear(64, 96)
     for lin in (layers[0][0], layers[1][0], head):
         torch.nn.init.normal_(lin.weight)
 
-    # A machine where int8 wins up to 8 rows and fp32 from there (the pass's format is its
-    # closure's default argument).
     def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
-        fmt = fn.__defaults__[0]
-        rows = next(iter(fn.__defaults__[1].values())).shape[0]
-        return {"int8": 1.0 if rows <= 8 else 9.0, "fp32": 2.0, "bf16": 3.0, "w8a8": 9.0}[fmt]
+        fmt, inputs = fn.__defaults__
+        return ms(fmt, next(iter(inputs.values())).shape[0])
 
     monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    return layers, head
+
+
+def test_tuning_keeps_the_fastest_format_for_each_step_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A machine where int8 wins up to 8 rows and fp32 from there.
+    table = {"fp32": 2.0, "bf16": 3.0, "w8a8": 9.0}
+    layers, head = _tuning_case(
+        monkeypatch, lambda f, m: (1.0 if m <= 8 else 9.0) if f == "int8" else table[f]
+    )
     plans = autotune.tune(layers, head, torch.float32, "auto", None)
     assert plans.layers == FormatPlan((8, 512), ("int8", "fp32"))
     assert plans.layers.format_for(3) == "int8" and plans.layers.format_for(9) == "fp32"
 
 
-def test_tuning_keeps_measuring_w8a8_after_it_loses_at_small_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tuning_keeps_measuring_w8a8_after_it_loses_at_small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Weight-only formats are dropped once they fall well behind (they only lose more as M
     grows); w8a8 computes in int8 and wins at large M, so losing small steps must not drop it."""
-    layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
-    head = MultiFormatLinear(64, 96)
-    for lin in (layers[0][0], layers[1][0], head):
-        torch.nn.init.normal_(lin.weight)
-
-    def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
-        fmt = fn.__defaults__[0]
-        rows = next(iter(fn.__defaults__[1].values())).shape[0]
-        return {
-            "int8": 1.0 if rows <= 4 else 50.0,
-            "fp32": 2.0,
-            "bf16": 3.0,
-            "w8a8": 9.0 if rows < 64 else 1.0,
-        }[fmt]
-
-    monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    times = {
+        "int8": lambda m: 1.0 if m <= 4 else 50.0,
+        "fp32": lambda m: 2.0,
+        "bf16": lambda m: 3.0,
+        "w8a8": lambda m: 9.0 if m < 64 else 1.0,
+    }
+    layers, head = _tuning_case(monkeypatch, lambda f, m: times[f](m))
     plans = autotune.tune(layers, head, torch.float32, "w8a8", None)
     assert plans.layers == FormatPlan((4, 32, 512), ("int8", "fp32", "w8a8"))
     assert "int8@512" not in plans.timings["layers"], "int8 was dropped once it fell behind"
 
 
 def test_tuning_gives_a_tie_to_the_format_with_fewer_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    layers = [[MultiFormatLinear(64, 64)] for _ in range(2)]
-    head = MultiFormatLinear(64, 96)
-    for lin in (layers[0][0], layers[1][0], head):
-        torch.nn.init.normal_(lin.weight)
-
-    def fake_time(fn) -> float:  # type: ignore[no-untyped-def]
-        fmt = fn.__defaults__[0]
-        return {"int8": 1.0, "w8a8": 1.5, "fp32": 0.97, "bf16": 3.0}[fmt]  # fp32 by 3%: a tie
-
-    monkeypatch.setattr(autotune, "_time_pass", fake_time)
+    table = {"int8": 1.0, "w8a8": 1.5, "fp32": 0.97, "bf16": 3.0}  # fp32 faster by 3%: a tie
+    layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
     plans = autotune.tune(layers, head, torch.float32, "auto", None)
     assert plans.layers == FormatPlan((512,), ("int8",))  # 1 byte a weight against fp32's 4
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from bucketserve.engine.kv_cache import allocate_kv_cache
-from bucketserve.engine.model import AttentionMetadata, LlamaModel, PrefillRow
+from bucketserve.engine.model import AttentionMetadata, LlamaModel
 from bucketserve.engine.weights import MultiFormatLinear
 
 CALIBRATION_TEXT = """\
@@ -71,13 +71,7 @@ def record_input_ranges(model: LlamaModel, token_ids: list[int], block_size: int
         n = len(token_ids)
         param = model.lm_head.weight
         kv = allocate_kv_cache(model.args, n // block_size + 1, block_size, param.dtype, param.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n),
-            positions=torch.arange(n),
-            prefill=[PrefillRow(0, n, None)],
-            num_prefill_tokens=n,
-            decode=None,
-        )
+        meta = AttentionMetadata.one_prefill(n)
         model(torch.tensor(token_ids), meta.positions, kv, meta, torch.arange(n))
     finally:
         for h in hooks:

@@ -181,6 +181,18 @@ class AttentionMetadata:
     num_prefill_tokens: int
     decode: DecodeRows | None
 
+    @classmethod
+    def one_prefill(cls, num_tokens: int) -> AttentionMetadata:
+        """One sequence's first ``num_tokens`` tokens in slots 0..n-1 of a scratch cache (a
+        calibration pass, teacher-forced scoring)."""
+        return cls(
+            slot_mapping=torch.arange(num_tokens),
+            positions=torch.arange(num_tokens),
+            prefill=[PrefillRow(0, num_tokens, None)],
+            num_prefill_tokens=num_tokens,
+            decode=None,
+        )
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
