@@ -11,7 +11,7 @@ moves part of each channel's range into the weights, ``x / s`` and ``W * s`` wit
 happens inside the quantization call, so the other formats keep the weights as they are.
 
 The ranges come from one forward pass over ``CALIBRATION_TEXT`` (prose, a dialogue, code,
-lists and numbers; about 500 tokens, under a second).
+lists and numbers: 442 tokens for the embedded model, its pass 0.65 s on the 2-core Xeon).
 """
 
 from __future__ import annotations

@@ -219,8 +219,8 @@ class MultiFormatLinear(nn.Module):
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         w = self._packed[fmt]
         if fmt == "w8a8":
-            if self.kernels is not None and x.is_contiguous():
-                y = self.kernels.int8_matmul(x, *w)
+            if self.kernels is not None and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
+                y = self.kernels.int8_matmul(x, *w, checked=True)  # w packed by candidate_formats
             else:
                 y = int8_matmul_reference(x, *w)
             return y if self.bias is None else y + self.bias

@@ -109,21 +109,30 @@ class NativeKernels:
         return out
 
     def int8_matmul(
-        self, x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, inv_smoothing: torch.Tensor
+        self,
+        x: torch.Tensor,
+        weight_t: torch.Tensor,
+        weight_scale: torch.Tensor,
+        inv_smoothing: torch.Tensor,
+        checked: bool = False,
     ) -> torch.Tensor:
         """``x @ W.T`` in the w8a8 format (weights.py): x times ``inv_smoothing`` quantized per
         token here, the int8 product by ``torch._int_mm``, its int32 sums scaled back here;
         [M, N] in x's dtype. ``weight_t`` is the smoothed int8 weight's [K, N] transposed view,
-        ``weight_scale`` float32 [N], ``inv_smoothing`` float32 [K]."""
-        if x.dtype not in _DTYPE_CODES or not x.is_contiguous() or x.device.type != "cpu":
-            raise ValueError("int8_matmul needs a contiguous float32 or bfloat16 CPU input")
+        ``weight_scale`` float32 [N], ``inv_smoothing`` float32 [K]. ``checked``: as for
+        ``add_rms_norm`` (``MultiFormatLinear`` packs the three itself and passes it)."""
         rows, k = x.shape
         n = weight_t.shape[1]
-        if weight_t.dtype != torch.int8 or weight_t.shape[0] != k:
-            raise ValueError("int8_matmul needs int8 weights of [K, N] for an input of [M, K]")
-        for t, size in ((weight_scale, n), (inv_smoothing, k)):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (size,):
-                raise ValueError("int8_matmul needs contiguous float32 scales of [N] and smoothing of [K]")
+        if not checked:
+            if x.dtype not in _DTYPE_CODES or not x.is_contiguous() or x.device.type != "cpu":
+                raise ValueError("int8_matmul needs a contiguous float32 or bfloat16 CPU input")
+            if weight_t.dtype != torch.int8 or weight_t.shape[0] != k:
+                raise ValueError("int8_matmul needs int8 weights of [K, N] for an input of [M, K]")
+            for t, size in ((weight_scale, n), (inv_smoothing, k)):
+                if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (size,):
+                    raise ValueError(
+                        "int8_matmul needs contiguous float32 scales of [N] and smoothing of [K]"
+                    )
         code = _DTYPE_CODES[x.dtype]
         q = torch.empty(rows, k, dtype=torch.int8)
         row_scale = torch.empty(rows, dtype=torch.float32)
