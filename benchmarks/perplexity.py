@@ -91,15 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(len(r) for _, r in pairs)
     kv = allocate_kv_cache(model.args, MAX_LEN // BLOCK + 1, BLOCK, torch.bfloat16, torch.device("cpu"))
     print(f"{len(pairs)} ShareGPT replies, {tokens} scored tokens (seed {a.seed})")
-    print(
-        f"default plan (--quantization auto): layers {default.layers.describe()}; "
-        f"lm head {default.lm_head.describe()}"
-    )
+    print(f"default plan (--quantization auto): {default.describe()}")
 
     linears = [lin for layer in model.linears() for lin in layer]
     # The default plan's formats (fp32 is exact: bf16 stands for it), each combination of a
     # layer format with a head format, beside the reference and the formats it does not use.
-    layer_used = sorted({_reference(f) for f in default.layers.used})
+    layer_used = sorted({_reference(f) for f in default.layers.used | default.decode_layers.used})
     head_used = sorted({_reference(f) for f in default.lm_head.used})
     combos = [("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16"), ("w8a8", "bf16"), ("w8a8", "w8a8")]
     combos += [(lf, hf) for lf in layer_used for hf in head_used if (lf, hf) not in combos]

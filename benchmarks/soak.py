@@ -5,9 +5,13 @@ What it measures
     The real Azure 2023 conversation trace (arrival pattern and lengths; text from ShareGPT,
     ``bench.workload``), time-scaled so that its mean rate is --load (default 0.7) of the
     server's capacity (--capacity req/s, or measured first: --capacity-requests trace requests
-    all at once, completed per second), for --duration seconds (default 1800), repeated from
-    its start if it runs out. 10% of the clients (--drop-fraction) close the stream after the
-    first few tokens; 5% (--bad-fraction) send a body the server must refuse with a 400.
+    all at once, completed per second), for --duration seconds (default 1800). The trace's
+    first --period seconds (default: one --window) are replayed over and over, so that the first
+    and the last windows carry the same requests at the same offsets and a change of TTFT
+    between them is drift of the server, not another stretch of the trace (--period 0: the
+    trace straight through). 10% of the clients (--drop-fraction) close the stream after the
+    first few tokens; 5% (--bad-fraction) send a body the server must refuse with a 400; which
+    ones is fixed per request of the period, so every repeat has the same mix.
     Meanwhile the server's resident memory (RSS) is sampled every --rss-every seconds.
 
     Prints: requests by kind, 5xx answers (HTTP status, or an error event in a stream), the KV
@@ -91,13 +95,9 @@ async def send_bad(client: httpx.AsyncClient, cfg: ClientConfig, req: BenchReque
 
 
 async def replay(
-    requests: list[BenchRequest], arrivals: list[float], cfg: ClientConfig, drop: float, bad: float, seed: int
+    requests: list[BenchRequest], arrivals: list[float], kinds: list[str], cfg: ClientConfig
 ) -> Totals:
     totals = Totals()
-    rng = random.Random(seed)
-    kinds = [
-        "drop" if (u := rng.random()) < drop else "bad" if u < drop + bad else "normal" for _ in requests
-    ]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=cfg.request_timeout, limits=limits) as client:
         t0 = time.perf_counter()
@@ -125,24 +125,35 @@ async def replay(
     return totals
 
 
+def client_kinds(n: int, drop: float, bad: float, seed: int) -> list[str]:
+    """Which of ``n`` requests are sent normally, dropped mid-reply, or sent broken."""
+    rng = random.Random(seed)
+    return ["drop" if (u := rng.random()) < drop else "bad" if u < drop + bad else "normal" for _ in range(n)]
+
+
 def trace_replay(
-    tokenizer, duration: float, rate: float, max_len: int
-) -> tuple[list[BenchRequest], list[float]]:
-    """The trace's requests and arrival offsets at mean ``rate``, repeated until ``duration``."""
-    needed = math.ceil(duration * rate) + 1  # the trace's first requests; repeated if too few
+    tokenizer, duration: float, rate: float, max_len: int, period: float, drop: float, bad: float, seed: int
+) -> tuple[list[BenchRequest], list[float], list[str]]:
+    """The trace's requests, arrival offsets at mean ``rate`` and client kinds until ``duration``:
+    its first ``period`` seconds over and over (``period`` 0: the whole run's worth of trace,
+    repeated only if the trace runs out)."""
+    span = period if period > 0 else duration
+    needed = math.ceil(span * rate) + 1
     trace = build_workload(TRACE, needed, tokenizer, max_prompt_len=max_len // 2, max_total_len=max_len)
-    period_times = trace.arrivals(rate=rate)
-    period = period_times[-1] + 1 / rate
-    requests, arrivals = [], []
-    k = 0
-    while True:
-        for req, t in zip(trace.requests, period_times, strict=True):
-            at = k * period + t
-            if at >= duration:
-                return requests, arrivals
-            requests.append(req)
-            arrivals.append(at)
-        k += 1
+    times = trace.arrivals(rate=rate)
+    if period > 0:
+        keep = [i for i, t in enumerate(times) if t < period]
+    else:
+        keep, period = list(range(len(times))), times[-1] + 1 / rate
+    kinds = client_kinds(len(keep), drop, bad, seed)
+    requests, arrivals, kind_of = [], [], []
+    for k in range(math.ceil(duration / period)):
+        for i, kind in zip(keep, kinds, strict=True):
+            if (at := k * period + times[i]) < duration:
+                requests.append(trace.requests[i])
+                arrivals.append(at)
+                kind_of.append(kind)
+    return requests, arrivals, kind_of
 
 
 def measure_capacity(cfg: ClientConfig, requests: list[BenchRequest]) -> float:
@@ -180,15 +191,20 @@ def soak(url: str, pid: int | None, a: argparse.Namespace) -> bool:
         capacity = measure_capacity(cfg, probe)
         print(f"measured capacity: {capacity:.2f} req/s ({a.capacity_requests} trace requests at once)")
     rate = a.load * capacity
-    requests, arrivals = trace_replay(tokenizer, a.duration, rate, a.max_len)
-    print(f"replaying {len(requests)} {TRACE} requests at {rate:.2f} req/s ({a.load:.0%} of {capacity:.2f}) "
-          f"for {a.duration:g} s")  # fmt: skip
+    window = min(a.window, a.duration / 4)
+    period = window if a.period is None else a.period
+    requests, arrivals, kinds = trace_replay(
+        tokenizer, a.duration, rate, a.max_len, period, a.drop_fraction, a.bad_fraction, a.seed
+    )
+    repeats = f"its first {period:g} s over and over" if period > 0 else "straight through"
+    print(f"replaying {len(requests)} {TRACE} requests ({repeats}) at {rate:.2f} req/s "
+          f"({a.load:.0%} of {capacity:.2f}) for {a.duration:g} s")  # fmt: skip
 
     async def run() -> tuple[Totals, list[tuple[float, int]]]:
         rss: list[tuple[float, int]] = []
         done = asyncio.Event()
         sampler = asyncio.create_task(sample_rss(pid, a.rss_every, rss, done)) if pid else None
-        totals = await replay(requests, arrivals, cfg, a.drop_fraction, a.bad_fraction, a.seed)
+        totals = await replay(requests, arrivals, kinds, cfg)
         done.set()
         if sampler:
             await sampler
@@ -201,7 +217,6 @@ def soak(url: str, pid: int | None, a: argparse.Namespace) -> bool:
     kv = kv_usage(url)
 
     warmup = a.warmup if a.warmup is not None else 0.1 * a.duration
-    window = min(a.window, a.duration / 4)
     first, last = p99_ttft(totals.ttfts, 0, window), p99_ttft(totals.ttfts, a.duration - window, a.duration)
     after = [r for t, r in rss if t >= warmup]
     growth = (after[-1] - after[0]) / after[0] if len(after) >= 2 else math.nan
@@ -252,6 +267,9 @@ def main() -> int:
     p.add_argument("--bad-fraction", type=float, default=0.05)
     p.add_argument("--warmup", type=float, help="seconds before RSS growth counts (default: 10%% of the run)")
     p.add_argument("--window", type=float, default=300.0, help="the first/last TTFT windows, seconds")
+    p.add_argument(
+        "--period", type=float, help="seconds of trace replayed again and again (default: --window; 0: none)"
+    )
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)

@@ -73,12 +73,19 @@ def test_native_decode_attention_equals_the_torch_reference(
         [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
     )
     q = torch.randn(rows, heads, head_dim).to(dtype)
-    got = native.decode_attention(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+    # The query rows as the kernel meets them in the model: inside the qkv projection's rows.
+    qkv = torch.cat([q.view(rows, -1), torch.randn(rows, 2 * kv_heads * head_dim).to(dtype)], 1)
+    got = native.decode_attention(qkv, k_cache, v_cache, tables, lens, head_dim**-0.5, heads)
     ref = _attention(heads, kv_heads, head_dim)._paged_attention(
         q.unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
     )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), ref.squeeze(2).float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        got.view(rows, heads, head_dim).float(), ref.squeeze(2).float(), atol=tol, rtol=tol
+    )
+    # The last rows alone, as a step whose decode rows follow its prefill rows.
+    tail = native.decode_attention(qkv[3:], k_cache, v_cache, tables[3:], lens[3:], head_dim**-0.5, heads)
+    torch.testing.assert_close(tail, got[3:])
 
 
 def test_native_decode_attention_refuses_a_context_longer_than_its_table(
@@ -87,7 +94,7 @@ def test_native_decode_attention_refuses_a_context_longer_than_its_table(
     k = torch.zeros(1, 4, 4, 16)
     with pytest.raises(ValueError, match="exceeds its block table"):
         native.decode_attention(
-            torch.zeros(1, 1, 16), k, k, torch.zeros(1, 2, dtype=torch.long), torch.tensor([9]), 1.0
+            torch.zeros(1, 16), k, k, torch.zeros(1, 2, dtype=torch.long), torch.tensor([9]), 1.0, 1
         )
 
 
@@ -176,15 +183,41 @@ def test_every_weight_format_computes_the_same_linear(fmt: str, rows: int) -> No
     torch.testing.assert_close(lin(x), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
-def test_auto_quantization_rounds_activations_in_the_lm_head_only() -> None:
-    layer, head = MultiFormatLinear(128, 64), MultiFormatLinear(128, 64)
-    head.auto_w8a8 = True  # as LlamaModel sets on its LM head
-    for lin in (layer, head):
-        torch.nn.init.normal_(lin.weight)
-    assert "w8a8" not in layer.candidate_formats("auto")
-    assert "w8a8" in head.candidate_formats("auto")
-    assert "w8a8" in layer.candidate_formats("w8a8")  # asked for: every linear
-    assert "w8a8" not in head.candidate_formats("none")
+def test_auto_quantization_keeps_w8a8_away_from_prompt_tokens_in_the_decoder_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # w8a8 the fastest format at every size: auto runs it for decode rows and in the LM head,
+    # and the fastest exact-activation format for prompt tokens in the decoder layers.
+    table = {"int8": 2.0, "w8a8": 1.0, "fp32": 3.0, "bf16": 4.0}
+    layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
+    plans = autotune.tune(layers, head, torch.float32, "auto", None)
+    assert plans.decode_layers.formats == plans.lm_head.formats == ("w8a8",)
+    assert plans.layers.formats == ("int8",)
+    asked = autotune.tune(layers, head, torch.float32, "w8a8", None)
+    assert asked.layers.formats == asked.decode_layers.formats == ("w8a8",)  # asked for: everywhere
+    lin = MultiFormatLinear(128, 64)
+    torch.nn.init.normal_(lin.weight)
+    assert "w8a8" not in lin.candidate_formats("none")
+
+
+def test_a_linear_runs_prompt_rows_and_decode_rows_by_their_own_plans() -> None:
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(_grid_weight(64, 128))
+    lin.pack(FormatPlan.single("fp32"), lin.candidate_formats("auto"), FormatPlan((2, 512), ("int8", "int4")))
+    ran: list[tuple[int, str]] = []
+    original = lin.forward_format
+    lin.forward_format = lambda x, fmt: ran.append((x.shape[0], fmt)) or original(x, fmt)  # type: ignore[method-assign]
+    x = torch.randn(6, 128)
+    whole = lin(x)  # prompt rows only, the default
+    assert ran == [(6, "fp32")]
+    ran.clear()
+    assert lin(x, prompt_rows=0).shape == (6, 64) and ran == [(6, "int4")]
+    ran.clear()
+    mixed = lin(x, prompt_rows=4)  # 4 prompt tokens, then 2 decode rows: int8 by their count
+    assert ran == [(4, "fp32"), (2, "int8")]
+    torch.testing.assert_close(mixed[:4], whole[:4])
+    torch.testing.assert_close(mixed[4:], x[4:] @ lin.weight.detach().T, atol=0.05, rtol=0.05)
 
 
 def test_auto_quantization_offers_only_formats_that_reproduce_the_weight() -> None:
@@ -269,7 +302,7 @@ def test_tuning_keeps_the_fastest_format_for_each_step_size(monkeypatch: pytest.
         monkeypatch, lambda f, m: (1.0 if m <= 8 else 9.0) if f == "int8" else table[f]
     )
     plans = autotune.tune(layers, head, torch.float32, "auto", None)
-    assert plans.layers == FormatPlan((8, 512), ("int8", "fp32"))
+    assert plans.layers == plans.decode_layers == FormatPlan((8, 512), ("int8", "fp32"))
     assert plans.layers.format_for(3) == "int8" and plans.layers.format_for(9) == "fp32"
 
 
@@ -301,8 +334,10 @@ def test_a_layer_without_a_tuned_quantized_format_falls_back_to_fp32() -> None:
     lin = MultiFormatLinear(128, 64)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(64, 128))  # int4 cannot hold it within 1%
-    assert _pack(lin, FormatPlan((16, 512), ("int4", "fp32")), "auto") is True
+    plan = FormatPlan((16, 512), ("int4", "fp32"))
+    assert _pack(lin, plan, FormatPlan.single("int4"), "auto") is True
     assert lin.plan == FormatPlan((16, 512), ("fp32", "fp32"))
+    assert lin.decode_plan == FormatPlan.single("fp32")
     x = torch.randn(3, 128)
     torch.testing.assert_close(lin(x), x @ lin.weight.detach().T)
 

@@ -2,8 +2,11 @@
 
 For each row count in ``ROW_BUCKETS`` and each format a linear may hold (weights.py), one
 pass over the linears of the first few decoder layers is timed (best of a few); the fastest
-format wins that bucket. The result, a ``FormatPlan`` for the decoder layers and one for the
-LM head, is cached as JSON under ``<cache dir>/tuning``, named by everything it depends on
+format wins that bucket. Three ``FormatPlan``s come out of the one measurement: the decoder
+layers' for prompt tokens, theirs for decode rows, and the LM head's. The first two differ
+where ``--quantization auto`` keeps w8a8 away from prompt tokens in the decoder layers
+(``EXACT_PROMPT_FORMATS``); a step that carries both kinds runs each by its own plan. The
+result is cached as JSON under ``<cache dir>/tuning``, named by everything it depends on
 (model, dtype, quantization, torch version, CPU flags, threads), so later starts read it.
 """
 
@@ -31,12 +34,19 @@ TUNE_LAYERS = 8  # layers timed per pass: enough to spill the caches, few enough
 REPEATS = 3
 TIE = 0.05
 BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1, "w8a8": 1, "bf16": 2, "fp32": 4}
-VERSION = 4  # bump when what is measured or offered changes
+VERSION = 5  # bump when what is measured or offered changes
+# What --quantization auto lets the decoder layers run prompt tokens in: every format but
+# w8a8. w8a8 in the decoder layers cost +1.0% perplexity (within the 2% that a default may
+# cost), but on prompts it changed the README's greedy answer, and a prompt's rounded K/V
+# are read by every token of its reply. For decode rows, where w8a8 is the fastest format
+# from batch ~8 up, auto offers it.
+EXACT_PROMPT_FORMATS = frozenset(FORMATS) - {"w8a8"}
 
 
 @dataclass(frozen=True)
 class TunedPlans:
-    layers: FormatPlan
+    layers: FormatPlan  # the decoder layers' prompt tokens
+    decode_layers: FormatPlan  # the decoder layers' decode rows
     lm_head: FormatPlan
     timings: dict[str, dict[str, float]]  # part -> "format@rows" -> ms per pass
 
@@ -44,13 +54,25 @@ class TunedPlans:
         return {
             "version": VERSION,
             "layers": self.layers.to_dict(),
+            "decode_layers": self.decode_layers.to_dict(),
             "lm_head": self.lm_head.to_dict(),
             "timings": self.timings,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> TunedPlans:
-        return cls(FormatPlan.from_dict(d["layers"]), FormatPlan.from_dict(d["lm_head"]), d["timings"])
+        return cls(
+            FormatPlan.from_dict(d["layers"]),
+            FormatPlan.from_dict(d["decode_layers"]),
+            FormatPlan.from_dict(d["lm_head"]),
+            d["timings"],
+        )
+
+    def describe(self) -> str:
+        return (
+            f"decoder layers {self.layers.describe()} (decode rows: "
+            f"{self.decode_layers.describe()}); lm head {self.lm_head.describe()}"
+        )
 
 
 def cache_key(parts: Sequence[str]) -> str:
@@ -71,18 +93,17 @@ def _time_pass(fn: Callable[[], object]) -> float:
     return best * 1e3
 
 
-def _tune_part(
-    name: str,
+def _measure_part(
     layers: list[tuple[MultiFormatLinear, dict[str, tuple[torch.Tensor, ...]]]],
     dtype: torch.dtype,
     bar: tqdm,
-) -> tuple[FormatPlan, dict[str, float]]:
+) -> dict[int, dict[str, float]]:
+    """ms per pass over ``layers`` for each row bucket and each format all of them hold."""
     formats = [f for f in FORMATS if all(f in cands for _, cands in layers)]
-    timings: dict[str, float] = {}
-    winners: list[str] = []
+    measured: dict[int, dict[str, float]] = {}
     losing: dict[str, int] = {}
     for rows in ROW_BUCKETS:
-        measured: dict[str, float] = {}  # this M's timings, unrounded
+        at = measured[rows] = {}
         for fmt in formats:
             if losing.get(fmt, 0) >= 2:  # weight-only kernels only fall further behind as M grows
                 bar.update(1)
@@ -95,22 +116,30 @@ def _tune_part(
                 for lin, _ in layers:
                     lin.forward_format(inputs[lin.in_features], fmt)
 
-            measured[fmt] = ms = _time_pass(one_pass)
-            timings[f"{fmt}@{rows}"] = round(ms, 3)
+            at[fmt] = _time_pass(one_pass)
             bar.update(1)
-        best_ms = min(measured.values())
-        for fmt in formats:
-            if fmt in WEIGHT_ONLY and fmt in measured:
-                losing[fmt] = losing.get(fmt, 0) + 1 if measured[fmt] > 1.5 * best_ms else 0
+        # Against the best format that keeps the activations exact, as the prompt plan may
+        # have to choose among those alone.
+        best_exact = min(ms for f, ms in at.items() if f in EXACT_PROMPT_FORMATS)
+        for fmt in WEIGHT_ONLY:
+            if fmt in at:
+                losing[fmt] = losing.get(fmt, 0) + 1 if at[fmt] > 1.5 * best_exact else 0
+    return measured
+
+
+def _choose(name: str, measured: dict[int, dict[str, float]], allowed: frozenset[str]) -> FormatPlan:
+    """The fastest of the ``allowed`` formats for each row bucket, as a plan."""
+    bounds: list[int] = []
+    chosen: list[str] = []
+    for rows in ROW_BUCKETS:
+        at = {f: ms for f, ms in measured[rows].items() if f in allowed}
+        best_ms = min(at.values())
         # Timings within TIE of the fastest are a tie, which the format with the fewest bytes
         # per weight wins: the pass runs warm in the caches where a real step does not, and a
         # tie measured here was a loss in the step (w8a8 against int4 at M = 1: 1.21 against
         # 1.24 ms here, a decode step 12.5 against 9.8 ms).
-        tied = [f for f, ms in measured.items() if ms <= best_ms * (1 + TIE)]
-        winners.append(min(tied, key=lambda f: (BYTES_PER_WEIGHT[f], measured[f])))
-    bounds: list[int] = []
-    chosen: list[str] = []
-    for rows, fmt in zip(ROW_BUCKETS, winners, strict=True):
+        tied = [f for f, ms in at.items() if ms <= best_ms * (1 + TIE)]
+        fmt = min(tied, key=lambda f: (BYTES_PER_WEIGHT[f], at[f]))
         if chosen and chosen[-1] == fmt:
             bounds[-1] = rows
         else:
@@ -118,7 +147,11 @@ def _tune_part(
             chosen.append(fmt)
     plan = FormatPlan(tuple(bounds), tuple(chosen))
     log.info("weight formats for %s: %s", name, plan.describe())
-    return plan, timings
+    return plan
+
+
+def _flat(measured: dict[int, dict[str, float]]) -> dict[str, float]:
+    return {f"{fmt}@{rows}": round(ms, 3) for rows, at in measured.items() for fmt, ms in at.items()}
 
 
 def tune(
@@ -133,7 +166,7 @@ def tune(
     if cache_file is not None and cache_file.exists():
         try:
             plans = TunedPlans.from_dict(json.loads(cache_file.read_text()))
-            log.info("weight formats from %s: layers %s", cache_file, plans.layers.describe())
+            log.info("weight formats from %s: %s", cache_file, plans.describe())
             return plans
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable tuning file %s: %s", cache_file, e)
@@ -146,11 +179,18 @@ def tune(
         torch.inference_mode(),
         tqdm(total=total, desc="tuning weight formats", unit="test", leave=False) as bar,
     ):
-        layer_plan, layer_times = _tune_part("decoder layers", sample, dtype, bar)
-        head_plan, head_times = _tune_part("lm head", head, dtype, bar)
+        layer_times = _measure_part(sample, dtype, bar)
+        head_times = _measure_part(head, dtype, bar)
+    every = frozenset(FORMATS)
+    prompt_formats = EXACT_PROMPT_FORMATS if quantization == "auto" else every
     for lin, _ in (*sample, *head):
         lin.unpack()
-    plans = TunedPlans(layer_plan, head_plan, {"layers": layer_times, "lm_head": head_times})
+    plans = TunedPlans(
+        _choose("decoder layers, prompt tokens", layer_times, prompt_formats),
+        _choose("decoder layers, decode rows", layer_times, every),
+        _choose("lm head", head_times, every),
+        {"layers": _flat(layer_times), "lm_head": _flat(head_times)},
+    )
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")

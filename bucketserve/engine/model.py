@@ -211,15 +211,18 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, head_dim]
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,  # [T, 1, head_dim]; None on the native path
+        sin: torch.Tensor | None,
         k_cache: torch.Tensor,  # [kv_heads, blocks, block_size, head_dim]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
-        if self.kernels is not None and self.rope_tables is not None and qkv.is_contiguous():
+        prompt_rows = meta.num_prefill_tokens  # the linears run prompt and decode rows by their own plans
+        qkv = self.qkv_proj(x, prompt_rows)
+        native = self.kernels is not None and self.rope_tables is not None
+        if native:
+            qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
             # One native call rotates q and k in place and writes K and V to the cache.
             self.kernels.rope_write_kv(
                 qkv,
@@ -231,10 +234,13 @@ class Attention(nn.Module):
                 self.num_heads,
                 checked=True,
             )
+            if not meta.prefill:  # decode rows only: attention reads q inside qkv's rows
+                return self.o_proj(self._native_decode(qkv, k_cache, v_cache, meta.decode), 0)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
         else:
+            assert cos is not None and sin is not None, "the torch rope needs the model's cos and sin"
             qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
             # q and k rotate together: one rope for all heads.
             qk = apply_rope(qk.reshape(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
@@ -257,25 +263,32 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
             else:
                 o = self._chunk_over_cache(qi, k_cache, v_cache, row.cached)
-            outs.append(o[0].transpose(0, 1))  # [n, H, D]
+            outs.append(o[0].transpose(0, 1).reshape(-1, self.q_size))  # [n, H * D]
         if meta.decode is not None:
-            qd = q[meta.num_prefill_tokens :]
-            if self.kernels is not None:
-                outs.append(
-                    self.kernels.decode_attention(
-                        qd.contiguous(),
-                        k_cache,
-                        v_cache,
-                        meta.decode.block_tables,
-                        meta.decode.context_lens,
-                        self.head_dim**-0.5,
-                        checked=True,
-                    )
-                )
+            if native:
+                rows = qkv[meta.num_prefill_tokens :]
+                outs.append(self._native_decode(rows, k_cache, v_cache, meta.decode))
             else:
-                outs.append(self._paged_attention(qd.unsqueeze(2), k_cache, v_cache, meta.decode).squeeze(2))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.o_proj(out.reshape(T, self.q_size))
+                qd = q[meta.num_prefill_tokens :].unsqueeze(2)
+                outs.append(self._paged_attention(qd, k_cache, v_cache, meta.decode).reshape(-1, self.q_size))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs), prompt_rows)
+
+    def _native_decode(
+        self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: DecodeRows | None
+    ) -> torch.Tensor:
+        """The native paged attention of the decode rows, whose rows of ``qkv`` start with q:
+        [rows, heads * head_dim]."""
+        assert self.kernels is not None and rows is not None
+        return self.kernels.decode_attention(
+            qkv,
+            k_cache,
+            v_cache,
+            rows.block_tables,
+            rows.context_lens,
+            self.head_dim**-0.5,
+            self.num_heads,
+            checked=True,
+        )
 
     def _chunk_over_cache(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: CachedContext
@@ -321,12 +334,13 @@ class MLP(nn.Module):
         self.down_proj = MultiFormatLinear(args.intermediate_size, args.hidden_size, bias=False)
         self.kernels: NativeKernels | None = None  # set by LlamaModel.use_kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, prompt_rows: int | None = None) -> torch.Tensor:
+        """``prompt_rows``: as for ``MultiFormatLinear.forward``."""
+        gate_up = self.gate_up_proj(x, prompt_rows)
         if self.kernels is not None and gate_up.is_contiguous():
-            return self.down_proj(self.kernels.silu_and_mul(gate_up, checked=True))
+            return self.down_proj(self.kernels.silu_and_mul(gate_up, checked=True), prompt_rows)
         gate, up = gate_up.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up, prompt_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -345,7 +359,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(h, residual)
         h = self.self_attn(h, cos, sin, k_cache, v_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, meta.num_prefill_tokens), residual
 
 
 class LlamaModel(nn.Module):
@@ -356,7 +370,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = MultiFormatLinear(args.hidden_size, args.vocab_size, bias=False)
-        self.lm_head.auto_w8a8 = True
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
@@ -407,12 +420,13 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (fp32) of the tokens at ``logits_index``, after writing every token's KV."""
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)  # the reference rope's (the native one reads the tables)
+        # The reference rope's cos and sin (the native one reads the fp32 tables itself).
+        cos, sin = self.rotary(positions, h.dtype) if self.kernels is None else (None, None)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
             h, residual = layer(h, residual, cos, sin, k_cache, v_cache, meta)
         h, _ = self.norm(h[logits_index], residual[logits_index])
-        return self.lm_head(h).float()
+        return self.lm_head(h).float()  # one plan for its prompt and decode rows (autotune)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face Llama/Qwen2 weights, fusing q/k/v and gate/up as this model does."""

@@ -51,9 +51,10 @@ def optimize_for_cpu(
     )
     fallbacks = 0
     with torch.inference_mode():
-        for lin in [*(lin for layer in linears for lin in layer), model.lm_head]:
-            plan = plans.lm_head if lin is model.lm_head else plans.layers
-            fallbacks += _pack(lin, plan, quantization)
+        for layer in linears:
+            for lin in layer:
+                fallbacks += _pack(lin, plans.layers, plans.decode_layers, quantization)
+        fallbacks += _pack(model.lm_head, plans.lm_head, plans.lm_head, quantization)
     if fallbacks:
         log.warning(
             "%d linear(s) do not reproduce their weights within 1%% in a tuned quantized format; "
@@ -62,23 +63,26 @@ def optimize_for_cpu(
         )
     seconds = time.perf_counter() - t0
     log.info(
-        "CPU fast path in %.1f s: decode attention %s; weight formats %s (lm head %s)",
+        "CPU fast path in %.1f s: decode attention %s; weight formats: %s",
         seconds,
         "native kernel" if kernels else "torch reference",
-        plans.layers.describe(),
-        plans.lm_head.describe(),
+        plans.describe(),
     )
     return plans
 
 
-def _pack(lin: MultiFormatLinear, plan: FormatPlan, quantization: str) -> bool:
-    """Pack one linear by ``plan``, building only the formats it names (the others would cost
-    memory). The tuning timed the first layers only: a later layer that does not offer a
+def _pack(lin: MultiFormatLinear, plan: FormatPlan, decode_plan: FormatPlan, quantization: str) -> bool:
+    """Pack one linear by its plans, building only the formats they name (the others would
+    cost memory). The tuning timed the first layers only: a later layer that does not offer a
     tuned quantized format runs fp32 there instead (returns True)."""
-    formats = lin.candidate_formats(quantization, only=plan.used)
-    if plan.used <= set(formats):
-        lin.pack(plan, formats)
+    used = plan.used | decode_plan.used
+    formats = lin.candidate_formats(quantization, only=used)
+    if used <= set(formats):
+        lin.pack(plan, formats, decode_plan)
         return False
-    own = FormatPlan(plan.max_rows, tuple(f if f in formats else "fp32" for f in plan.formats))
-    lin.pack(own, formats | lin.candidate_formats(quantization, only={"fp32"}))
+
+    def own(p: FormatPlan) -> FormatPlan:
+        return FormatPlan(p.max_rows, tuple(f if f in formats else "fp32" for f in p.formats))
+
+    lin.pack(own(plan), formats | lin.candidate_formats(quantization, only={"fp32"}), own(decode_plan))
     return True

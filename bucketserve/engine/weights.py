@@ -138,11 +138,12 @@ def int4_supported(w: torch.Tensor) -> bool:
 
 
 class MultiFormatLinear(nn.Module):
-    """``y = x @ W.T (+ b)`` with W held in the formats of ``plan``, picked per call by M.
+    """``y = x @ W.T (+ b)`` with W held in the formats of its plans, picked per call by M and
+    by the rows' kind: ``plan`` serves prompt tokens, ``decode_plan`` decode rows (autotune.py
+    says why they may differ).
 
     ``weight`` (a Parameter, in the model's dtype) is the reference the other formats are
-    built from by ``pack``; until then, or with a plan naming only the model's dtype, this is
-    an ``nn.Linear``.
+    built from by ``pack``; until then this is an ``nn.Linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -151,15 +152,11 @@ class MultiFormatLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.plan: FormatPlan | None = None
+        self.decode_plan: FormatPlan | None = None
         self._packed: dict[str, tuple[torch.Tensor, ...]] = {}
         # The native kernels (kernels/), set by the model's ``use_kernels``: w8a8 quantizes
         # and rescales through them, else through torch ops (same numbers, more dispatch).
         self.kernels: NativeKernels | None = None
-        # Whether --quantization auto offers w8a8 here (the model sets it on its LM head):
-        # rounding the LM head's input cost 0.2% perplexity and changed no answer we checked,
-        # where w8a8 in every decoder layer cost 1.2% and changed the README's greedy answer;
-        # the decoder layers take it only when asked (--quantization w8a8).
-        self.auto_w8a8 = False
         # The largest magnitude of each input channel over the calibration text
         # (calibration.py), from which w8a8 smooths its activations; None: not calibrated.
         self.input_absmax: torch.Tensor | None = None
@@ -185,7 +182,7 @@ class MultiFormatLinear(nn.Module):
             s = s.bfloat16()  # the kernel's scales: check what will run
             if quantization == "int8" or _close(dequantize_int8(q, s), w, peak):
                 out["int8"] = (q, s)
-        if "w8a8" in want and (quantization == "w8a8" or (quantization == "auto" and self.auto_w8a8)):
+        if "w8a8" in want and quantization in ("auto", "w8a8"):
             smooth = (
                 torch.ones(self.in_features) if self.input_absmax is None else smoothing(self.input_absmax, w)
             )
@@ -203,17 +200,25 @@ class MultiFormatLinear(nn.Module):
                 out["int4"] = (packed, sz)
         return out
 
-    def pack(self, plan: FormatPlan, formats: dict[str, tuple[torch.Tensor, ...]]) -> None:
-        """Keep only the formats ``plan`` uses (memory) and run by it from now on."""
-        missing = plan.used - set(formats)
+    def pack(
+        self,
+        plan: FormatPlan,
+        formats: dict[str, tuple[torch.Tensor, ...]],
+        decode_plan: FormatPlan | None = None,
+    ) -> None:
+        """Keep only the formats the plans use (memory) and run by them from now on;
+        ``decode_plan`` None: ``plan`` serves decode-only steps too."""
+        decode_plan = decode_plan or plan
+        used = plan.used | decode_plan.used
+        missing = used - set(formats)
         if missing:
             raise ValueError(f"no {sorted(missing)} weights for this layer")
-        self.plan = plan
-        self._packed = {f: formats[f] for f in plan.used}
+        self.plan, self.decode_plan = plan, decode_plan
+        self._packed = {f: formats[f] for f in used}
 
     def unpack(self) -> None:
         """Drop the packed formats: back to an ``nn.Linear`` on ``weight``."""
-        self.plan = None
+        self.plan = self.decode_plan = None
         self._packed = {}
 
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -236,10 +241,21 @@ class MultiFormatLinear(nn.Module):
         y = _as(y, x.dtype)
         return y if self.bias is None else y + self.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plan is None:
+    def forward(self, x: torch.Tensor, prompt_rows: int | None = None) -> torch.Tensor:
+        """``prompt_rows``: how many of x's rows, first, are prompt tokens (None: all of them);
+        the rest are decode rows. Each kind runs in its plan's format for its own row count,
+        in one matmul where the two formats agree."""
+        if self.plan is None or self.decode_plan is None:
             return F.linear(x, self.weight, self.bias)
-        return self.forward_format(x, self.plan.format_for(x.shape[0]))
+        rows = x.shape[0]
+        prompt = rows if prompt_rows is None else prompt_rows
+        if prompt == 0:
+            return self.forward_format(x, self.decode_plan.format_for(rows))
+        prompt_fmt = self.plan.format_for(prompt)
+        if prompt == rows or (decode_fmt := self.decode_plan.format_for(rows - prompt)) == prompt_fmt:
+            return self.forward_format(x, prompt_fmt)
+        head, tail = self.forward_format(x[:prompt], prompt_fmt), self.forward_format(x[prompt:], decode_fmt)
+        return torch.cat([head, tail])
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -71,7 +71,8 @@ class NativeKernels:
         lib = ctypes.CDLL(str(path))
         fn = lib.bucketserve_decode_attention
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, *[_i64] * 6, ctypes.c_float]
+        # dtype, out, q, q's row stride, k, v, tables, width, lens, six sizes, scale
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _i64, *[_ptr] * 3, _i64, _ptr, *[_i64] * 6, ctypes.c_float]
         self._decode = fn
         fn = lib.bucketserve_add_rms_norm
         fn.restype = ctypes.c_int
@@ -235,30 +236,38 @@ class NativeKernels:
 
     def decode_attention(
         self,
-        q: torch.Tensor,  # [rows, heads, head_dim]
+        q: torch.Tensor,  # [rows, >= heads * head_dim]: each row's heads first, contiguous
         k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim]
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,  # [rows, width] int64
         context_lens: torch.Tensor,  # [rows] int64
         scale: float,
+        heads: int,
         checked: bool = False,
     ) -> torch.Tensor:
-        """Each row's query attends to its first ``context_lens[r]`` cached tokens; [rows, heads, dim].
+        """Each row's query attends to its first ``context_lens[r]`` cached tokens; [rows,
+        heads * head_dim]. ``q`` may be the decode rows of the fused qkv projection's output
+        as they lie (q first in each row): the kernel reads them in place.
 
         ``checked``: as for ``add_rms_norm``; the model runner builds the block tables from
         the lengths, so every length fits its table."""
-        rows, heads, dim = q.shape
-        kvh, nb, bs, _ = k_cache.shape
+        rows = q.shape[0]
+        kvh, nb, bs, dim = k_cache.shape
         if not checked:
-            _check(q, k_cache, v_cache)
+            _check(k_cache, v_cache)
+            if q.dtype != k_cache.dtype or q.dim() != 2 or q.stride(1) != 1 or q.shape[1] < heads * dim:
+                raise ValueError(
+                    "decode_attention needs q as [rows, >= heads * head_dim] rows, unit-strided, "
+                    "in the caches' dtype"
+                )
             if not (block_tables.is_contiguous() and context_lens.is_contiguous()):
                 raise ValueError("decode_attention needs contiguous block tables and lengths")
             if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
                 raise ValueError("block tables and context lengths must be int64")
             if block_tables.shape[0] != rows or context_lens.shape != (rows,):
                 raise ValueError("one block table and one context length per query row")
-            if v_cache.shape != k_cache.shape or k_cache.shape[3] != dim or heads % kvh:
-                raise ValueError("decode_attention: q, k_cache and v_cache disagree on heads or head_dim")
+            if v_cache.shape != k_cache.shape or heads % kvh:
+                raise ValueError("decode_attention: q, k_cache and v_cache disagree on heads")
             if rows and int(context_lens.max()) > block_tables.shape[1] * bs:
                 raise ValueError("a context length exceeds its block table")
             if rows and (
@@ -266,11 +275,12 @@ class NativeKernels:
                 or not 0 <= int(block_tables.min()) <= int(block_tables.max()) < nb
             ):
                 raise ValueError("decode_attention: a block id or context length is out of range")
-        out = torch.empty_like(q)
+        out = torch.empty(rows, heads * dim, dtype=q.dtype)
         err = self._decode(
             _DTYPE_CODES[q.dtype],
             out.data_ptr(),
             q.data_ptr(),
+            q.stride(0),
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             block_tables.data_ptr(),
