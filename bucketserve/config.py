@@ -124,10 +124,11 @@ class EngineConfig:
         choices=QUANTIZATIONS,
         help="CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16 "
         "compute, int8/int4 weights only where they reproduce the weights within 1% (the embedded Q4 "
-        "GGUF model's int4 does) and int8 activations (w8a8) in the LM head only, nothing quantized "
-        "in float32; none = the model's dtype and fp32 only; int8/int4 = offer that weight "
-        "quantization whatever it costs; w8a8 = auto plus int8 activations in every linear (about "
-        "2x faster batched steps and prefill, +1.2% perplexity, and greedy answers can change)",
+        "GGUF model's int4 does), and int8 activations (w8a8) for decode rows and in the LM head but "
+        "never for prompt tokens in the decoder layers; nothing quantized in float32; none = the "
+        "model's dtype and fp32 only; int8/int4 = offer that weight quantization whatever it costs; "
+        "w8a8 = auto plus int8 activations for prompt tokens too (prefill about 2.5x faster, "
+        "+1.2% perplexity, and greedy answers can change)",
     )
     enforce_eager: bool = option(
         False, help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)"
