@@ -489,22 +489,48 @@ void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const flo
 // format): each channel first times its smoothing factor col[i] (SmoothQuant's 1 / s), then
 // scale = max|x| / 127 per row, q = round(x / scale). One call instead of the eight torch ops
 // it replaces; at batch 1 their dispatch cost more than the int8 matmul saved.
+#ifdef __AVX512F__
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
 template <typename T>
 void quantize_rows_int8(int8_t* q, float* scale, const T* x, const float* col, int64_t rows, int64_t k) {
-#pragma omp parallel for schedule(static) if (rows * k > 65536)
+#pragma omp parallel for schedule(static) if (rows * k > 262144)
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = x + r * k;
+    int8_t* out = q + r * k;
+#ifdef __AVX512F__
+    // 16 channels a vector; the round is the CPU's (to nearest even, as torch.round), the
+    // narrowing saturates (|x| / scale <= 127 by construction). The scalar loop below took
+    // 33 us for 32 x 576 (a third of the w8a8 linear at batch 32): it did not vectorize.
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>(k - i >= 16 ? 0xffff : (1u << (k - i)) - 1u);
+      const __m512 v = _mm512_mul_ps(load16(in + i, m), _mm512_maskz_loadu_ps(m, col + i));
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    }
+    const float s = std::max(_mm512_reduce_max_ps(vmax), 1e-12f) / 127.f;
+    scale[r] = s;
+    const __m512 inv = _mm512_set1_ps(1.f / s);
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 m = static_cast<__mmask16>(k - i >= 16 ? 0xffff : (1u << (k - i)) - 1u);
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(in + i, m), _mm512_maskz_loadu_ps(m, col + i)), inv);
+      _mm_mask_storeu_epi8(out + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+#else
     float amax = 0.f;
-#pragma omp simd reduction(max : amax)
     for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(to_float(in[i]) * col[i]));
     const float s = std::max(amax, 1e-12f) / 127.f;
     scale[r] = s;
-    int8_t* out = q + r * k;
-#pragma omp simd
     for (int64_t i = 0; i < k; ++i) {
       const float v = std::nearbyint(to_float(in[i]) * col[i] / s);  // ties to even, as torch.round
       out[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
     }
+#endif
   }
 }
 
