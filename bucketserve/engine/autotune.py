@@ -39,7 +39,7 @@ VERSION = 5  # bump when what is measured or offered changes
 # w8a8. w8a8 in the decoder layers cost +1.0% perplexity (within the 2% that a default may
 # cost), but on prompts it changed the README's greedy answer, and a prompt's rounded K/V
 # are read by every token of its reply. For decode rows, where w8a8 is the fastest format
-# from batch ~8 up, auto offers it.
+# from a few rows up (3-5 in the tunings on the 2-core Xeon), auto offers it.
 EXACT_PROMPT_FORMATS = frozenset(FORMATS) - {"w8a8"}
 
 

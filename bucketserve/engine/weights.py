@@ -13,7 +13,9 @@ Which format is fastest depends on the machine and on M, the rows of the step (m
 Small steps read weights (fewer bytes win: int4), large steps compute: there the fastest
 arithmetic wins, int8 with int32 sums (VNNI on x86, AMX where present) over fp32 and bf16.
 So the engine measures each format on the model's own layers at start-up (``autotune.py``)
-and gives every linear the same ``FormatPlan``: a format per range of M.
+and gives every decoder linear the same two ``FormatPlan``s, a format per range of M: one
+for prompt tokens, one for decode rows (they differ where w8a8 is offered to decode rows
+only); the LM head has its own.
 
 The formats: fp32 and bf16; int8 and int4, weight-only (torch's packed kernels
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` dequantize the weights and multiply
@@ -207,7 +209,7 @@ class MultiFormatLinear(nn.Module):
         decode_plan: FormatPlan | None = None,
     ) -> None:
         """Keep only the formats the plans use (memory) and run by them from now on;
-        ``decode_plan`` None: ``plan`` serves decode-only steps too."""
+        ``decode_plan`` None: ``plan`` serves decode rows too."""
         decode_plan = decode_plan or plan
         used = plan.used | decode_plan.used
         missing = used - set(formats)

@@ -321,12 +321,16 @@ void attend_row_bf16_dp(uint16_t* out, const uint16_t* q, const uint16_t* kh, co
     }
 }
 
-// The dpbf16 kernel for this (head_dim, group), or null where it has none.
+#endif
+
+// The dpbf16 kernel for this dtype, head_dim and group, or null where it has none (or the CPU
+// lacks AVX512-BF16).
 template <typename T>
 using RowKernel = void (*)(T*, const T*, const T*, const T*, const int64_t*, int64_t, float, float*,
                            int64_t);
 template <typename T>
-RowKernel<T> bf16_dp_kernel(int64_t head_dim, int64_t group) {
+RowKernel<T> bf16_dp_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (head_dim == 64) {
       switch (group) {
@@ -337,17 +341,9 @@ RowKernel<T> bf16_dp_kernel(int64_t head_dim, int64_t group) {
       }
     }
   }
-  return nullptr;
-}
-#else
-template <typename T>
-using RowKernel = void (*)(T*, const T*, const T*, const T*, const int64_t*, int64_t, float, float*,
-                           int64_t);
-template <typename T>
-RowKernel<T> bf16_dp_kernel(int64_t, int64_t) {
-  return nullptr;
-}
 #endif
+  return nullptr;
+}
 
 // Flushes denormal floats to zero on this thread while it lives, then restores the thread's
 // setting (torch's kernels run on the same threads). A softmax over peaked scores makes
