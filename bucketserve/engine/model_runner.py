@@ -67,7 +67,7 @@ class ModelRunner:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if r < num_prefill:
-                cached = self._cached_context(seq, start, n) if start > 0 else None
+                cached = self._cached_context(seq, start) if start > 0 else None
                 pad = max(0, pad_to - n) if cached is None else 0
                 ids.extend([0] * pad)
                 positions.extend(min(p, self.max_position) for p in range(n, n + pad))
@@ -128,14 +128,10 @@ class ModelRunner:
                 result.logprobs[order[sampled_rows[j]]] = lp
         return result
 
-    def _cached_context(self, seq: Sequence, start: int, n: int) -> CachedContext:
-        """A chunk at positions [start, start + n) over its sequence's first ``start`` tokens."""
-        used = blocks_for(start + n, self.block_size)
-        query_pos = torch.arange(start, start + n).view(-1, 1)
-        visible = torch.arange(start + n).view(1, -1) <= query_pos
-        return CachedContext(
-            torch.tensor(seq.block_table[:used], device=self.device), visible.to(self.device)
-        )
+    def _cached_context(self, seq: Sequence, start: int) -> CachedContext:
+        """What a chunk at position ``start`` sees of its sequence: the first ``start`` tokens."""
+        used = blocks_for(start, self.block_size)
+        return CachedContext(torch.tensor(seq.block_table[:used], device=self.device), start)
 
     def _decode_rows(self, tables: list[list[int]], lens: list[int]) -> DecodeRows:
         width = max(len(t) for t in tables)
