@@ -141,7 +141,7 @@ def _reference(fmt: str) -> str:
 
 def _q(fmt: str) -> str:
     """The ``--quantization`` value that offers ``fmt`` unconditionally."""
-    return {"int8": "int8", "w8a8": "w8a8", "int4": "int4"}.get(fmt, "none")
+    return {"int8": "int8", "w8a8": "w8a8", "int4": "int4", "w4a8": "auto"}.get(fmt, "none")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ class EngineConfig:
         choices=QUANTIZATIONS,
         help="CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16 "
         "compute, int8/int4 weights only where they reproduce the weights within 1% (the embedded Q4 "
-        "GGUF model's int4 does), and int8 activations (w8a8) for decode rows and in the LM head but "
+        "GGUF model's int4 does), and int8 activations (w8a8, and w4a8 on CPUs with AVX512-VNNI) for decode "
+        "rows and in the LM head but "
         "never for prompt tokens in the decoder layers; nothing quantized in float32; none = the "
         "model's dtype and fp32 only; int8/int4 = offer that weight quantization whatever it costs; "
         "w8a8 = auto plus int8 activations for prompt tokens too (prefill about 2.5x faster, "

@@ -19,9 +19,13 @@ from bucketserve.engine.weights import (
     FormatPlan,
     MultiFormatLinear,
     dequantize_int4,
+    dequantize_w4a8,
     int8_matmul_reference,
     quantize_int4,
     quantize_int8,
+    quantize_w4a8,
+    w4a8_codes,
+    w4a8_matmul_reference,
 )
 from bucketserve.sampling_params import SamplingParams
 
@@ -169,17 +173,52 @@ def test_int4_reproduces_a_weight_that_was_4_bit_already() -> None:
     assert (dequantize_int4(codes, sz) - w).abs().max() < 1e-6
 
 
+def test_w4a8_layout_holds_the_int4_codes_and_scales() -> None:
+    """The w4a8 kernel's layout keeps quantize_int4's codes, and its float16 scales and mins
+    give back a weight that was 4-bit already."""
+    w = _grid_weight(64, 128)
+    packed, scales = quantize_w4a8(w)
+    assert packed.shape == (4, 4, 4, 64) and packed.dtype == torch.uint8
+    assert scales.shape == (4, 4, 2, 16) and scales.dtype == torch.float16
+    assert torch.equal(w4a8_codes(packed).long(), quantize_int4(w)[0].long())
+    torch.testing.assert_close(dequantize_w4a8(packed, scales), w, atol=2e-3 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_native_w4a8_matmul_equals_the_torch_reference(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """int4 codes times int8 activations with int32 sums: the torch reference's numbers, for
+    every count of input rows the kernel unrolls (1-4, and more in chunks of 4)."""
+    if not native.has_w4a8:
+        pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
+    torch.manual_seed(rows)
+    w = torch.randn(96, 128) * 0.05
+    packed, scales = quantize_w4a8(w)
+    x = (torch.randn(rows, 128) * torch.linspace(0.1, 3, 128)).to(dtype)
+    got = native.w4a8_matmul(x, packed, scales)
+    want = w4a8_matmul_reference(x, packed, scales)
+    assert got.dtype == dtype and got.shape == (rows, 96)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2 * want.abs().max().item(), rtol=0)
+    exact = x.float() @ dequantize_w4a8(packed, scales).T  # the activations' rounding aside
+    torch.testing.assert_close(got.float(), exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match="codes"):
+        native.w4a8_matmul(x, packed[:, :2].contiguous(), scales)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "w8a8"])
-def test_every_weight_format_computes_the_same_linear(fmt: str, rows: int) -> None:
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "w8a8", "w4a8"])
+def test_every_weight_format_computes_the_same_linear(native, fmt: str, rows: int) -> None:  # type: ignore[no-untyped-def]
+    if fmt == "w4a8" and not native.has_w4a8:
+        pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
     lin = MultiFormatLinear(128, 64)
+    lin.kernels = native  # w8a8 and w4a8 run their native kernels
     with torch.no_grad():
         lin.weight.copy_(_grid_weight(64, 128))
-    formats = lin.candidate_formats({"int4": "int4", "w8a8": "w8a8"}.get(fmt, "int8"))
+    formats = lin.candidate_formats({"int4": "int4", "w8a8": "w8a8", "w4a8": "auto"}.get(fmt, "int8"))
     lin.pack(FormatPlan.single(fmt), formats)
     x = torch.randn(rows, 128)
     ref = x @ lin.weight.detach().T
-    tol = {"fp32": 1e-5, "bf16": 3e-2, "int8": 3e-2, "int4": 3e-2, "w8a8": 3e-2}[fmt]
+    tol = {"fp32": 1e-5, "bf16": 3e-2, "int8": 3e-2, "int4": 3e-2, "w8a8": 3e-2, "w4a8": 3e-2}[fmt]
     torch.testing.assert_close(lin(x), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
@@ -198,6 +237,27 @@ def test_auto_quantization_keeps_w8a8_away_from_prompt_tokens_in_the_decoder_lay
     lin = MultiFormatLinear(128, 64)
     torch.nn.init.normal_(lin.weight)
     assert "w8a8" not in lin.candidate_formats("none")
+
+
+def test_auto_quantization_keeps_w4a8_away_from_prompt_tokens(
+    native, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """w4a8 rounds the activations as w8a8 does: with it the fastest format, auto runs it for
+    decode rows only; it needs the native kernel, and nothing offers it under none."""
+    if not native.has_w4a8:
+        pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
+    table = {"int4": 2.0, "w4a8": 1.0, "int8": 2.5, "w8a8": 1.5, "fp32": 3.0, "bf16": 4.0}
+    layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
+    for lin in (layers[0][0], layers[1][0], head):
+        with torch.no_grad():
+            lin.weight.copy_(_grid_weight(lin.out_features, lin.in_features))
+        lin.kernels = native
+    plans = autotune.tune(layers, head, torch.float32, "auto", None)
+    assert plans.decode_layers.formats == ("w4a8",)
+    assert plans.layers.formats == ("int4",)
+    assert "w4a8" not in layers[0][0].candidate_formats("none")
+    layers[0][0].kernels = None
+    assert "w4a8" not in layers[0][0].candidate_formats("auto")
 
 
 def test_a_linear_runs_prompt_rows_and_decode_rows_by_their_own_plans() -> None:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bucketserve.engine.device import cpu_flags
-from bucketserve.engine.weights import FORMATS, WEIGHT_ONLY, FormatPlan, MultiFormatLinear
+from bucketserve.engine.weights import FORMATS, INT8_ACTIVATIONS, WEIGHT_ONLY, FormatPlan, MultiFormatLinear
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,18 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TUNE_LAYERS = 8  # layers timed per pass: enough to spill the caches, few enough to be quick
 REPEATS = 3
 TIE = 0.05
-BYTES_PER_WEIGHT = {"int4": 0.5, "int8": 1, "w8a8": 1, "bf16": 2, "fp32": 4}
-VERSION = 5  # bump when what is measured or offered changes
+BYTES_PER_WEIGHT = {"int4": 0.5, "w4a8": 0.5, "int8": 1, "w8a8": 1, "bf16": 2, "fp32": 4}
+VERSION = 6  # bump when what is measured or offered changes
 # What --quantization auto lets the decoder layers run prompt tokens in: every format but
-# w8a8. w8a8 in the decoder layers cost +1.0% perplexity (within the 2% that a default may
-# cost), but on prompts it changed the README's greedy answer, and a prompt's rounded K/V
-# are read by every token of its reply. For decode rows, where w8a8 is the fastest format
-# from a few rows up (3-5 in the tunings on the 2-core Xeon), auto offers it.
-EXACT_PROMPT_FORMATS = frozenset(FORMATS) - {"w8a8"}
+# those that round the activations (w8a8, w4a8). w8a8 in the decoder layers cost +1.0%
+# perplexity (within the 2% that a default may cost), but on prompts it changed the README's
+# greedy answer, and a prompt's rounded K/V are read by every token of its reply. For decode
+# rows, where w4a8 (small batches) and w8a8 (larger ones) are the fastest formats, auto
+# offers them.
+EXACT_PROMPT_FORMATS = frozenset(FORMATS) - set(INT8_ACTIVATIONS)
+# Formats whose cost grows with M at least as fast as the best one's: once one loses by 1.5x
+# at two row counts in a row it is not measured at larger ones.
+STOPS_PAYING = (*WEIGHT_ONLY, "w4a8")
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,14 @@ def _measure_part(
 
             at[fmt] = _time_pass(one_pass)
             bar.update(1)
-        # Against the best format that keeps the activations exact, as the prompt plan may
-        # have to choose among those alone.
+        # Weight-only formats against the best that keeps the activations exact, as the
+        # prompt plan may have to choose among those alone; w4a8 (decode rows only) against all.
         best_exact = min(ms for f, ms in at.items() if f in EXACT_PROMPT_FORMATS)
-        for fmt in WEIGHT_ONLY:
+        best = min(at.values())
+        for fmt in STOPS_PAYING:
             if fmt in at:
-                losing[fmt] = losing.get(fmt, 0) + 1 if at[fmt] > 1.5 * best_exact else 0
+                rival = best_exact if fmt in WEIGHT_ONLY else best
+                losing[fmt] = losing.get(fmt, 0) + 1 if at[fmt] > 1.5 * rival else 0
     return measured
 
 

@@ -21,7 +21,10 @@ The formats: fp32 and bf16; int8 and int4, weight-only (torch's packed kernels
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` dequantize the weights and multiply
 in floating point); w8a8, int8 weights times int8 activations quantized per token at each call
 (torch's ``_int_mm``, oneDNN's int8 GEMM; the quantization and the rescale of its int32 sums
-are one native call each, ``kernels.NativeKernels.int8_matmul``). A weight format is offered
+are one native call each, ``kernels.NativeKernels.int8_matmul``); w4a8, the int4 weights
+times activations quantized to int8 per group of 32, llama.cpp's Q4_1 x Q8_1 (one native
+call on CPUs with AVX512-VNNI, ``NativeKernels.w4a8_matmul``: twice torch's int4 kernel at
+batch 1, where a step streams every weight once). A weight format is offered
 only where it reproduces the weights closely (``_close``): the embedded SmolLM2 ships as a
 Q4_1 GGUF, whose 4-bit groups of 32 int4 with a scale and zero per group reproduces up to
 rounding; int8 with a scale per output channel is within 0.4% of each row's largest weight.
@@ -41,8 +44,10 @@ from torch import nn
 if TYPE_CHECKING:
     from bucketserve.engine.kernels import NativeKernels
 
-FORMATS = ("fp32", "bf16", "int8", "int4", "w8a8")
-QUANTIZED = ("int8", "int4", "w8a8")
+FORMATS = ("fp32", "bf16", "int8", "int4", "w8a8", "w4a8")
+QUANTIZED = ("int8", "int4", "w8a8", "w4a8")
+# Formats that round the step's activations to int8 as well as the weights.
+INT8_ACTIVATIONS = ("w8a8", "w4a8")
 # Weights stored in fewer bits, multiplied in floating point: they pay while a step reads
 # weights (small M) and only fall behind as M grows. w8a8 multiplies in int8 too (activations
 # quantized per token), which pays most where the step computes (large M).
@@ -134,6 +139,53 @@ def dequantize_int4(codes: torch.Tensor, scales_zeros: torch.Tensor, group: int 
     return (g * sz[..., :1] + sz[..., 1:]).view(n, k)
 
 
+def quantize_w4a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 codes of ``quantize_int4`` in the w4a8 kernel's layout (cpu_kernels.cpp says
+    it): codes uint8 [N/16, K/32, 4, 64], two a byte; scales and mins float16 [N/16, K/32,
+    2, 16], so that weight = code x scale + min."""
+    n, k = w.shape
+    groups, tiles = k // INT4_GROUP, n // 16
+    codes, sz = quantize_int4(w)
+    scale = sz[..., 0].t()  # [N, K/32]
+    mins = (sz[..., 1] - 8 * sz[..., 0]).t()
+    # [tile, row, group, half, p, j]: the code at k = 32 group + 16 half + 4 p + j
+    c = codes.to(torch.uint8).view(tiles, 16, groups, 2, 4, 4)
+    low, high = (c[:, :, :, h].permute(0, 2, 3, 1, 4).reshape(tiles, groups, 4, 64) for h in (0, 1))
+    packed = (low | (high << 4)).contiguous()
+
+    def by_tile(t: torch.Tensor) -> torch.Tensor:  # [N, K/32] -> [tiles, K/32, 16]
+        return t.reshape(tiles, 16, groups).permute(0, 2, 1)
+
+    return packed, torch.stack([by_tile(scale), by_tile(mins)], 2).half().contiguous()
+
+
+def w4a8_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K] (0..15) back out of ``quantize_w4a8``'s layout."""
+    tiles, groups = packed.shape[:2]
+    low, high = (packed & 0x0F), (packed >> 4)
+    halves = [h.view(tiles, groups, 4, 16, 4).permute(0, 3, 1, 2, 4) for h in (low, high)]  # t, r, g, p, j
+    return torch.stack(halves, 3).reshape(tiles * 16, groups * INT4_GROUP)
+
+
+def dequantize_w4a8(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    tiles, groups = packed.shape[:2]
+    n = tiles * 16
+    scale, mins = (scales[:, :, h].float().permute(0, 2, 1).reshape(n, groups, 1) for h in (0, 1))
+    codes = w4a8_codes(packed).float().view(n, groups, INT4_GROUP)
+    return (codes * scale + mins).view(n, groups * INT4_GROUP)
+
+
+def w4a8_matmul_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ W.T in the w4a8 format, in torch ops: x rounded to int8 per group of 32 (one scale
+    a group) times the dequantized int4 weights; what ``NativeKernels.w4a8_matmul`` computes
+    with int32 sums."""
+    m, k = x.shape
+    g = x.float().view(m, k // INT4_GROUP, INT4_GROUP)
+    sx = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    xq = (torch.round(g / sx) * sx).view(m, k)
+    return (xq @ dequantize_w4a8(packed, scales).t()).to(x.dtype)
+
+
 def int4_supported(w: torch.Tensor) -> bool:
     n, k = w.shape
     return k % INT4_GROUP == 0 and n % 16 == 0
@@ -200,6 +252,11 @@ class MultiFormatLinear(nn.Module):
             if quantization == "int4" or _close(dequantize_int4(codes, sz), w, peak):
                 packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
                 out["int4"] = (packed, sz)
+        native_w4a8 = self.kernels is not None and self.kernels.has_w4a8
+        if "w4a8" in want and quantization in ("auto", "w8a8") and int4_supported(w) and native_w4a8:
+            packed, scales = quantize_w4a8(w)  # float16 scales: check what will run
+            if _close(dequantize_w4a8(packed, scales), w, peak):
+                out["w4a8"] = (packed, scales)
         return out
 
     def pack(
@@ -225,11 +282,14 @@ class MultiFormatLinear(nn.Module):
 
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         w = self._packed[fmt]
-        if fmt == "w8a8":
-            if self.kernels is not None and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
-                y = self.kernels.int8_matmul(x, *w, checked=True)  # w packed by candidate_formats
+        if fmt in INT8_ACTIVATIONS:
+            native = (
+                self.kernels is not None and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16)
+            )
+            if fmt == "w8a8":  # w packed by candidate_formats
+                y = self.kernels.int8_matmul(x, *w, checked=True) if native else int8_matmul_reference(x, *w)
             else:
-                y = int8_matmul_reference(x, *w)
+                y = self.kernels.w4a8_matmul(x, *w, checked=True) if native else w4a8_matmul_reference(x, *w)
             return y if self.bias is None else y + self.bias
         # Conversions only where the dtypes differ: a no-op .to() still costs a dispatch, and a
         # batch-1 decode step made 240 of them.

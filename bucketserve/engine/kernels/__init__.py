@@ -94,6 +94,12 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
         self._rescale_int32 = fn
+        fn = lib.bucketserve_w4a8_matmul
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+        self._w4a8_matmul = fn
+        # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
+        self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
 
     def silu_and_mul(self, gate_up: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """SwiGLU's ``silu(gate) * up`` of ``gate_up`` [T, 2I] (gate first): [T, I]."""
@@ -147,6 +153,43 @@ class NativeKernels:
             code, out.data_ptr(), acc.data_ptr(), row_scale.data_ptr(), weight_scale.data_ptr(), rows, n
         ):
             raise ValueError("rescale_int32 rejected its arguments")
+        return out
+
+    def w4a8_matmul(
+        self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, checked: bool = False
+    ) -> torch.Tensor:
+        """``x @ W.T`` in the w4a8 format (weights.py, ``quantize_w4a8``): x [M, K] float32 or
+        bfloat16, ``codes`` uint8 [N/16, K/32, 4, 64], ``scales`` float16 [N/16, K/32, 2, 16];
+        [M, N] in x's dtype. ``checked``: as for ``add_rms_norm``."""
+        rows, k = x.shape
+        n = codes.shape[0] * 16
+        if not checked:
+            if not self.has_w4a8:
+                raise ValueError("w4a8_matmul needs a CPU with AVX512-VNNI")
+            if x.dtype not in _DTYPE_CODES or not x.is_contiguous() or x.device.type != "cpu":
+                raise ValueError("w4a8_matmul needs a contiguous float32 or bfloat16 CPU input")
+            groups = k // 32
+            if k % 32 or codes.dtype != torch.uint8 or codes.shape != (n // 16, groups, 4, 64):
+                raise ValueError(
+                    "w4a8_matmul needs codes of [N/16, K/32, 4, 64] uint8 for an input of [M, K]"
+                )
+            if scales.dtype != torch.float16 or scales.shape != (n // 16, groups, 2, 16):
+                raise ValueError("w4a8_matmul needs scales of [N/16, K/32, 2, 16] float16")
+            if not (codes.is_contiguous() and scales.is_contiguous()):
+                raise ValueError("w4a8_matmul needs contiguous codes and scales")
+        out = torch.empty(rows, n, dtype=x.dtype)
+        err = self._w4a8_matmul(
+            _DTYPE_CODES[x.dtype],
+            out.data_ptr(),
+            x.data_ptr(),
+            codes.data_ptr(),
+            scales.data_ptr(),
+            rows,
+            k,
+            n,
+        )
+        if err:
+            raise ValueError(f"w4a8_matmul rejected its arguments (code {err})")
         return out
 
     def add_rms_norm(
