@@ -19,3 +19,8 @@ class ConfigError(BucketServeError, ValueError):
 
 class ModelNotFoundError(BucketServeError, FileNotFoundError):
     """A model path does not exist or does not hold a model."""
+
+
+class DeadlineUnreachableError(BucketServeError):
+    """A request cannot meet its TTFT target even if it ran next (``--reject-late``): refused
+    at once (HTTP 429) rather than answered late."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bucketserve.core.cost import Profile
 from bucketserve.core.scheduler import BatchShape
 from bucketserve.metrics import RequestRecord
 
@@ -244,83 +245,8 @@ class MeasuredRun:
 
 
 # -- cost-model profiles -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Profile:
-    """Latency coefficients (ms) of one model at one tensor-parallel degree, in the formula
-    family of DistServe's profiles (the simulator's ``CostModel`` charges batches with them):
-
-        prefill  t = a + b * sum(len) + c * sum(len**2)
-        decode   t = a + b * sum(context) + c * batch    (small- or large-batch row)
-    """
-
-    prefill: tuple[float, float, float]
-    decode_small: tuple[float, float, float]
-    decode_large: tuple[float, float, float]
-    large_batch_threshold: int = 95
-    name: str = ""  # where it was loaded from; not written
-    # Our profiles only: the engine's own work per step around the forward pass (scheduling,
-    # appending tokens, detokenizing) = a + b * rows, in ms. Published profiles: none.
-    step_overhead: tuple[float, float] = (0.0, 0.0)
-    # Our profiles only: measured time of mixed prefill+decode steps over the formula's
-    # estimate (a CPU step runs its prefill and decode rows less overlapped than a GPU's).
-    mixed_scale: float = 1.0
-    # Whether a padded (static) batch's decode rows all pay for the longest context, as in a
-    # dense-cache engine (the published profiles' use here), or for their own (our engine).
-    padded_decode: bool = True
-    # Our profiles only: the measured model's KV bytes per token and weight bytes.
-    kv_bytes_per_token: int | None = None
-    weight_bytes: int | None = None
-
-    def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
-        a, b, c = self.prefill
-        return a + b * sum_len + c * sum_len_sq
-
-    def decode_ms(self, sum_ctx: float, batch: int) -> float:
-        a, b, c = self.decode_large if batch >= self.large_batch_threshold else self.decode_small
-        return a + b * sum_ctx + c * batch
-
-    def decode_fixed_ms(self, batch: int) -> float:
-        return (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        """DistServe's keys, then ours (sizes only where known)."""
-        out: dict[str, Any] = {
-            "decoding_large_small_bs_threshold": self.large_batch_threshold,
-            "prefill": list(self.prefill),
-            "decoding_smallbs": list(self.decode_small),
-            "decoding_largebs": list(self.decode_large),
-            "step_overhead_ms": list(self.step_overhead),
-            "mixed_scale": self.mixed_scale,
-            "padded_decode": self.padded_decode,
-        }
-        if self.kv_bytes_per_token is not None:
-            out["kv_bytes_per_token"] = self.kv_bytes_per_token
-        if self.weight_bytes is not None:
-            out["weight_bytes"] = self.weight_bytes
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], name: str = "") -> Profile:
-        """A published entry (DistServe's three rows and threshold) or one of ours."""
-        kv, weights = d.get("kv_bytes_per_token"), d.get("weight_bytes")
-        a, b = d.get("step_overhead_ms", (0.0, 0.0))
-        return cls(
-            prefill=_three(d["prefill"]),
-            decode_small=_three(d["decoding_smallbs"]),
-            decode_large=_three(d["decoding_largebs"]),
-            large_batch_threshold=int(d.get("decoding_large_small_bs_threshold", 95)),
-            name=name,
-            step_overhead=(float(a), float(b)),
-            mixed_scale=float(d.get("mixed_scale", 1.0)),
-            padded_decode=bool(d.get("padded_decode", True)),
-            kv_bytes_per_token=None if kv is None else int(kv),
-            weight_bytes=None if weights is None else int(weights),
-        )
-
-
-def _three(values: list[float]) -> tuple[float, float, float]:
-    a, b, c = values
-    return float(a), float(b), float(c)
+# ``Profile`` lives with the cost model in the core (``bucketserve.core.cost``); its JSON form
+# is its to_dict / from_dict.
 
 
 @dataclass

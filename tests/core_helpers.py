@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
+from bucketserve.core.cost import Profile, step_ms
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
 from bucketserve.core.sequence import Sequence
@@ -30,12 +31,15 @@ TOKEN = 7  # what every fake step samples; the helpers' requests ignore EOS
 
 @dataclass
 class FakeExecutor:
-    """Runs a scheduler in virtual time: a step costs base + per_token x computed tokens."""
+    """Runs a scheduler in virtual time: a step costs base + per_token x computed tokens, or,
+    given a ``profile``, what the core's cost model charges its shape. Each step is reported
+    to the scheduler (``observe_step``), as the engine reports its measured steps."""
 
     sched: Scheduler
     base: float = 0.01
     per_token: float = 0.0001
     now: float = 0.0
+    profile: Profile | None = None
     batches: list[ScheduledBatch] = field(default_factory=list)
     max_used_blocks: int = 0
 
@@ -50,7 +54,13 @@ class FakeExecutor:
         self.max_used_blocks = max(self.max_used_blocks, bm.num_used_blocks)
         for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True):  # every token has a KV slot
             assert len(s.block_table) * bm.block_size >= s.num_computed_tokens + n
-        self.now += self.base + self.per_token * batch.num_padded_tokens
+        shape = batch.shape()
+        if self.profile is not None:
+            duration = step_ms(self.profile, shape) / 1e3
+        else:
+            duration = self.base + self.per_token * batch.num_padded_tokens
+        self.now += duration
+        self.sched.observe_step(shape, duration)
         return self.sched.update(batch, [TOKEN] * len(batch), self.now)
 
     def run(self, arrivals: list[Sequence], max_steps: int = 100_000) -> list[Sequence]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bucketserve.core.sequence import Sequence
+from bucketserve.errors import ConfigError
 from bucketserve.options import check, check_fields, option
 
 ORDERS = ("fcfs", "sjf", "ljf", "edf")
@@ -17,7 +18,7 @@ class OrderConfig:
     Each request gets a fixed urgency key, in seconds; the lowest runs first:
 
         key = arrival + priority * aging_s            (fcfs)
-            + ttft_slo (or default_ttft_slo_s)        (edf)
+            + the request's TTFT target               (edf; see ``targets``)
             + predicted job tokens * token_weight_s   (sjf; minus for ljf)
 
     Because the key never changes after arrival, aging is built in: a request is overtaken
@@ -46,7 +47,26 @@ class OrderConfig:
         10.0,
         name="default-ttft-slo",
         metavar="SECONDS",
-        help="edf: the deadline of requests without their own TTFT SLO",
+        help="the TTFT target of requests without their own ttft_slo_ms or a length class",
+    )
+    default_tpot_slo_s: float | None = option(
+        None,
+        name="default-tpot-slo",
+        metavar="SECONDS",
+        help="the TPOT target of requests without their own tpot_slo_ms or a length class (default: none)",
+    )
+    slo_classes: tuple[str, ...] = option(
+        (),
+        name="slo-classes",
+        metavar="LEN:TTFT:TPOT,...",
+        help="default targets by prompt length, in seconds: a request of at most LEN prompt tokens "
+        "takes the first class that holds it, e.g. 256:1:0.1,2048:4:0.15 (TPOT may be -, none); "
+        "a request's own ttft_slo_ms / tpot_slo_ms come first",
+    )
+    reject_late: bool = option(
+        False,
+        help="answer 429 at once to a request that cannot meet its TTFT target even if run next "
+        "(by the online cost model; such requests are counted either way)",
     )
 
     def __post_init__(self) -> None:
@@ -54,6 +74,55 @@ class OrderConfig:
         check(self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}")
         check(self.token_weight_s >= 0, f"token_weight_s must be >= 0, got {self.token_weight_s}")
         check(self.default_ttft_slo_s > 0, f"default_ttft_slo_s must be > 0, got {self.default_ttft_slo_s}")
+        check(
+            self.default_tpot_slo_s is None or self.default_tpot_slo_s > 0,
+            f"default_tpot_slo_s must be > 0, got {self.default_tpot_slo_s}",
+        )
+        self.classes = parse_slo_classes(self.slo_classes)
+
+
+@dataclass(frozen=True)
+class SloClass:
+    """Default targets (seconds) for requests of at most ``max_prompt`` prompt tokens."""
+
+    max_prompt: int
+    ttft_s: float
+    tpot_s: float | None
+
+
+def parse_slo_classes(specs: tuple[str, ...]) -> tuple[SloClass, ...]:
+    """``("256:1:0.1", "2048:4:-")`` -> SloClasses sorted by length; one-line errors."""
+    classes = []
+    for spec in specs:
+        parts = spec.split(":")
+        check(len(parts) == 3, f"an SLO class is LEN:TTFT:TPOT (seconds), e.g. 256:1:0.1; got {spec!r}")
+        try:
+            length, ttft = int(parts[0]), float(parts[1])
+            tpot = None if parts[2].strip() in ("-", "none", "") else float(parts[2])
+        except ValueError:
+            raise ConfigError(
+                f"cannot read the SLO class {spec!r}: LEN is an integer, TTFT and TPOT numbers"
+            ) from None
+        positive = length > 0 and ttft > 0 and (tpot is None or tpot > 0)
+        check(positive, f"SLO class {spec!r}: every value must be > 0")
+        classes.append(SloClass(length, ttft, tpot))
+    lengths = [c.max_prompt for c in classes]
+    check(len(set(lengths)) == len(lengths), f"SLO classes repeat a length: {', '.join(specs)}")
+    return tuple(sorted(classes, key=lambda c: c.max_prompt))
+
+
+def targets(seq: Sequence, cfg: OrderConfig) -> tuple[float, float | None]:
+    """(TTFT target, TPOT target or None), seconds: the request's own, else the first length
+    class that holds its prompt, else the defaults."""
+    ttft, tpot = cfg.default_ttft_slo_s, cfg.default_tpot_slo_s
+    for c in cfg.classes:
+        if seq.prompt_len <= c.max_prompt:
+            ttft, tpot = c.ttft_s, c.tpot_s
+            break
+    return (
+        seq.ttft_slo if seq.ttft_slo is not None else ttft,
+        seq.tpot_slo if seq.tpot_slo is not None else tpot,
+    )
 
 
 def job_tokens(seq: Sequence) -> int:
@@ -66,7 +135,7 @@ def urgency(seq: Sequence, cfg: OrderConfig) -> float:
     """A key in seconds, fixed at arrival; lower runs first. Aging is built in (see OrderConfig)."""
     key = seq.arrival_time + seq.priority * cfg.aging_s
     if cfg.order == "edf":
-        key += seq.ttft_slo if seq.ttft_slo is not None else cfg.default_ttft_slo_s
+        key += targets(seq, cfg)[0]
     elif cfg.order == "sjf":
         key += job_tokens(seq) * cfg.token_weight_s
     elif cfg.order == "ljf":

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bucketserve.core.block_manager import BlockManager, blocks_for
+from bucketserve.core.cost import OnlineCostFit, step_ms
+from bucketserve.core.ordering import targets
 from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
-from bucketserve.errors import InvalidRequestError
+from bucketserve.errors import DeadlineUnreachableError, InvalidRequestError
 
 if TYPE_CHECKING:
     from bucketserve.config import SchedulerConfig  # config.py imports the core's policies
@@ -151,6 +153,9 @@ class Scheduler(abc.ABC):
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        # What steps cost, learnt from the steps the executor reports (``observe_step``).
+        self.cost_fit = OnlineCostFit()
+        self.num_late = 0  # requests that could not meet their TTFT target even if run next
 
     # -- admission ---------------------------------------------------------------------
     def check_admissible(self, seq: Sequence) -> None:
@@ -182,9 +187,32 @@ class Scheduler(abc.ABC):
         self.check_admissible(seq)
         if seq.seq_id in self.seqs:
             raise InvalidRequestError(f"request id {seq.seq_id!r} is already queued", "request_id")
+        if self.is_late(seq, seq.arrival_time):
+            self.num_late += 1
+            if self.config.order.reject_late:
+                raise DeadlineUnreachableError(
+                    f"the prompt's {seq.prompt_len} tokens take longer to compute than the request's "
+                    f"TTFT target of {targets(seq, self.config.order)[0]:.3g} s; shorten the prompt or "
+                    "raise ttft_slo_ms"
+                )
         seq.status = SequenceStatus.WAITING
         self.seqs[seq.seq_id] = seq
         self._enqueue(seq)
+
+    # -- what steps cost ---------------------------------------------------------------
+    def observe_step(self, shape: BatchShape, seconds: float) -> None:
+        """A step of this shape took ``seconds`` (measured by the engine, charged by the
+        simulator): the online cost model learns from it."""
+        self.cost_fit.observe(shape, seconds)
+
+    def is_late(self, seq: Sequence, now: float) -> bool:
+        """Whether ``seq`` would miss its TTFT target even if its whole prompt ran in the next
+        step, by the online cost model (False while the model has seen too few steps)."""
+        profile = self.cost_fit.profile()
+        if profile is None:
+            return False
+        own = step_ms(profile, BatchShape(((seq.num_uncomputed_tokens, seq.num_computed_tokens),))) / 1e3
+        return now + own > seq.arrival_time + targets(seq, self.config.order)[0]
 
     # -- policy ------------------------------------------------------------------------
     @abc.abstractmethod

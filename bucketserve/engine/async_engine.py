@@ -58,6 +58,7 @@ class EngineSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     num_preemptions: int = 0
+    num_late: int = 0  # requests that could not meet their TTFT target even if run next
     num_steps: int = 0
     padding_ratio: float = 0.0
     queues: tuple[tuple[str, int], ...] = ()  # (bucket or queue label, waiting requests)
@@ -414,6 +415,7 @@ class AsyncEngine:
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,
             num_preemptions=engine.stats.preemptions,
+            num_late=engine.scheduler.num_late,
             num_steps=engine.stats.steps,
             padding_ratio=engine.stats.padding_ratio,
             queues=tuple(engine.scheduler.queue_lengths()),

@@ -236,6 +236,8 @@ class LLMEngine:
             advanced, stopped = self._detokenize(batch, result, now)
             finished += stopped
         self._record(batch, shape, start, now, schedule_time)
+        if result is not None:
+            self.scheduler.observe_step(shape, now - start)
         outputs = [self._output(self._requests[s.seq_id]) for s in advanced]
         for seq in finished:
             del self._requests[seq.seq_id]

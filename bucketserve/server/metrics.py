@@ -45,6 +45,13 @@ class _EngineCollector(Collector):
         )
         c.add_metric(value, s.num_preemptions)
         yield c
+        c = CounterMetricFamily(
+            "bucketserve:num_requests_late",
+            "Requests that could not meet their TTFT target even if run next (by the online cost model).",
+            labels=labels,
+        )
+        c.add_metric(value, s.num_late)
+        yield c
         c = CounterMetricFamily("bucketserve:engine_steps", "Engine steps since start.", labels=labels)
         c.add_metric(value, s.num_steps)
         yield c

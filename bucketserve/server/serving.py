@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bucketserve.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError, RequestStream
-from bucketserve.errors import InvalidRequestError
+from bucketserve.errors import DeadlineUnreachableError, InvalidRequestError
 from bucketserve.outputs import RequestOutput
 from bucketserve.server.errors import APIError, output_error
 from bucketserve.server.metrics import RequestTracker, ServerMetrics
@@ -146,7 +146,8 @@ class OpenAIServing:
         max_tokens: int,
     ) -> RequestStream:
         """Start the request on the engine: 400 if its parameters are refused, 429 with
-        Retry-After when the waiting queue is full, 503 once the server is stopping."""
+        Retry-After when the waiting queue is full, 429 at once when it cannot meet its TTFT
+        target even if run next (``--reject-late``), 503 once the server is stopping."""
         try:
             return await self.engine.add_request(
                 request_id,
@@ -167,6 +168,9 @@ class OpenAIServing:
                 code="queue_full",
                 headers={"Retry-After": str(e.retry_after_s)},
             ) from None
+        except DeadlineUnreachableError as e:
+            self.metrics.reject("late")
+            raise APIError(429, str(e), type="rate_limit_error", code="deadline_unreachable") from None
         except EngineStoppedError as e:
             self.metrics.reject("shutdown")
             raise APIError(503, str(e), type="service_unavailable", code="shutting_down") from None

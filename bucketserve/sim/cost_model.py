@@ -1,15 +1,8 @@
 """Step latency, KV capacity and KV transfer time: what the simulator charges for a batch.
 
-The formula family is DistServe's (see ``bucketserve/data/profiles/README.md``), in ms:
-
-    prefill  t = a + b * sum(len) + c * sum(len**2)
-    decode   t = a + b * sum(context) + c * batch      (small- or large-batch row)
-
-A step that mixes prefill rows and decode rows (bucket, continuous) pays the prefill time
-plus the decode time without its constant ``a``: one forward pass has one fixed overhead;
-a measured profile may scale that by ``mixed_scale``, fitted from timed mixed steps.
-A prefill chunk of n tokens after s cached tokens counts n toward sum(len) and n*(n + 2s)
-toward sum(len**2): its attention reads the cached s tokens too. A ``padded`` batch (static,
+The formula family is DistServe's (see ``bucketserve/data/profiles/README.md``), and the
+formula itself is the core's (``bucketserve.core.cost``: the engine's scheduler predicts
+steps with it too). A ``padded`` batch (static,
 uellm) pays for every prefill row padded to the longest one and every decode row (ghost
 rows included) at the longest context, as a static-batching engine with a dense KV cache
 computes them. Our own engine runs static batches on its paged cache: it pads their prefill
@@ -25,8 +18,9 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from bucketserve.core.cost import Profile, step_ms
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
-from bucketserve.wire import Profile, ProfileFile, read_json
+from bucketserve.wire import ProfileFile, read_json
 
 __all__ = ["PUBLISHED", "CostModel", "Profile", "kv_capacity_tokens", "kv_transfer_s", "load_profile"]
 
@@ -103,35 +97,6 @@ class CostModel:
         return self.shape_time(batch.shape())
 
     def shape_time(self, shape: BatchShape) -> float:
-        """Seconds to run a batch of this shape."""
-        sum_len = sum_sq = 0.0
-        max_chunk = 0
-        for n, s in shape.prefill:
-            max_chunk = max(max_chunk, n)
-            sum_len += n
-            sum_sq += n * (n + 2 * s)
-        prefill_rows = len(shape.prefill)
-        decode_rows = len(shape.decode)
-        sum_ctx = sum(shape.decode)
-        if shape.padded or self.pad_prefill:
-            sum_len = prefill_rows * max_chunk
-            sum_sq = prefill_rows * max_chunk * max_chunk
-        if shape.padded:
-            decode_rows += shape.num_ghost_rows
-            if self.profile.padded_decode:
-                sum_ctx = decode_rows * max(shape.decode, default=0)
-            else:
-                sum_ctx += shape.num_ghost_rows
-        p = self.profile
-        if prefill_rows and decode_rows:
-            ms = p.mixed_scale * (
-                p.prefill_ms(sum_len, sum_sq)
-                + p.decode_ms(sum_ctx, decode_rows)
-                - p.decode_fixed_ms(decode_rows)
-            )
-        elif prefill_rows:
-            ms = p.prefill_ms(sum_len, sum_sq)
-        else:
-            ms = p.decode_ms(sum_ctx, decode_rows)
-        ms += p.step_overhead[0] + p.step_overhead[1] * shape.num_rows
-        return max(ms, 0.0) / 1e3
+        """Seconds to run a batch of this shape (``bucketserve.core.cost.step_ms``, the
+        engine's scheduler's cost model too)."""
+        return step_ms(self.profile, shape, self.pad_prefill) / 1e3

@@ -64,6 +64,7 @@ class Instance:
         if self.speed is not None:
             duration *= self.speed(now)
         self.batch = batch
+        self._charged = (batch.shape(), duration)  # what the scheduler learns when it ends
         s = self.stats
         s.steps += 1
         s.busy_s += duration
@@ -77,6 +78,7 @@ class Instance:
         return the sequences that finished."""
         batch, self.batch = self.batch, None
         assert batch is not None
+        self.scheduler.observe_step(*self._charged)  # as the engine reports each measured step
         return self.scheduler.update(batch, [SIM_TOKEN] * len(batch), now)
 
     @property

@@ -21,7 +21,7 @@ from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.sequence import Sequence
-from bucketserve.errors import InvalidRequestError
+from bucketserve.errors import DeadlineUnreachableError, InvalidRequestError
 from bucketserve.metrics import RequestRecord
 from bucketserve.sampling_params import SamplingParams
 from bucketserve.sim.cost_model import OPT_13B_KV_BYTES_PER_TOKEN, CostModel, Profile, kv_transfer_s
@@ -234,7 +234,7 @@ class Simulator:
                     if back:  # it must fit a decode instance too, or it would wait there forever
                         back[0].scheduler.check_admissible(seq)
                     inst.scheduler.add(seq)
-                except InvalidRequestError as e:
+                except (InvalidRequestError, DeadlineUnreachableError) as e:  # 400 / 429 (late)
                     records[i] = RequestRecord(
                         r.arrival, math.nan, math.nan, r.prompt_len, 0, error=f"rejected: {e}"
                     )

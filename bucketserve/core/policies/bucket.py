@@ -7,17 +7,26 @@ N_b = floor(M_safe / S_b) with S_b the longest sequence the bucket's batch can r
 Admission reserves KV for a request's whole life (``reserve="max_tokens"``: never a
 preemption) or for its predicted output (``reserve="predicted"``: preempt by recompute, the
 least urgent first, should a sequence outgrow its reservation while memory is short).
+
+How many prompt tokens a step takes (``step_budget``): "tokens", the paper's, takes whole
+prompts up to ``max_num_batched_tokens`` (one prompt may exceed it); "slo" takes as many as
+keep the step's predicted time under the tightest TPOT target among the running requests
+(``core/budget.py``; the cost model is fitted online from the steps the executor reports),
+chunking the bucket's prompts across steps, and lifts the limit for a step when the most
+urgent prompt would otherwise miss its TTFT deadline.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bucketserve.core.block_manager import BlockManager, blocks_for
 from bucketserve.core.buckets import Bucket, BucketManager, optimal_boundaries
+from bucketserve.core.budget import StepBudget
 from bucketserve.core.monitor import Monitor
-from bucketserve.core.ordering import urgency
+from bucketserve.core.ordering import targets, urgency
 from bucketserve.core.policies.registry import register_policy
 from bucketserve.core.scheduler import ScheduledBatch, Scheduler
 from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 
 SPLIT_MODES = ("bisect", "optimal")
 RESERVES = ("max_tokens", "predicted")
+STEP_BUDGETS = ("tokens", "slo")
 
 
 @dataclass
@@ -61,6 +71,15 @@ class BucketConfig:
         help="KV reserved per request: prompt + max_tokens (never preempts) or + predicted output",
     )
     memory_safety: float = option(0.9, help="M_safe = this share of the free KV memory")
+    step_budget: str = option(
+        "tokens",
+        choices=STEP_BUDGETS,
+        help="prompt tokens per step: tokens = whole prompts up to --max-num-batched-tokens (paper); "
+        "slo = as many as keep the predicted step time under the running requests' tightest TPOT "
+        "target (chunking prompts; more when a TTFT deadline is in danger)",
+    )
+    tpot_margin: float = option(0.9, help="slo: the step time limit as a share of the tightest TPOT target")
+    min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -70,6 +89,8 @@ class BucketConfig:
         self.initial_boundaries = tuple(sorted(set(self.initial_boundaries)))
         check(all(b > 0 for b in self.initial_boundaries), "initial boundaries must be > 0")
         check(0 < self.memory_safety <= 1, f"memory_safety must be in (0, 1], got {self.memory_safety}")
+        check(0 < self.tpot_margin <= 1, f"tpot_margin must be in (0, 1], got {self.tpot_margin}")
+        check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
 
 class BucketScheduler(Scheduler):
@@ -80,6 +101,7 @@ class BucketScheduler(Scheduler):
         self.n_max = self.cfg.n_max or config.max_num_seqs
         self.monitor = Monitor(max_model_len)
         self._keys: dict[str, float] = {}
+        self.last_budget: StepBudget | None = None  # slo: the last step's budget (tests, metrics)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -161,12 +183,17 @@ class BucketScheduler(Scheduler):
         seqs: list[Sequence] = []
         counts: list[int] = []
         preempted: list[Sequence] = []
+        chunking = self.cfg.step_budget == "slo"
+        prefilling: list[Sequence] = []  # slo: running prompts with chunks still to compute
 
         # Continuous decode over all running sequences, most urgent first.
         self.running.sort(key=lambda s: self._keys[s.seq_id])
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below by a more urgent sequence
+            if chunking and seq.num_uncomputed_tokens > 1:
+                prefilling.append(seq)
+                continue
             while not bm.can_allocate(bm.blocks_needed(seq, len(seq))):
                 # Only with reserve="predicted": a sequence outgrew its prediction.
                 victim = self.running[-1]
@@ -182,30 +209,73 @@ class BucketScheduler(Scheduler):
         # One prefill batch from the most urgent ready bucket.
         self._adapt()
         bucket = self._pick_bucket(now)
+        if chunking:
+            prefilling = [s for s in prefilling if s.status is SequenceStatus.RUNNING]
+            budget = self.last_budget = self._step_budget(now, seqs, prefilling, bucket)
+            for seq in prefilling:  # the prompts already started go on first
+                n = budget.take(seq.num_uncomputed_tokens, seq.num_computed_tokens)
+                if n and bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + n)):
+                    bm.allocate(seq, seq.num_computed_tokens + n)
+                    seqs.append(seq)
+                    counts.append(n)
         bounds = None
         if bucket is not None:
             bounds = (bucket.lower, bucket.upper)
             safe = self.safe_free_blocks()
-            budget = self.config.max_num_batched_tokens
+            tokens = self.config.max_num_batched_tokens
             for taken in range(self.batch_size(bucket, safe)):
                 seq = bucket.head()
                 if seq is None or seq in preempted:
                     break
                 need = blocks_for(self.reserved_tokens(seq), bm.block_size)
-                n = seq.num_uncomputed_tokens
-                if need > safe or (n > budget and taken > 0):  # one prompt may exceed the budget
+                if need > safe:
                     break
+                if chunking:
+                    n = budget.take(seq.num_uncomputed_tokens, seq.num_computed_tokens)
+                    if n == 0:
+                        break
+                else:
+                    n = seq.num_uncomputed_tokens
+                    if n > tokens and taken > 0:  # one prompt may exceed the budget
+                        break
+                    tokens -= n
                 self.buckets.pop(bucket)
-                bm.allocate(seq, len(seq))
+                bm.allocate(seq, seq.num_computed_tokens + n)
                 self._start(seq, now)
                 seqs.append(seq)
                 counts.append(n)
                 safe -= need
-                budget -= n
 
         if not seqs:
             return None
         return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+
+    def _step_budget(
+        self, now: float, decoding: list[Sequence], prefilling: list[Sequence], bucket: Bucket | None
+    ) -> StepBudget:
+        """slo: this step's budget. The time limit is the tightest TPOT target among the
+        decoding requests (less the margin); none if they have none, or while the cost model
+        has seen too few steps. Lifted for this step if, at that limit, the most urgent prompt
+        (started, or the bucket's head) would finish its prefill after its TTFT deadline."""
+        order = self.config.order
+        profile = self.cost_fit.profile()
+        tpots = [t for t in (targets(s, order)[1] for s in decoding) if t is not None]
+        limit = self.cfg.tpot_margin * min(tpots) if tpots and profile is not None else math.inf
+        contexts = [len(s) for s in decoding]
+
+        def budget(limit_s: float) -> StepBudget:
+            tokens = self.config.max_num_batched_tokens
+            return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
+
+        candidates = [*prefilling, *([h] if bucket is not None and (h := bucket.head()) else [])]
+        if math.isfinite(limit) and candidates:
+            urgent = min(candidates, key=lambda s: self._keys[s.seq_id])
+            left = urgent.num_uncomputed_tokens
+            per_step = budget(limit).take(left, urgent.num_computed_tokens)
+            deadline = urgent.arrival_time + targets(urgent, order)[0]
+            if per_step < left and now + math.ceil(left / max(per_step, 1)) * limit > deadline:
+                limit = math.inf  # a TTFT deadline in danger: this step takes what the tokens allow
+        return budget(limit)
 
     def _pick_bucket(self, now: float) -> Bucket | None:
         """The most urgent bucket that is full (N_b queued), whose most urgent request has

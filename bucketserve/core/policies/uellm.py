@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bucketserve.core.ordering import job_tokens
+from bucketserve.core.ordering import job_tokens, targets
 from bucketserve.core.policies.registry import register_policy
 from bucketserve.core.policies.static import StaticScheduler
 from bucketserve.core.sequence import Sequence
@@ -43,8 +43,7 @@ class UELLMScheduler(StaticScheduler):
             return job_tokens(s) - s.prompt_len
 
         def key(s: Sequence) -> float:
-            slo = s.ttft_slo if s.ttft_slo is not None else order.default_ttft_slo_s
-            return cfg.a * slo + cfg.b * predicted(s)
+            return cfg.a * targets(s, order)[0] + cfg.b * predicted(s)
 
         candidates = sorted(self.waiting, key=key)
         group = candidates[:1]

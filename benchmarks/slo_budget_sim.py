@@ -1,0 +1,127 @@
+"""The bucket policy's step budget from the SLOs against its token budget and against
+continuous batching, in simulation (the paper's setup: 4 x A100, OPT-13B's published profile).
+
+What it measures
+    For each workload (``--workloads``) and each scheduler variant, a Poisson rate sweep of
+    ``--num-requests`` requests carrying the paper setup's SLOs (prompts under 1,000 tokens:
+    TTFT 0.25 s, TPOT 0.1 s; longer: 2.5 s, 0.15 s; times ``--slo-scale``), SLO attainment at
+    each rate, and the load capacity at 80% attainment. The variants:
+
+    - ``bucket``: BucketServe as in the paper (whole prompts, token budget per step)
+    - ``bucket-slo``: ``--bucket-step-budget slo --order edf`` (prompt tokens per step from the
+      tightest TPOT target, by the cost model fitted online from the simulated steps; chunked
+      prompts; EDF across buckets)
+    - ``continuous``: vLLM-style, chunked prefill, at its token budget, and at ``--continuous-
+      budgets`` others (its best setting is the baseline)
+
+    The same policy objects run here as in the server. Prints one table per workload and
+    writes ``--output-json`` and an attainment-vs-rate plot next to it.
+
+How to run
+    .venv/bin/python benchmarks/slo_budget_sim.py                       # mixed, 500 requests
+    .venv/bin/python benchmarks/slo_budget_sim.py --workloads mixed,alpaca,longbench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bucketserve.metrics import load_capacity
+from bucketserve.sim.experiments import DEFAULT_RATES, Setup, requests_for, run_summary
+from bucketserve.sim.simulator import simulate
+
+
+def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
+    """Scheduler settings (SchedulerConfig fields) per variant name."""
+    out: dict[str, dict[str, Any]] = {
+        "bucket": {"policy": "bucket"},
+        "bucket-slo": {
+            "policy": "bucket",
+            "policy_config": {"step_budget": "slo"},
+            "order": {"order": "edf"},
+        },
+    }
+    for b in continuous_budgets:
+        out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="mixed", help="comma-separated: alpaca, longbench, mixed")
+    ap.add_argument("--num-requests", type=int, default=500)
+    ap.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES if r <= 24))
+    ap.add_argument("--slo-scale", type=float, default=1.0)
+    ap.add_argument("--continuous-budgets", default="512,2048,4096", help="continuous's token budgets")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output-json", default="results/sim/slo-budget.json")
+    a = ap.parse_args(argv)
+    rates = sorted(float(r) for r in a.rates.split(","))
+    runs = variants([int(b) for b in a.continuous_budgets.split(",")])
+    workloads = [w for w in a.workloads.split(",") if w]
+    result: dict[str, Any] = {"slo_scale": a.slo_scale, "num_requests": a.num_requests, "workloads": {}}
+    bar = tqdm(total=len(workloads) * len(runs) * len(rates), desc="simulating", unit="run")
+    for w in workloads:
+        per: dict[str, Any] = {}
+        for name, overrides in runs.items():
+            rest = {k: v for k, v in overrides.items() if k not in ("policy", "max_num_batched_tokens")}
+            tokens = overrides.get("max_num_batched_tokens", Setup.max_num_batched_tokens)
+            setup = Setup(slo_scale=a.slo_scale, max_num_batched_tokens=tokens, overrides=rest)
+            points = []
+            for rate in rates:
+                reqs = requests_for(w, a.num_requests, rate, a.seed, a.slo_scale)
+                run = simulate(setup.config(overrides["policy"]), reqs)
+                points.append({"rate": rate, **run_summary(run, reqs)})
+                bar.update(1)
+            capacity = load_capacity([p["rate"] for p in points], [p["slo_attainment"] for p in points], 0.8)
+            per[name] = {"capacity": capacity, "points": points}
+        result["workloads"][w] = per
+    bar.close()
+
+    for w, per in result["workloads"].items():
+        best_cont = max((v["capacity"] for k, v in per.items() if k.startswith("continuous")), default=0.0)
+        print(f"\n{w}: load capacity at 80% SLO attainment (req/s), and SLO attainment per rate")
+        head = " ".join(f"{r:>5g}" for r in rates)
+        print(f"{'variant':<18} {'capacity':>9} {'vs best continuous':>19}  {head}")
+        for name, v in per.items():
+            ratio = v["capacity"] / best_cont if best_cont else float("nan")
+            cells = " ".join(f"{p['slo_attainment']:5.2f}" for p in v["points"])
+            print(f"{name:<18} {v['capacity']:9.2f} {ratio:18.2f}x  {cells}")
+    out = Path(a.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    _plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = result["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
+    for ax, (w, per) in zip(axes[0], workloads.items(), strict=True):
+        for name, v in per.items():
+            xs, ys = [p["rate"] for p in v["points"]], [p["slo_attainment"] for p in v["points"]]
+            ax.plot(xs, ys, "o-", label=name)
+        ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("Poisson rate (req/s)")
+        ax.set_ylabel("SLO attainment")
+        ax.set_title(f"{w} (simulated, 4 x A100, OPT-13B)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""How many prompt tokens a step may take: a budget in time, from the latency targets.
+
+Every step decodes all running sequences, so a step's time is every running request's time
+per output token (TPOT). ``StepBudget`` takes prompt tokens into a step only while the cost
+model predicts the step to stay under a time limit (the tightest TPOT target among the running
+requests, less a margin), chunking a prompt where it would not fit whole. Where nothing runs
+with a TPOT target the limit is the token budget alone (``max_num_batched_tokens``).
+
+Progress is guaranteed: the first chunk of a step may always take ``min_chunk`` tokens, even
+over the limit, so a step exceeds its budget by at most one such chunk and a waiting prompt
+is never starved by a tight target.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bucketserve.core.cost import Profile, step_ms
+from bucketserve.core.scheduler import BatchShape
+
+
+class StepBudget:
+    """Prompt tokens for one step: ``take`` as many of a prompt as fit, chunk by chunk."""
+
+    def __init__(
+        self,
+        profile: Profile | None,
+        decode_contexts: list[int],
+        limit_s: float,
+        max_tokens: int,
+        min_chunk: int,
+    ) -> None:
+        self.profile = profile
+        self.decode = tuple(decode_contexts)
+        self.limit_ms = limit_s * 1e3
+        self.tokens_left = max_tokens - len(decode_contexts)  # decodes count against the tokens
+        self.min_chunk = min_chunk
+        self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
+
+    @property
+    def timed(self) -> bool:
+        """Whether a time limit applies (a cost model and a finite limit), not tokens alone."""
+        return self.profile is not None and math.isfinite(self.limit_ms)
+
+    def predicted_s(self, extra: tuple[tuple[int, int, int], ...] = ()) -> float:
+        """The step's predicted time with its chunks so far (and ``extra``), in seconds."""
+        if self.profile is None:
+            return 0.0
+        rows = (*self.rows, *extra)
+        # A one-token row runs and is charged as a decode row at its sequence's length
+        # (ScheduledBatch.is_prefill, BatchShape).
+        prefill = tuple((n, c) for n, c, _ in rows if n > 1)
+        decode = (*self.decode, *(length for n, _, length in rows if n == 1))
+        return step_ms(self.profile, BatchShape(prefill, decode)) / 1e3
+
+    def _fits(self, n: int, cached: int, length: int) -> bool:
+        return self.predicted_s(((n, cached, length),)) * 1e3 <= self.limit_ms
+
+    def take(self, want: int, cached: int) -> int:
+        """How many of a prompt's ``want`` remaining tokens (after ``cached`` computed ones)
+        this step takes; records them. 0 when the step is full: a chunk shorter than
+        ``min_chunk`` is taken only to end a prompt, or as the step's first (progress)."""
+        length = cached + want
+        hi = min(want, self.tokens_left)
+        if hi <= 0:
+            return 0
+        n = hi
+        if self.timed and not self._fits(hi, cached, length):
+            lo = 0  # the most tokens that fit: predicted time grows with n
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._fits(mid, cached, length):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            n = lo
+        if n < min(want, self.min_chunk):
+            n = min(want, self.tokens_left, self.min_chunk) if not self.rows else 0
+        if n > 0:
+            self.rows.append((n, cached, length))
+            self.tokens_left -= n
+        return n
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        """The prompt tokens taken so far: (tokens, cached before them) per prompt."""
+        return [(n, c) for n, c, _ in self.rows]

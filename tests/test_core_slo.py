@@ -1,0 +1,267 @@
+"""Latency targets in the core: the online cost model, the step budget from the TPOT targets,
+chunked prefill inside a bucket's batch, SLO classes and requests that cannot be on time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bucketserve.config import OrderConfig
+from bucketserve.core.budget import StepBudget
+from bucketserve.core.cost import OnlineCostFit, Profile, step_ms
+from bucketserve.core.ordering import targets
+from bucketserve.core.scheduler import BatchShape
+from bucketserve.errors import ConfigError, DeadlineUnreachableError
+from tests.core_helpers import FakeExecutor, make, seq
+
+# A CPU-like model in the fit's family: one decode regime, no mixed scale.
+KNOWN = Profile(
+    prefill=(20.0, 0.9, 0.0004),
+    decode_small=(7.0, 0.002, 1.1),
+    decode_large=(7.0, 0.002, 1.1),
+    large_batch_threshold=1 << 30,
+    step_overhead=(0.0, 0.05),
+    mixed_scale=1.0,
+    padded_decode=False,
+)
+
+
+def random_shape(rng: random.Random) -> BatchShape:
+    kind = rng.choice(("prefill", "decode", "mixed"))
+    prefill = tuple(
+        (rng.randint(1, 600), rng.choice((0, rng.randint(1, 1500)))) for _ in range(rng.randint(1, 4))
+    )
+    decode = tuple(rng.randint(2, 2000) for _ in range(rng.randint(1, 48)))
+    return BatchShape(prefill if kind != "decode" else (), decode if kind != "prefill" else ())
+
+
+def test_the_online_fit_recovers_known_coefficients_from_step_records() -> None:
+    rng = random.Random(0)
+    fit = OnlineCostFit()
+    for _ in range(400):
+        shape = random_shape(rng)
+        fit.observe(shape, step_ms(KNOWN, shape) / 1e3)
+    got = fit.profile()
+    assert got is not None
+    for name in ("prefill", "decode_small"):
+        for want, have in zip(getattr(KNOWN, name), getattr(got, name), strict=True):
+            assert have == pytest.approx(want, rel=1e-3, abs=1e-6), name
+    assert got.step_overhead[1] == pytest.approx(KNOWN.step_overhead[1], rel=1e-3)
+    for _ in range(50):  # and so it predicts steps it never saw
+        shape = random_shape(rng)
+        assert step_ms(got, shape) == pytest.approx(step_ms(KNOWN, shape), rel=1e-3)
+
+
+def test_the_online_fit_follows_a_machine_that_slows_down() -> None:
+    """Old steps fade (half-life in steps): after the machine runs 2x slower for a few
+    half-lives, the fit predicts the slower steps."""
+    rng = random.Random(1)
+    fit = OnlineCostFit(half_life=50)
+    for _ in range(300):
+        shape = random_shape(rng)
+        fit.observe(shape, step_ms(KNOWN, shape) / 1e3)
+    for _ in range(400):
+        shape = random_shape(rng)
+        fit.observe(shape, 2 * step_ms(KNOWN, shape) / 1e3)
+    profile = fit.profile()
+    assert profile is not None
+    shape = BatchShape(((300, 0),), tuple([500] * 16))
+    assert step_ms(profile, shape) == pytest.approx(2 * step_ms(KNOWN, shape), rel=0.02)
+
+
+def test_the_fit_answers_only_once_it_saw_both_kinds_of_step_or_has_a_prior() -> None:
+    fit = OnlineCostFit(min_steps=4)
+    for _ in range(10):
+        fit.observe(BatchShape((), (100, 200)), 0.01)
+    assert fit.profile() is None  # no prefill seen: its coefficients would be guesses
+    assert OnlineCostFit(prior=KNOWN).profile() is KNOWN
+    fit.observe(BatchShape(((64, 0),), (), padded=True), 0.5)
+    assert fit.num_prefill_steps == 0  # padded steps are not in the fitted family
+
+
+def test_a_step_budget_chunks_a_prompt_to_stay_under_its_time_limit() -> None:
+    decode = [300] * 8
+    alone = step_ms(KNOWN, BatchShape((), tuple(decode))) / 1e3
+    budget = StepBudget(KNOWN, decode, limit_s=alone + 0.1, max_tokens=4096, min_chunk=16)
+    n = budget.take(1000, 0)
+    assert 16 < n < 1000
+    assert budget.predicted_s() <= alone + 0.1
+    assert step_ms(KNOWN, BatchShape(((n + 1, 0),), tuple(decode))) / 1e3 > alone + 0.1  # the most that fits
+    assert budget.take(500, 0) == 0  # full
+
+
+def test_a_step_budget_always_lets_one_chunk_through() -> None:
+    """A limit below even the decodes' own time still moves a waiting prompt by min_chunk."""
+    budget = StepBudget(KNOWN, [300] * 8, limit_s=0.001, max_tokens=4096, min_chunk=16)
+    assert budget.take(1000, 0) == 16
+    assert budget.take(1000, 0) == 0
+
+
+def test_without_a_time_limit_the_budget_is_the_tokens() -> None:
+    budget = StepBudget(KNOWN, [300] * 8, limit_s=float("inf"), max_tokens=520, min_chunk=16)
+    assert budget.take(1000, 0) == 512  # the decodes' 8 tokens count too
+    assert StepBudget(None, [], limit_s=0.01, max_tokens=64, min_chunk=16).take(100, 0) == 64
+
+
+def test_slo_classes_give_default_targets_by_prompt_length() -> None:
+    order = OrderConfig(slo_classes=("2048:4:-", "256:1:0.1"), default_tpot_slo_s=0.3)
+    assert targets(seq(0, 100, 4), order) == (1.0, 0.1)
+    assert targets(seq(1, 1000, 4), order) == (4.0, None)
+    assert targets(seq(2, 3000, 4), order) == (10.0, 0.3)  # no class holds it: the defaults
+    assert targets(seq(3, 100, 4, ttft_slo=0.2, tpot_slo=0.05), order) == (0.2, 0.05)  # its own first
+    for bad in (("256:1",), ("x:1:0.1",), ("256:0:0.1",), ("256:1:0.1", "256:2:0.2")):
+        with pytest.raises(ConfigError):
+            OrderConfig(slo_classes=bad)
+
+
+def _slo_bucket(**cfg: object):  # type: ignore[no-untyped-def]
+    sched = make(
+        "bucket",
+        num_blocks=400,
+        block_size=16,
+        max_model_len=2048,
+        max_num_batched_tokens=2048,
+        policy_config={"step_budget": "slo", "min_chunk": 16, **cfg},
+        order={"order": "edf", "default_tpot_slo_s": 0.05, "default_ttft_slo_s": 30.0},
+    )
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    return sched
+
+
+def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> None:
+    sched = _slo_bucket()
+    ex = FakeExecutor(sched, profile=KNOWN)
+    for i in range(4):
+        sched.add(seq(i, 40, 200))
+    for _ in range(3):
+        ex.step()  # the four short ones decode now
+    long = seq(9, 1500, 8, arrival=ex.now)
+    sched.add(long)
+    stalls = []
+    while long.first_token_time is None:
+        batch = sched.schedule(ex.now)
+        assert batch is not None and len(stalls) < 500
+        shape = batch.shape()
+        took = step_ms(KNOWN, shape) / 1e3
+        stalls.append(took)
+        first_chunk = shape.prefill[0][0] if shape.prefill else 0
+        without_first = BatchShape(shape.prefill[1:], shape.decode)
+        # under the limit, or over it by the one chunk that progress allows
+        assert took <= 0.9 * 0.05 + 1e-9 or (first_chunk <= 16 and step_ms(KNOWN, without_first) <= 45)
+        ex.now += took
+        sched.update(batch, [7] * len(batch), ex.now)
+    # The whole 1,500-token prompt in one step would stall the decodes ~0.9 s; in chunks no
+    # step is more than the limit and one 16-token chunk over the longest context.
+    assert max(stalls) < 0.06
+    assert len(stalls) > 10
+
+
+def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
+    sched = _slo_bucket()
+    ex = FakeExecutor(sched, profile=KNOWN)
+    for i in range(4):
+        sched.add(seq(i, 40, 200))
+    for _ in range(3):
+        ex.step()
+    sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=1.5))  # chunks of ~30 tokens would take 2+ s
+    batch = sched.schedule(ex.now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
+    assert batch is not None
+    assert max(n for n, _ in batch.shape().prefill) == 1500  # the whole prompt, this step
+
+
+def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refused() -> None:
+    sched = make("bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048)
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)  # a 1,500-token prefill: ~0.9 s
+    sched.add(seq(0, 1500, 4, ttft_slo=0.5))
+    sched.add(seq(1, 100, 4, ttft_slo=0.5))
+    assert sched.num_late == 1
+    strict = make(
+        "bucket",
+        num_blocks=400,
+        block_size=16,
+        max_model_len=2048,
+        order={"reject_late": True},
+    )
+    strict.cost_fit = OnlineCostFit(prior=KNOWN)
+    with pytest.raises(DeadlineUnreachableError, match="TTFT target"):
+        strict.add(seq(0, 1500, 4, ttft_slo=0.5))
+    assert not strict.has_unfinished()  # nothing of it queued
+    strict.add(seq(1, 100, 4, ttft_slo=0.5))  # one that can be on time is served
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    workload=st.lists(
+        st.tuples(
+            st.integers(1, 800),  # prompt
+            st.integers(1, 40),  # output
+            st.floats(0, 3),  # arrival
+            st.sampled_from([None, 0.02, 0.05, 0.2]),  # own TPOT target
+            st.sampled_from([None, 0.5, 2.0, 10.0]),  # own TTFT target
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+    num_blocks=st.integers(90, 300),
+    min_chunk=st.sampled_from([8, 32, 64]),
+)
+def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_one(
+    workload, num_blocks, min_chunk
+) -> None:
+    """Whatever arrives: KV never over the pool, every request finishes, no step over its
+    time limit by more than the one chunk progress allows, and none waits unboundedly."""
+    sched = make(
+        "bucket",
+        num_blocks=num_blocks,
+        block_size=16,
+        max_model_len=1280,
+        max_num_batched_tokens=1280,
+        policy_config={"step_budget": "slo", "min_chunk": min_chunk},
+        order={"order": "edf", "default_tpot_slo_s": 0.1},
+    )
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    arrivals = [
+        seq(i, p, o, arrival=t, tpot_slo=tp, ttft_slo=tt) for i, (p, o, t, tp, tt) in enumerate(workload)
+    ]
+    pending = sorted(arrivals, key=lambda s: s.arrival_time)
+    now = 0.0
+    for _ in range(5000):
+        while pending and pending[0].arrival_time <= now:
+            sched.add(pending.pop(0))
+        if not pending and not sched.has_unfinished():
+            break
+        batch = sched.schedule(now)
+        if batch is None:
+            now = pending[0].arrival_time if pending and not sched.running else now + 0.01
+            continue
+        assert sched.block_manager.num_used_blocks <= num_blocks
+        shape = batch.shape()
+        took = step_ms(KNOWN, shape) / 1e3
+        budget = sched.last_budget
+        assert budget is not None
+        rows = zip(batch.seqs, batch.num_new_tokens, strict=True)
+        decoding = [s for s, n in rows if n == 1 and s.num_computed_tokens > 0]
+        tpots = [t for t in (targets(s, sched.config.order)[1] for s in decoding) if t is not None]
+        if budget.timed:  # the limit is the tightest TPOT target of the decoding requests
+            assert budget.limit_ms == pytest.approx(0.9 * min(tpots) * 1e3)
+        if took * 1e3 > budget.limit_ms + 1e-6:
+            # over its limit only by the one chunk of progress (or by the decodes alone)
+            assert len(shape.prefill) <= 1 and all(n <= min_chunk for n, _ in shape.prefill)
+        assert batch.num_real_tokens <= 1280 + min_chunk
+        now += took
+        sched.update(batch, [7] * len(batch), now)
+    else:
+        raise AssertionError("the scheduler made no progress")
+    assert not pending and not sched.has_unfinished()
+    assert all(s.num_output_tokens == s.params.max_tokens for s in arrivals)
+    assert sched.block_manager.num_free_blocks == num_blocks
+    # bounded waits: with at most 15 requests of at most 800 + 40 tokens, none waits longer
+    # than every other one's whole service (a generous bound that starvation would break)
+    worst_service = sum(step_ms(KNOWN, BatchShape(((s.prompt_len, 0),), ())) / 1e3 for s in arrivals)
+    worst_service += sum(s.params.max_tokens for s in arrivals) * 0.1
+    for s in arrivals:
+        assert s.first_token_time is not None
+        assert s.first_token_time - s.arrival_time <= worst_service + 1.0
