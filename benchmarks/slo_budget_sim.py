@@ -8,6 +8,7 @@ What it measures
     each rate, and the load capacity at 80% attainment. The variants:
 
     - ``bucket``: BucketServe as in the paper (whole prompts, token budget per step)
+    - ``bucket-edf``: the same with ``--order edf`` (earliest TTFT deadline first)
     - ``bucket-slo``: ``--bucket-step-budget slo --order edf`` (prompt tokens per step from the
       tightest TPOT target, by the cost model fitted online from the simulated steps; chunked
       prompts; EDF across buckets)
@@ -41,6 +42,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
     """Scheduler settings (SchedulerConfig fields) per variant name."""
     out: dict[str, dict[str, Any]] = {
         "bucket": {"policy": "bucket"},
+        "bucket-edf": {"policy": "bucket", "order": {"order": "edf"}},
         "bucket-slo": {
             "policy": "bucket",
             "policy_config": {"step_budget": "slo"},

@@ -18,6 +18,7 @@ urgent prompt would otherwise miss its TTFT deadline.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 SPLIT_MODES = ("bisect", "optimal")
 RESERVES = ("max_tokens", "predicted")
 STEP_BUDGETS = ("tokens", "slo")
+# slo: how many of the most urgent prompts the TTFT check looks at each step.
+DEADLINE_LOOKAHEAD = 32
 
 
 @dataclass
@@ -255,8 +258,9 @@ class BucketScheduler(Scheduler):
     ) -> StepBudget:
         """slo: this step's budget. The time limit is the tightest TPOT target among the
         decoding requests (less the margin); none if they have none, or while the cost model
-        has seen too few steps. Lifted for this step if, at that limit, the most urgent prompt
-        (started, or the bucket's head) would finish its prefill after its TTFT deadline."""
+        has seen too few steps. Lifted for this step if, at that limit, one of the most urgent
+        prompts (started, or queued in the picked bucket), taken in urgency order, would finish
+        its prefill after its TTFT deadline."""
         order = self.config.order
         profile = self.cost_fit.profile()
         tpots = [t for t in (targets(s, order)[1] for s in decoding) if t is not None]
@@ -267,14 +271,19 @@ class BucketScheduler(Scheduler):
             tokens = self.config.max_num_batched_tokens
             return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
 
-        candidates = [*prefilling, *([h] if bucket is not None and (h := bucket.head()) else [])]
+        queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
+        candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
         if math.isfinite(limit) and candidates:
-            urgent = min(candidates, key=lambda s: self._keys[s.seq_id])
-            left = urgent.num_uncomputed_tokens
-            per_step = budget(limit).take(left, urgent.num_computed_tokens)
-            deadline = urgent.arrival_time + targets(urgent, order)[0]
-            if per_step < left and now + math.ceil(left / max(per_step, 1)) * limit > deadline:
-                limit = math.inf  # a TTFT deadline in danger: this step takes what the tokens allow
+            # EDF feasibility at this limit: the prompts in urgency order, each finishing after
+            # the ones before it at the rate the limit allows; any deadline missed lifts it.
+            rate = max(budget(limit).take(self.config.max_num_batched_tokens, 0), 1)
+            ahead = 0
+            for seq in candidates[:DEADLINE_LOOKAHEAD]:
+                ahead += seq.num_uncomputed_tokens
+                deadline = seq.arrival_time + targets(seq, order)[0]
+                if now + math.ceil(ahead / rate) * limit > deadline:
+                    limit = math.inf  # a TTFT deadline in danger: this step takes what the tokens allow
+                    break
         return budget(limit)
 
     def _pick_bucket(self, now: float) -> Bucket | None:
