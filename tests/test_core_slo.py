@@ -131,13 +131,19 @@ def _slo_bucket(**cfg: object):  # type: ignore[no-untyped-def]
     return sched
 
 
-def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> None:
-    sched = _slo_bucket()
+def _four_decoding(sched) -> FakeExecutor:  # type: ignore[no-untyped-def]
+    """An executor on ``sched`` with four short requests past their prefill, decoding."""
     ex = FakeExecutor(sched, profile=KNOWN)
     for i in range(4):
         sched.add(seq(i, 40, 200))
     for _ in range(3):
-        ex.step()  # the four short ones decode now
+        ex.step()
+    return ex
+
+
+def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> None:
+    sched = _slo_bucket()
+    ex = _four_decoding(sched)
     long = seq(9, 1500, 8, arrival=ex.now)
     sched.add(long)
     stalls = []
@@ -161,11 +167,7 @@ def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> No
 
 def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
     sched = _slo_bucket()
-    ex = FakeExecutor(sched, profile=KNOWN)
-    for i in range(4):
-        sched.add(seq(i, 40, 200))
-    for _ in range(3):
-        ex.step()
+    ex = _four_decoding(sched)
     sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=1.5))  # chunks of ~30 tokens would take 2+ s
     batch = sched.schedule(ex.now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
     assert batch is not None
