@@ -14,7 +14,7 @@ import torch
 from bucketserve.engine import autotune, kernels
 from bucketserve.engine.calibration import record_input_ranges
 from bucketserve.engine.loader import load_state_dict, read_config
-from bucketserve.engine.model import Attention, DecodeRows, LlamaModel, ModelArgs
+from bucketserve.engine.model import Attention, CachedContext, DecodeRows, LlamaModel, ModelArgs
 from bucketserve.engine.weights import (
     FormatPlan,
     MultiFormatLinear,
@@ -54,6 +54,26 @@ def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
         attention_bias=False,
     )
     return Attention(args)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "cached", "n"), [(9, 3, 37, 20), (4, 2, 16, 1), (8, 8, 5, 64)])
+def test_a_chunk_over_cached_context_equals_one_masked_attention(
+    heads: int, kv_heads: int, cached: int, n: int
+) -> None:
+    """The CPU path (two flash attentions merged by log-sum-exp, the query group as one block
+    over the cached keys) computes the chunk's causal attention over cache and itself, as the
+    masked SDPA that other devices run."""
+    torch.manual_seed(heads + n)
+    attn, d, block = _attention(heads, kv_heads, 16), 16, 8
+    blocks = (cached + block - 1) // block
+    k_cache = torch.randn(kv_heads, blocks + 3, block, d)
+    v_cache = torch.randn(kv_heads, blocks + 3, block, d)
+    ctx = CachedContext(torch.tensor([2, 0, 4, 1, 3][: max(blocks, 1)]), cached)
+    q = torch.randn(1, heads, n, d)
+    k, v = torch.randn(n, kv_heads, d), torch.randn(n, kv_heads, d)
+    fast = attn._chunk_over_cache(q, k, v, k_cache, v_cache, ctx)
+    masked = attn._chunk_over_cache_masked(q, k, v, k_cache, v_cache, ctx)
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,9 +6,10 @@ model predicts the step to stay under a time limit (the tightest TPOT target amo
 requests, less a margin), chunking a prompt where it would not fit whole. Where nothing runs
 with a TPOT target the limit is the token budget alone (``max_num_batched_tokens``).
 
-Progress is guaranteed: the first chunk of a step may always take ``min_chunk`` tokens, even
-over the limit, so a step exceeds its budget by at most one such chunk and a waiting prompt
-is never starved by a tight target.
+Progress: while the token budget has room, the first chunk of a step may always take
+``min_chunk`` tokens (or the rest of its prompt), even over the limit, so a step exceeds its
+limit by at most one such chunk and a tight target never starves a waiting prompt. Decode
+rows count against the token budget here (as in ``continuous``), one token each.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ class StepBudget:
             self.rows.append((n, cached, length))
             self.tokens_left -= n
         return n
+
+    def give_back(self) -> None:
+        """Undo the last ``take`` (its prompt could not get KV blocks after all)."""
+        n, _, _ = self.rows.pop()
+        self.tokens_left += n
 
     @property
     def chunks(self) -> list[tuple[int, int]]:

@@ -252,7 +252,9 @@ def _coefficients(p: Profile) -> list[float]:
 
 def _profile_of(coef: list[float], prior: Profile | None) -> Profile:
     pa, da, pb, pc, db, dc, ob = (max(0.0, c / s) for c, s in zip(coef, _SCALE, strict=True))
-    decode = (da, db, max(0.0, dc - ob))
+    # Not clamped: a decode row's charge is (dc - ob) + ob = dc, whatever share of it the fit
+    # gave the per-row overhead (which one-prompt prefill steps alone cannot tell apart).
+    decode = (da, db, dc - ob)
     base = prior or Profile(prefill=(0.0, 0.0, 0.0), decode_small=decode, decode_large=decode)
     return replace(
         base,

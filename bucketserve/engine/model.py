@@ -310,6 +310,8 @@ class Attention(nn.Module):
         kvh, d = self.num_kv_heads, self.head_dim
         _, H, n, _ = q.shape
         group = H // kvh
+        if q.device.type != "cpu":  # the log-sum-exp op below is torch's CPU kernel
+            return self._chunk_over_cache_masked(q, k, v, k_cache, v_cache, ctx)
         qf = q.float()
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         # Over the cached tokens every query sees every key, so a kv head's query group runs as
@@ -325,6 +327,25 @@ class Attention(nn.Module):
         # softmax over both key sets = each part's softmax weighted by its share of the mass
         w_old = torch.sigmoid(lse_old - lse_new).unsqueeze(-1)  # [1, H, n, 1]
         return (o_new + (o_old - o_new) * w_old).to(q.dtype)
+
+    def _chunk_over_cache_masked(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: CachedContext,
+    ) -> torch.Tensor:
+        """The same on other devices: one SDPA over the cached keys and the chunk's own under
+        the chunk's causal mask (the masked triangle is computed; fine where compute is cheap)."""
+        kvh, d, n = self.num_kv_heads, self.head_dim, q.shape[2]
+        cached_k = k_cache.index_select(1, ctx.block_ids).view(kvh, -1, d)[:, : ctx.length]
+        cached_v = v_cache.index_select(1, ctx.block_ids).view(kvh, -1, d)[:, : ctx.length]
+        keys = torch.cat([cached_k, k.transpose(0, 1)], 1).unsqueeze(0)
+        values = torch.cat([cached_v, v.transpose(0, 1)], 1).unsqueeze(0)
+        visible = torch.ones(n, ctx.length + n, dtype=torch.bool, device=q.device).tril(ctx.length)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
 
     def _paged_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: DecodeRows

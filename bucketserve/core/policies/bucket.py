@@ -12,8 +12,8 @@ How many prompt tokens a step takes (``step_budget``): "tokens", the paper's, ta
 prompts up to ``max_num_batched_tokens`` (one prompt may exceed it); "slo" takes as many as
 keep the step's predicted time under the tightest TPOT target among the running requests
 (``core/budget.py``; the cost model is fitted online from the steps the executor reports),
-chunking the bucket's prompts across steps, and lifts the limit for a step when the most
-urgent prompt would otherwise miss its TTFT deadline.
+chunking the bucket's prompts across steps, and lifts the limit for a step when one of the
+most urgent prompts, in urgency order, would otherwise miss a TTFT deadline it can still meet.
 """
 
 from __future__ import annotations
@@ -217,10 +217,14 @@ class BucketScheduler(Scheduler):
             budget = self.last_budget = self._step_budget(now, seqs, prefilling, bucket)
             for seq in prefilling:  # the prompts already started go on first
                 n = budget.take(seq.num_uncomputed_tokens, seq.num_computed_tokens)
-                if n and bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + n)):
-                    bm.allocate(seq, seq.num_computed_tokens + n)
-                    seqs.append(seq)
-                    counts.append(n)
+                if not n:
+                    continue
+                if not bm.can_allocate(bm.blocks_needed(seq, seq.num_computed_tokens + n)):
+                    budget.give_back()  # only with reserve="predicted": it waits for blocks
+                    continue
+                bm.allocate(seq, seq.num_computed_tokens + n)
+                seqs.append(seq)
+                counts.append(n)
         bounds = None
         if bucket is not None:
             bounds = (bucket.lower, bucket.upper)
@@ -260,7 +264,7 @@ class BucketScheduler(Scheduler):
         decoding requests (less the margin); none if they have none, or while the cost model
         has seen too few steps. Lifted for this step if, at that limit, one of the most urgent
         prompts (started, or queued in the picked bucket), taken in urgency order, would finish
-        its prefill after its TTFT deadline."""
+        its prefill after its TTFT deadline when it could still meet it."""
         order = self.config.order
         profile = self.cost_fit.profile()
         tpots = [t for t in (targets(s, order)[1] for s in decoding) if t is not None]
@@ -276,10 +280,18 @@ class BucketScheduler(Scheduler):
         if math.isfinite(limit) and candidates:
             # EDF feasibility at this limit: the prompts in urgency order, each finishing after
             # the ones before it at the rate the limit allows; any deadline missed lifts it.
-            rate = max(budget(limit).take(self.config.max_num_batched_tokens, 0), 1)
+            # Prompts that lifting cannot help do not count: a recomputed one (its first token
+            # is out) and one whose prompt alone, run now, already ends past its deadline.
+            # The rate: prompt tokens a step takes at the limit, with the most urgent prompt's
+            # context halfway through its rest (chunks cost more as its context grows).
+            first = candidates[0]
+            mid = first.num_computed_tokens + first.num_uncomputed_tokens // 2
+            rate = max(budget(limit).take(self.config.max_num_batched_tokens, mid), 1)
             ahead = 0
             for seq in candidates[:DEADLINE_LOOKAHEAD]:
                 ahead += seq.num_uncomputed_tokens
+                if seq.first_token_time is not None or self.is_late(seq, now):
+                    continue
                 deadline = seq.arrival_time + targets(seq, order)[0]
                 if now + math.ceil(ahead / rate) * limit > deadline:
                     limit = math.inf  # a TTFT deadline in danger: this step takes what the tokens allow

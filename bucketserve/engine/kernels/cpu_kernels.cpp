@@ -539,7 +539,7 @@ void quantize_rows_int8(int8_t* q, float* scale, const T* x, const float* col, i
 // rows at once, and only each group's sum is scaled, in fp32: y = scale x sx x (code . xq)
 // + min x sx x sum(xq).
 //
-// Weight layout, from MultiFormatLinear (weights.py, pack_w4a8): codes [N/16, K/32, 4, 64]
+// Weight layout, from weights.py's quantize_w4a8: codes [N/16, K/32, 4, 64]
 // bytes, where byte 4r + j of chunk p holds the codes of row 16t + r at k = 32g + 4p + j (low
 // nibble) and k = 32g + 16 + 4p + j (high nibble); scales [N/16, K/32, 2, 16] fp16, the 16
 // rows' scales then their mins.
