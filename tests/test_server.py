@@ -358,3 +358,28 @@ def test_sigterm_lets_an_inflight_stream_finish_and_exits_0(guarded: Server) -> 
     assert rest[-2]["choices"][0]["finish_reason"] == "length"
     assert guarded.proc.wait(30) == 0
     assert "server stopped" in "".join(guarded.log)
+
+
+# -- latency targets ---------------------------------------------------------------------------
+def test_reject_late_answers_429_to_a_request_that_cannot_meet_its_ttft_target(tiny_model_dir: Path) -> None:
+    """Once the online cost model has seen enough steps, a request whose TTFT target is
+    shorter than its own prefill gets 429 at once (nothing queued), and is counted; one with
+    a target it can meet is served."""
+    srv = Server(tiny_model_dir, "--reject-late")
+    try:
+        client = srv.client()
+        for i in range(20):  # prefill and decode steps for the cost model to fit
+            client.completions.create(model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=3)
+        body = {"prompt": PROMPTS[0], "max_tokens": 2}
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "ttft_slo_ms": 0.001})
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "deadline_unreachable"
+        assert "TTFT target" in r.json()["error"]["message"]
+        ok = httpx.post(srv.url + "/v1/completions", json={**body, "ttft_slo_ms": 60_000})
+        assert ok.status_code == 200
+        after = srv.metrics()
+        assert metric(after, "bucketserve:num_requests_late_total") == 1
+        assert metric(after, "bucketserve:request_rejected_total", reason="late") == 1
+        assert metric(after, "bucketserve:num_requests_waiting") == 0
+    finally:
+        assert srv.stop() == 0, "".join(srv.log)
