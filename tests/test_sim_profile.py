@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 from bucketserve.cli import main
+from bucketserve.core.cost import Profile, step_ms
+from bucketserve.core.scheduler import BatchShape
 from bucketserve.sim.cost_model import load_profile
-from bucketserve.sim.profile import NO_SPLIT, Point, fit, fit_decode
+from bucketserve.sim.profile import NO_SPLIT, Point, fit, fit_decode, fit_prefill
 
 
 def test_fit_recovers_exact_coefficients():
@@ -27,6 +29,40 @@ def test_fit_decode_splits_rows_where_the_slope_changes():
     assert threshold == 16
     assert [round(x, 6) for x in small] == [10.0, 0.001, 0.5]
     assert [round(x, 6) for x in large] == [0.0, 0.001, 2.0]
+
+
+def test_fit_prefill_splits_rows_where_the_step_switches_weight_formats():
+    """Up to 16 tokens a step costs 6 + 2 per token, above it 37 + 0.84 per token (the CPU
+    engine's int4 -> fp32 switch): two rows, split at 16, fit exactly; one smooth cost is
+    left as one row."""
+
+    def cost(batch: int, length: int) -> float:  # sum(len) and sum(len**2) of the batch
+        tokens = batch * length
+        return 6 + 2 * tokens if tokens <= 16 else 37 + 0.84 * tokens + 0.0004 * batch * length**2
+
+    grid = [(1, 4), (1, 8), (1, 16), (1, 24), (1, 32), (2, 64), (1, 256), (4, 128)]
+    points = [Point(b, n, cost(b, n)) for b, n in grid]
+    small, large, threshold = fit_prefill(points)
+    assert threshold == 16 and large is not None
+    assert [round(x, 6) for x in small] == [6.0, 2.0, 0.0]
+    assert [round(x, 6) for x in large] == [37.0, 0.84, 0.0004]
+    smooth = [Point(p.batch, p.length, 20 + 0.9 * p.batch * p.length) for p in points]
+    one, none, no_split = fit_prefill(smooth)
+    assert none is None and no_split == NO_SPLIT and [round(x, 6) for x in one] == [20.0, 0.9, 0.0]
+
+
+def test_a_profile_with_two_prefill_rows_charges_each_side_and_round_trips():
+    p = Profile(
+        prefill=(6.0, 2.0, 0.0),
+        prefill_large=(37.0, 0.84, 0.0),
+        prefill_threshold=16,
+        decode_small=(7.0, 0.002, 1.0),
+        decode_large=(7.0, 0.002, 1.0),
+    )
+    assert step_ms(p, BatchShape(((16, 0),))) == 6 + 2 * 16
+    assert step_ms(p, BatchShape(((17, 0),))) == 37 + 0.84 * 17
+    assert step_ms(p, BatchShape(((10, 0), (10, 0)))) == 37 + 0.84 * 20  # the step's tokens decide
+    assert Profile.from_dict(p.to_dict()) == p
 
 
 def test_quick_profile_of_the_tiny_model_loads_into_the_simulator(tiny_model_dir, tmp_path):

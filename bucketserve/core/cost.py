@@ -50,9 +50,15 @@ class Profile:
     # Our profiles only: the measured model's KV bytes per token and weight bytes.
     kv_bytes_per_token: int | None = None
     weight_bytes: int | None = None
+    # Our profiles only: a second prefill row for steps of more than ``prefill_threshold``
+    # prompt tokens (a CPU engine switches weight formats with the step's token count, and
+    # its cost steps there); None: one row for all, as published.
+    prefill_large: tuple[float, float, float] | None = None
+    prefill_threshold: int = 1 << 30
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
-        a, b, c = self.prefill
+        large = self.prefill_large is not None and sum_len > self.prefill_threshold
+        a, b, c = self.prefill_large if large and self.prefill_large else self.prefill
         return a + b * sum_len + c * sum_len_sq
 
     def decode_ms(self, sum_ctx: float, batch: int) -> float:
@@ -73,6 +79,9 @@ class Profile:
             "mixed_scale": self.mixed_scale,
             "padded_decode": self.padded_decode,
         }
+        if self.prefill_large is not None:
+            out["prefill_large"] = list(self.prefill_large)
+            out["prefill_large_threshold"] = self.prefill_threshold
         if self.kv_bytes_per_token is not None:
             out["kv_bytes_per_token"] = self.kv_bytes_per_token
         if self.weight_bytes is not None:
@@ -95,6 +104,8 @@ class Profile:
             padded_decode=bool(d.get("padded_decode", True)),
             kv_bytes_per_token=None if kv is None else int(kv),
             weight_bytes=None if weights is None else int(weights),
+            prefill_large=_three(d["prefill_large"]) if "prefill_large" in d else None,
+            prefill_threshold=int(d.get("prefill_large_threshold", 1 << 30)),
         )
 
 
@@ -259,6 +270,7 @@ def _profile_of(coef: list[float], prior: Profile | None) -> Profile:
     return replace(
         base,
         prefill=(pa, pb, pc),
+        prefill_large=None,  # the online fit has one prefill row
         decode_small=decode,
         decode_large=decode,
         large_batch_threshold=1 << 30,
