@@ -52,6 +52,29 @@ def fit(xs: list[list[float]], ys: list[float]) -> list[float]:
 NO_SPLIT = 1 << 30
 
 
+def best_split(
+    feats: list[list[float]], ys: list[float], keys: list[int], first_large: list[int]
+) -> tuple[float, list[float], list[float], int] | None:
+    """Two rows, one for the points whose key is below each candidate in ``first_large`` and
+    one for the rest (at least 3 points each): (worst relative error, small row, large row,
+    candidate) of the best, or None when no candidate leaves 3 points a side."""
+    best = None
+    for t in first_large:
+        small = [i for i, k in enumerate(keys) if k < t]
+        large = [i for i, k in enumerate(keys) if k >= t]
+        if len(small) < 3 or len(large) < 3:
+            continue
+        s = fit([feats[i] for i in small], [ys[i] for i in small])
+        g = fit([feats[i] for i in large], [ys[i] for i in large])
+        err = max(
+            max_relative_error(s, [feats[i] for i in small], [ys[i] for i in small]),
+            max_relative_error(g, [feats[i] for i in large], [ys[i] for i in large]),
+        )
+        if best is None or err < best[0]:
+            best = (err, s, g, t)
+    return best
+
+
 def fit_decode(points: list[Point]) -> tuple[list[float], list[float], int]:
     """Decode rows as the published profiles have them: a small-batch and a large-batch row
     split at the batch size (from the grid) that gives the smallest worst relative error;
@@ -59,54 +82,28 @@ def fit_decode(points: list[Point]) -> tuple[list[float], list[float], int]:
     feats = [decode_features(p) for p in points]
     ys = [p.ms for p in points]
     one = fit(feats, ys)
-    best = (max_relative_error(one, feats, ys), one, one, NO_SPLIT)
-    for t in sorted({p.batch for p in points})[1:]:
-        small = [i for i, p in enumerate(points) if p.batch < t]
-        large = [i for i, p in enumerate(points) if p.batch >= t]
-        if len(small) < 3 or len(large) < 3:
-            continue
-        s = fit([feats[i] for i in small], [ys[i] for i in small])
-        g = fit([feats[i] for i in large], [ys[i] for i in large])
-        err = max(
-            max_relative_error(s, [feats[i] for i in small], [ys[i] for i in small]),
-            max_relative_error(g, [feats[i] for i in large], [ys[i] for i in large]),
-        )
-        if err < best[0]:
-            best = (err, s, g, t)
-    return best[1], best[2], best[3]
+    batches = [p.batch for p in points]
+    split = best_split(feats, ys, batches, sorted(set(batches))[1:])
+    if split is None or split[0] >= max_relative_error(one, feats, ys):
+        return one, one, NO_SPLIT
+    return split[1], split[2], split[3]
 
 
 def fit_prefill(points: list[Point]) -> tuple[list[float], list[float] | None, int]:
     """The prefill row, or two split at the step's prompt-token count (from the grid) where
     one row misses by 2% or more and two cut the worst relative error by more than a fifth:
     our CPU engine switches weight formats with the token count, and its cost steps there.
-    (None, NO_SPLIT): one row."""
+    Returns (row up to the threshold, row above it or None, threshold or NO_SPLIT)."""
     feats = [prefill_features(p) for p in points]
     ys = [p.ms for p in points]
     one = fit(feats, ys)
-    best: tuple[float, list[float], list[float] | None, int] = (
-        max_relative_error(one, feats, ys),
-        one,
-        None,
-        NO_SPLIT,
-    )
-    single_error = best[0]
-    for t in sorted({p.batch * p.length for p in points})[:-1]:
-        small = [i for i, p in enumerate(points) if p.batch * p.length <= t]
-        large = [i for i, p in enumerate(points) if p.batch * p.length > t]
-        if len(small) < 3 or len(large) < 3:
-            continue
-        s = fit([feats[i] for i in small], [ys[i] for i in small])
-        g = fit([feats[i] for i in large], [ys[i] for i in large])
-        err = max(
-            max_relative_error(s, [feats[i] for i in small], [ys[i] for i in small]),
-            max_relative_error(g, [feats[i] for i in large], [ys[i] for i in large]),
-        )
-        if err < best[0]:
-            best = (err, s, g, t)
-    if best[2] is None or single_error < 0.02 or best[0] > 0.8 * single_error:  # one row will do
+    single_error = max_relative_error(one, feats, ys)
+    tokens = [p.batch * p.length for p in points]
+    # A threshold t puts steps of up to t tokens in the small row: first_large = t + 1.
+    split = best_split(feats, ys, tokens, [t + 1 for t in sorted(set(tokens))[:-1]])
+    if split is None or single_error < 0.02 or split[0] > 0.8 * single_error:  # one row will do
         return one, None, NO_SPLIT
-    return best[1], best[2], best[3]
+    return split[1], split[2], split[3] - 1
 
 
 def prefill_features(p: Point) -> list[float]:
