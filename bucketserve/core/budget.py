@@ -86,8 +86,3 @@ class StepBudget:
         """Undo the last ``take`` (its prompt could not get KV blocks after all)."""
         n, _, _ = self.rows.pop()
         self.tokens_left += n
-
-    @property
-    def chunks(self) -> list[tuple[int, int]]:
-        """The prompt tokens taken so far: (tokens, cached before them) per prompt."""
-        return [(n, c) for n, c, _ in self.rows]

@@ -58,7 +58,7 @@ class Profile:
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
         large = self.prefill_large is not None and sum_len > self.prefill_threshold
-        a, b, c = self.prefill_large if large and self.prefill_large else self.prefill
+        a, b, c = (self.prefill_large or self.prefill) if large else self.prefill
         return a + b * sum_len + c * sum_len_sq
 
     def decode_ms(self, sum_ctx: float, batch: int) -> float:

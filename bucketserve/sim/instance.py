@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.scheduler import BatchShape, ScheduledBatch, Scheduler
 from bucketserve.core.sequence import Sequence
 from bucketserve.sim.cost_model import CostModel
 
@@ -45,6 +45,7 @@ class Instance:
         self.cost = cost
         self.num_gpus = num_gpus
         self.batch: ScheduledBatch | None = None
+        self._charged: tuple[BatchShape, float] | None = None  # the running batch's shape and time
         self.stats = InstanceStats()
         self.wake_pending = False
 
@@ -78,6 +79,7 @@ class Instance:
         return the sequences that finished."""
         batch, self.batch = self.batch, None
         assert batch is not None
+        assert self._charged is not None
         self.scheduler.observe_step(*self._charged)  # as the engine reports each measured step
         return self.scheduler.update(batch, [SIM_TOKEN] * len(batch), now)
 

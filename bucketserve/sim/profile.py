@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bucketserve.argparse_options import add_engine_options, engine_configs
-from bucketserve.wire import Profile, ProfileFile, write_json
+from bucketserve.core.cost import Profile
+from bucketserve.wire import ProfileFile, write_json
 
 # Single short prompts too: ShareGPT prompts are mostly short, and the CPU engine switches
 # prompt weight formats at 16 tokens a step, so the fit needs points either side of it.

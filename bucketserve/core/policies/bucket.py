@@ -104,7 +104,7 @@ class BucketScheduler(Scheduler):
         self.n_max = self.cfg.n_max or config.max_num_seqs
         self.monitor = Monitor(max_model_len)
         self._keys: dict[str, float] = {}
-        self.last_budget: StepBudget | None = None  # slo: the last step's budget (tests, metrics)
+        self.last_budget: StepBudget | None = None  # slo: the last step's budget (for tests)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
