@@ -18,19 +18,28 @@ What it measures
     throughput it loses against in-process (target < 10%) and its TPOT change. The model load
     and one warm-up request are not timed.
 
+    With ``--web-page``, what the web page costs instead: the HTTP run (2) without the page
+    (``--no-web-ui``: no sampler, no routes), with the page served but nobody looking, and
+    with a page open (a client polling ``/dashboard/state`` once a second with ``since``,
+    as the page's script does), in the order A B C C B A so that drift cancels.
+
 How to run
     .venv/bin/python benchmarks/server_overhead.py                    # 96 requests, 32 clients
     .venv/bin/python benchmarks/server_overhead.py --num-prompts 16   # a quick check
+    .venv/bin/python benchmarks/server_overhead.py --web-page         # the web page's cost
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bucketserve import LLM, SamplingParams
 from bucketserve.bench.client import ClientConfig
@@ -89,12 +98,49 @@ def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dic
     return summarize(records, duration)
 
 
-def over_http(requests: list[BenchRequest], concurrency: int, server_args: list[str], log_path: Path) -> dict:
+async def watch_page(url: str, stop: asyncio.Event) -> int:
+    """What an open web page asks of the server: its state once a second, newer than what it
+    has (the page's script). Returns how many times it asked."""
+    since: float | None = None
+    polls = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            r = await client.get("/dashboard/state", params={} if since is None else {"since": since})
+            r.raise_for_status()
+            d = r.json()
+            polls += 1
+            times = [d["history"][-1]["t"]] if d["history"] else [d["now"]]
+            times += [d["steps"][-1]["t"]] if d["steps"] else []
+            since = min(times) if since is None else max(since, min(times))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    return polls
+
+
+def over_http(
+    requests: list[BenchRequest],
+    concurrency: int,
+    server_args: list[str],
+    log_path: Path,
+    page_open: bool = False,
+    desc: str = "HTTP",
+) -> dict:
     with managed_server(None, ["--max-num-seqs", str(concurrency), *server_args], log_path) as url:
         cfg = ClientConfig(base_url=url, model="SmolLM2-135M-Instruct", request_timeout=1800)
         warm = BenchRequest("Warm up.", 3, 4)
         asyncio.run(run_workload([warm], [0.0], cfg, progress=False))
-        result = asyncio.run(run_workload(requests, [0.0] * len(requests), cfg, concurrency, desc="HTTP"))
+
+        async def run() -> Any:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch_page(url, stop)) if page_open else None
+            try:
+                return await run_workload(requests, [0.0] * len(requests), cfg, concurrency, desc=desc)
+            finally:
+                stop.set()
+                if watcher is not None:
+                    print(f"  the page polled the state {await watcher} times")
+
+        result = asyncio.run(run())
     records = [o.record for o in result.outcomes]
     failed = [r.error for r in records if r.error]
     if failed:
@@ -114,6 +160,11 @@ def main() -> None:
     p.add_argument("--policy", default="bucket", help="scheduling policy on both sides (default bucket)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", type=Path, default=Path("results/server_overhead.json"))
+    p.add_argument(
+        "--web-page",
+        action="store_true",
+        help="measure the web page's cost instead: HTTP without it, with it closed, with it open",
+    )
     a = p.parse_args()
 
     tokenizer = load_tokenizer(None)
@@ -125,6 +176,9 @@ def main() -> None:
         f"{sum(r.output_len for r in requests)} output tokens; {a.concurrency} concurrent; policy {a.policy}"
     )
     a.output_json.parent.mkdir(parents=True, exist_ok=True)
+    if a.web_page:
+        web_page_cost(requests, a)
+        return
     # The in-process LLM runs torch on this thread, which would then slow the closed-loop
     # engine's thread (see AsyncEngine): it goes last.
     loop = closed_loop(requests, a.concurrency, {"policy": a.policy})
@@ -162,6 +216,39 @@ def main() -> None:
         },
     )
     print(f"wrote {a.output_json}")
+
+
+def web_page_cost(requests: list[BenchRequest], a: argparse.Namespace) -> None:
+    """HTTP runs without the web page, with it served and closed, with it open (A B C C B A)."""
+    setups = {
+        "no page": (["--no-web-ui"], False),
+        "page closed": ([], False),
+        "page open": ([], True),
+    }
+    order = [*setups, *reversed(setups)]
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
+    for i, name in enumerate(order):
+        args, page_open = setups[name]
+        log = a.output_json.with_suffix(f".web-{i}.server.log")
+        runs[name].append(
+            over_http(requests, a.concurrency, ["--policy", a.policy, *args], log, page_open, desc=name)
+        )
+    print(f"\n{'':24}" + "".join(f"{name:>24}" for name in setups))
+    for key, label in [
+        ("output_throughput", "output tokens/s"),
+        ("median_tpot_ms", "median TPOT (ms)"),
+        ("median_ttft_ms", "median TTFT (ms)"),
+    ]:
+        cells = ["  ".join(f"{r[key]:.1f}" for r in runs[name]) for name in setups]
+        print(f"{label:24}" + "".join(f"{c:>24}" for c in cells))
+    base = sum(r["output_throughput"] for r in runs["no page"])
+    for name in ("page closed", "page open"):
+        ours = sum(r["output_throughput"] for r in runs[name])
+        print(f"{name}: {ours / base - 1:+.1%} output throughput against no page (both runs summed)")
+    write_json(
+        a.output_json.with_suffix(".web-page.json"), {"args": {k: str(v) for k, v in vars(a).items()}, **runs}
+    )
+    print(f"wrote {a.output_json.with_suffix('.web-page.json')}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,9 @@ class ServerConfig:
         metavar="SECONDS",
         help="on SIGTERM, let in-flight requests finish for this long",
     )
+    web_ui: bool = option(
+        True, help="serve the web page at /: a live view of the scheduler and a chat playground"
+    )
     max_request_body: int = option(
         16 * 2**20,
         parse=parse_bytes,

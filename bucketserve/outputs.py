@@ -33,6 +33,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    ttft_slo: float | None = None  # the request's targets in seconds, as the scheduler resolved them
+    tpot_slo: float | None = None
 
 
 @dataclass

@@ -21,6 +21,19 @@ if ! command -v c++ >/dev/null && ! command -v g++ >/dev/null; then
   fi
 fi
 
+# The web page's tests drive Debian's chromium through Playwright (which downloads no browser
+# of its own): install it where it is missing and we may.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+  && [ -z "${BUCKETSERVE_CHROMIUM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (the web page's browser tests run it headless)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: no chromium; install it (apt-get install chromium) or set BUCKETSERVE_CHROMIUM," \
+      "or tests/test_browser.py fails" >&2
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -95,7 +95,7 @@ def test_buckets_split_under_load_and_merge_when_it_falls() -> None:
     for i in range(30):  # 30 short prompts, all below the midpoint 500
         manager.push(seq(i, 10 + i, 1), float(i))
     manager.adapt(n_max=10, theta=0.5)
-    assert len(manager.buckets) > 1 and manager.num_splits >= 1
+    assert len(manager.buckets) > 1 and manager.num_splits >= 1 and manager.num_merges == 0
     assert manager.buckets[0].upper <= 500
     while len(manager):
         for b in manager.buckets:
@@ -103,6 +103,7 @@ def test_buckets_split_under_load_and_merge_when_it_falls() -> None:
                 manager.pop(b)
     manager.adapt(n_max=10, theta=0.5)
     assert [(b.lower, b.upper) for b in manager.buckets] == [(0, 1000)]
+    assert manager.num_merges == manager.num_splits  # each merge removes an edge a split added
 
 
 def test_optimal_boundaries_separate_two_length_clusters() -> None:

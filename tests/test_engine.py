@@ -257,3 +257,17 @@ def test_a_finished_output_gives_its_metrics_record(llm) -> None:
     assert rec.e2e == m.finished_time - m.arrival_time >= rec.ttft
     assert (rec.prompt_tokens, rec.output_tokens) == (len(out.prompt_token_ids), 12)
     assert rec.queue_time is not None and 0 <= rec.queue_time <= rec.ttft
+
+
+def test_a_finished_output_carries_the_slo_targets_it_was_scheduled_against(make_llm) -> None:
+    """A request's own targets first, else its length class, else the defaults: what the
+    server's SLO attainment is measured against."""
+    from bucketserve.config import OrderConfig
+
+    llm = make_llm(order=OrderConfig(slo_classes=("4:1:0.2",), default_ttft_slo_s=7.0))
+    short, long_ = llm.generate(
+        ["Hi", "The quick brown fox jumps over the lazy dog."], GREEDY, use_tqdm=False
+    )
+    assert len(short.prompt_token_ids) <= 4 < len(long_.prompt_token_ids)
+    assert (short.metrics.ttft_slo, short.metrics.tpot_slo) == (1.0, 0.2)
+    assert (long_.metrics.ttft_slo, long_.metrics.tpot_slo) == (7.0, None)

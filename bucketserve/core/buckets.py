@@ -53,6 +53,7 @@ class BucketManager:
         self.buckets = [Bucket(lo, hi) for lo, hi in itertools.pairwise(edges)]
         self._counter = 0  # ties in urgency break by insertion order
         self.num_splits = 0
+        self.num_merges = 0
 
     # -- queue ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -126,6 +127,7 @@ class BucketManager:
                     key=lambda j: len(self.buckets[j]) + len(self.buckets[j + 1]),
                 )
                 self._merge(i)
+                self.num_merges += 1
 
     def _split(self, i: int) -> None:
         b = self.buckets[i]

@@ -340,6 +340,21 @@ class Scheduler(abc.ABC):
         """Waiting requests per queue, labelled (one queue here; a bucket each for ``bucket``)."""
         return [("all", self.num_waiting)]
 
+    def queue_edges(self) -> list[int]:
+        """The prompt-length edges of the queues, from 0 to the model's length: queue i holds
+        prompts in [edges[i], edges[i + 1])."""
+        return [0, self.max_model_len]
+
+    @property
+    def num_queue_splits(self) -> int:
+        """Times a waiting queue was split (buckets for ``bucket``; never for one queue)."""
+        return 0
+
+    @property
+    def num_queue_merges(self) -> int:
+        """Times waiting queues were merged."""
+        return 0
+
     # -- state -------------------------------------------------------------------------
     @property
     def num_running(self) -> int:

@@ -62,6 +62,9 @@ class EngineSnapshot:
     num_steps: int = 0
     padding_ratio: float = 0.0
     queues: tuple[tuple[str, int], ...] = ()  # (bucket or queue label, waiting requests)
+    queue_edges: tuple[int, ...] = ()  # queue i holds prompt lengths [edges[i], edges[i + 1])
+    num_queue_splits: int = 0  # times a bucket split, since start
+    num_queue_merges: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -188,7 +191,7 @@ class AsyncEngine:
                 failure.append(e)
                 ready.set()
                 return
-            self._snapshot = EngineSnapshot(kv_blocks_total=self.engine.block_manager.num_blocks)
+            self._update_snapshot()
             ready.set()
             self._run()
 
@@ -419,4 +422,7 @@ class AsyncEngine:
             num_steps=engine.stats.steps,
             padding_ratio=engine.stats.padding_ratio,
             queues=tuple(engine.scheduler.queue_lengths()),
+            queue_edges=tuple(engine.scheduler.queue_edges()),
+            num_queue_splits=engine.scheduler.num_queue_splits,
+            num_queue_merges=engine.scheduler.num_queue_merges,
         )

@@ -13,6 +13,7 @@ import torch
 
 from bucketserve.config import EngineConfig, SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
+from bucketserve.core.ordering import targets
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
 from bucketserve.core.sequence import FinishReason, Sequence
@@ -292,6 +293,8 @@ class LLMEngine:
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
         done = seq.finish_reason is not None
+        # The targets it was scheduled against, on the last output (what SLO attainment reads).
+        ttft_slo, tpot_slo = targets(seq, self.scheduler_config.order) if done else (None, None)
         return RequestOutput(
             request_id=seq.seq_id,
             prompt=req.prompt,
@@ -313,5 +316,7 @@ class LLMEngine:
                 first_token_time=seq.first_token_time,
                 finished_time=seq.finished_time or (time.monotonic() if done else None),
                 num_preemptions=seq.num_preemptions,
+                ttft_slo=ttft_slo,
+                tpot_slo=tpot_slo,
             ),
         )

@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with SSE streaming), GET
 /v1/models, GET /health, GET /metrics (Prometheus), GET /debug/steps (the engine's recent
-steps). The endpoints' work lives in ``serving_completion`` and ``serving_chat`` (on
+steps), and the web page: GET / (dashboard and chat), GET /dashboard/state (its data;
+``dashboard``). The endpoints' work lives in ``serving_completion`` and ``serving_chat`` (on
 ``serving``'s shared base), SSE framing in ``streaming``, the error shape in ``errors``; the
 routes find them in the app's state, as vLLM's api_server does.
 """
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bucketserve.engine.async_engine import AsyncEngine
+from bucketserve.server.dashboard import LiveView, dashboard_router, sampling
 from bucketserve.server.errors import APIError, add_error_handlers
 from bucketserve.server.metrics import ServerMetrics
 from bucketserve.server.openapi import json_body, with_body_schemas
@@ -123,7 +125,12 @@ async def engine_steps(request: Request) -> JSONResponse:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
+    live: LiveView | None = app.state.live
+    if live is None:
+        yield
+    else:
+        async with sampling(live):
+            yield
     state: ServerState = app.state.server
     log.info("stopping the engine (grace %.1f s)", state.shutdown_grace_s)
     await state.engine.shutdown(state.shutdown_grace_s)
@@ -136,12 +143,13 @@ def build_app(
     *,
     shutdown_grace_s: float = 5.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    web_ui: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``async_engine`` as ``model_name`` (the engine's own model
     path is accepted too). With ``api_key``, /v1/* and /debug/steps need
     ``Authorization: Bearer KEY``. Stopping the app stops the engine, letting requests in
     flight finish for up to ``shutdown_grace_s``. A request body over ``max_body_bytes`` gets
-    a 413."""
+    a 413. With ``web_ui``, / serves the dashboard and chat page."""
     metrics = ServerMetrics(async_engine.stats, model_name)
     app = FastAPI(title="bucketserve", lifespan=_lifespan)
     app.state.server = ServerState(
@@ -155,8 +163,11 @@ def build_app(
         created=int(time.time()),
     )
     app.state.metrics, app.state.engine = metrics, async_engine
+    app.state.live = LiveView(async_engine, metrics, model_name, api_key is not None) if web_ui else None
     add_error_handlers(app, metrics)
     app.include_router(v1)
     app.include_router(router)
+    if web_ui:
+        app.include_router(dashboard_router(check_api_key))
     app.openapi = with_body_schemas(app, [CompletionRequest, ChatCompletionRequest])  # type: ignore[method-assign]
     return app

@@ -30,9 +30,12 @@ class _Server(uvicorn.Server):
     message (the engine refuses them), /health turns 503, and requests in flight run for up to
     the grace period; then uvicorn's own shutdown runs. A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, url: str, drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, url: str, drain: Callable[[], Awaitable[None]], web_ui: bool
+    ) -> None:
         super().__init__(config)
         self.url = url
+        self.web_ui = web_ui
         self.drain = drain
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -43,6 +46,8 @@ class _Server(uvicorn.Server):
         await super().startup(sockets=sockets)
         if self.started:
             log.info("serving on %s (OpenAI API under %s/v1)", self.url, self.url)
+            if self.web_ui:
+                log.info("dashboard and chat: open %s/ in a browser", self.url)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self.should_exit or self._loop is None or not self.started:
@@ -102,6 +107,7 @@ def serve(
         server_config.api_key,
         shutdown_grace_s=shutdown_grace_s,
         max_body_bytes=server_config.max_request_body,
+        web_ui=server_config.web_ui,
     )
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
@@ -113,7 +119,10 @@ def serve(
         access_log=log_level == "debug",
     )
     server = _Server(
-        config, f"http://{shown_host}:{actual_port}", drain=lambda: async_engine.shutdown(shutdown_grace_s)
+        config,
+        f"http://{shown_host}:{actual_port}",
+        drain=lambda: async_engine.shutdown(shutdown_grace_s),
+        web_ui=server_config.web_ui,
     )
     # uvicorn re-raises a captured signal after its graceful shutdown, to the handler installed
     # before it ran: SIGTERM's is replaced so that a requested stop exits with status 0.

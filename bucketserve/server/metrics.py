@@ -4,7 +4,10 @@ state read at scrape time, and per-request latencies observed as each request's 
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -70,8 +73,29 @@ class _EngineCollector(Collector):
         yield g
 
 
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One finished request, as the web page's latency charts read it (seconds, monotonic)."""
+
+    finished: float
+    ttft: float
+    tpot: float | None  # None for a single-token reply
+    output_tokens: int
+    ttft_slo: float | None
+    tpot_slo: float | None
+
+    @property
+    def met_slo(self) -> bool:
+        return (self.ttft_slo is None or self.ttft <= self.ttft_slo) and (
+            self.tpot_slo is None or self.tpot is None or self.tpot <= self.tpot_slo
+        )
+
+
 class ServerMetrics:
-    """Per-request metrics, observed by the HTTP handlers; one registry per app."""
+    """Per-request metrics, observed by the HTTP handlers; one registry per app.
+
+    Beside the Prometheus series, plain tallies and the last finished requests are kept for
+    the web page (``dashboard``), which reads them without parsing its own exposition."""
 
     def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -103,9 +127,13 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.registry.register(_EngineCollector(snapshot, model_name))
+        self.num_generated_tokens = 0
+        self.rejections: Tally[str] = Tally()
+        self.finished: deque[FinishedRequest] = deque(maxlen=8192)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
+        self.rejections[reason] += 1
 
 
 class RequestTracker:
@@ -134,12 +162,26 @@ class RequestTracker:
                 for _ in range(new):
                     m.itl.labels(label).observe(gap)
             m.generation_tokens.labels(label).inc(new)
+            m.num_generated_tokens += new
             self.num_tokens, self.last = n, now
         if out.finished:
             end = out.metrics.finished_time or now
             m.e2e.labels(label).observe(max(0.0, end - out.metrics.arrival_time))
             m.success.labels(label, out.outputs[0].finish_reason or "unknown").inc()
             m.prompt_tokens.labels(label).inc(len(out.prompt_token_ids))
+            t = out.metrics
+            completed = out.outputs[0].finish_reason in ("stop", "length")
+            if completed and t.first_token_time is not None and n > 0:
+                m.finished.append(
+                    FinishedRequest(
+                        finished=end,
+                        ttft=max(0.0, t.first_token_time - t.arrival_time),
+                        tpot=(end - t.first_token_time) / (n - 1) if n > 1 else None,
+                        output_tokens=n,
+                        ttft_slo=t.ttft_slo,
+                        tpot_slo=t.tpot_slo,
+                    )
+                )
 
     def aborted(self) -> None:
         self.metrics.success.labels(self.metrics.model_name, "abort").inc()

@@ -131,6 +131,17 @@ class BucketScheduler(Scheduler):
     def queue_lengths(self) -> list[tuple[str, int]]:
         return [(f"[{b.lower},{b.upper})", len(b)) for b in self.buckets.buckets]
 
+    def queue_edges(self) -> list[int]:
+        return self.buckets.boundaries
+
+    @property
+    def num_queue_splits(self) -> int:
+        return self.buckets.num_splits
+
+    @property
+    def num_queue_merges(self) -> int:
+        return self.buckets.num_merges
+
     def _adapt(self) -> None:
         """Split or merge buckets for the current load (once per step, not per arrival)."""
         edges = None
