@@ -21,7 +21,7 @@ What it measures
     With ``--web-page``, what the web page costs instead: the HTTP run (2) without the page
     (``--no-web-ui``: no sampler, no routes), with the page served but nobody looking, and
     with a page open (a client polling ``/dashboard/state`` once a second with ``since``,
-    as the page's script does), in the order A B C C B A so that drift cancels.
+    as the page's script does): three runs each, in the order A B C, B C A, C A B.
 
 How to run
     .venv/bin/python benchmarks/server_overhead.py                    # 96 requests, 32 clients
@@ -98,23 +98,24 @@ def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dic
     return summarize(records, duration)
 
 
-async def watch_page(url: str, stop: asyncio.Event) -> int:
+async def watch_page(url: str, stop: asyncio.Event) -> list[float]:
     """What an open web page asks of the server: its state once a second, newer than what it
-    has (the page's script). Returns how many times it asked."""
+    has (the page's script). Returns the ms each reply took to build on the server (its
+    ``Server-Timing``)."""
     since: float | None = None
-    polls = 0
+    build_ms: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         while not stop.is_set():
             r = await client.get("/dashboard/state", params={} if since is None else {"since": since})
             r.raise_for_status()
             d = r.json()
-            polls += 1
+            build_ms.append(float(r.headers["server-timing"].split("dur=")[1]))
             times = [d["history"][-1]["t"]] if d["history"] else [d["now"]]
             times += [d["steps"][-1]["t"]] if d["steps"] else []
             since = min(times) if since is None else max(since, min(times))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-    return polls
+    return build_ms
 
 
 def over_http(
@@ -138,7 +139,11 @@ def over_http(
             finally:
                 stop.set()
                 if watcher is not None:
-                    print(f"  the page polled the state {await watcher} times")
+                    ms = await watcher
+                    print(
+                        f"  the page polled the state {len(ms)} times; building a reply took "
+                        f"{sum(ms) / len(ms):.2f} ms on average, {max(ms):.2f} ms at most"
+                    )
 
         result = asyncio.run(run())
     records = [o.record for o in result.outcomes]
@@ -219,13 +224,16 @@ def main() -> None:
 
 
 def web_page_cost(requests: list[BenchRequest], a: argparse.Namespace) -> None:
-    """HTTP runs without the web page, with it served and closed, with it open (A B C C B A)."""
+    """HTTP runs without the web page, with it served and closed, with it open, three each."""
     setups = {
         "no page": (["--no-web-ui"], False),
         "page closed": ([], False),
         "page open": ([], True),
     }
-    order = [*setups, *reversed(setups)]
+    # Each setup once in each position of a round (A B C, B C A, C A B): the first run of a
+    # command has read fastest, and drift within it cancels.
+    names = list(setups)
+    order = [names[(r + i) % len(names)] for r in range(len(names)) for i in range(len(names))]
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     for i, name in enumerate(order):
         args, page_open = setups[name]
@@ -239,12 +247,12 @@ def web_page_cost(requests: list[BenchRequest], a: argparse.Namespace) -> None:
         ("median_tpot_ms", "median TPOT (ms)"),
         ("median_ttft_ms", "median TTFT (ms)"),
     ]:
-        cells = ["  ".join(f"{r[key]:.1f}" for r in runs[name]) for name in setups]
+        cells = [" ".join(f"{r[key]:.1f}" for r in runs[name]) for name in setups]
         print(f"{label:24}" + "".join(f"{c:>24}" for c in cells))
     base = sum(r["output_throughput"] for r in runs["no page"])
     for name in ("page closed", "page open"):
         ours = sum(r["output_throughput"] for r in runs[name])
-        print(f"{name}: {ours / base - 1:+.1%} output throughput against no page (both runs summed)")
+        print(f"{name}: {ours / base - 1:+.1%} output throughput against no page (its runs summed)")
     write_json(
         a.output_json.with_suffix(".web-page.json"), {"args": {k: str(v) for k, v in vars(a).items()}, **runs}
     )

@@ -149,7 +149,7 @@ class LiveView:
             "dtype": str(llm.dtype).removeprefix("torch."),
             "quantization": cfg.quantization,
             "weight_formats": plans.describe() if plans is not None else "eager (no tuning)",
-            "threads": cfg.num_threads,
+            "threads": cfg.num_threads or "torch's default",
             "max_waiting_requests": self.engine.max_waiting_requests,
             "api_key": self.api_key_set,
         }
@@ -248,8 +248,12 @@ def dashboard_router(check_api_key: Any) -> APIRouter:
     @router.get("/dashboard/state", dependencies=[Depends(check_api_key)])
     async def dashboard_state(request: Request, since: float | None = None) -> JSONResponse:
         """The page's data: the engine's state now, per-second samples (newer than ``since``,
-        on the server's monotonic clock), recent steps, latency percentiles, the settings."""
-        return JSONResponse(_live(request).state(since))
+        on the server's monotonic clock), recent steps, latency percentiles, the settings.
+        ``Server-Timing`` says how long the reply took to build (what the page costs)."""
+        start = time.perf_counter()
+        reply = JSONResponse(_live(request).state(since))
+        reply.headers["Server-Timing"] = f"state;dur={(time.perf_counter() - start) * 1e3:.3f}"
+        return reply
 
     return router
 

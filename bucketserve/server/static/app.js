@@ -64,9 +64,15 @@ function timeChart(svg, now, series, { yMax, yFmt = (v) => fmt(v), targets = [] 
   for (const ago of [300, 240, 180, 120, 60, 0]) {
     svg.append(el("svg:text", { x: x(now - ago), y: h - 4, "text-anchor": "middle" }, ago ? `-${ago / 60} min` : "now"));
   }
-  for (const t of targets) {
-    svg.append(el("svg:line", { x1: m.l, x2: w - m.r, y1: y(t.y), y2: y(t.y), class: "target" }));
-    svg.append(el("svg:text", { x: w - m.r, y: y(t.y) - 3, "text-anchor": "end", fill: "var(--bad)" }, t.label));
+  // One line per target value (classes may share one), labels kept apart.
+  const byValue = new Map();
+  for (const t of targets) byValue.set(t.y, [...(byValue.get(t.y) ?? []), t.label]);
+  let lastLabelY = Infinity;
+  for (const [v, labels] of [...byValue].sort((a, b) => a[0] - b[0])) {
+    svg.append(el("svg:line", { x1: m.l, x2: w - m.r, y1: y(v), y2: y(v), class: "target" }));
+    const ly = Math.min(y(v) - 3, lastLabelY - 12);
+    svg.append(el("svg:text", { x: w - m.r, y: ly, "text-anchor": "end", fill: "var(--bad)" }, labels.join("; ")));
+    lastLabelY = ly;
   }
   let lx = m.l;
   for (const s of series) {
