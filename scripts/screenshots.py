@@ -92,8 +92,10 @@ def main() -> None:
     if browser_path is None:
         raise SystemExit("no chromium: apt-get install chromium (setup.sh does), or set BUCKETSERVE_CHROMIUM")
     a.out.mkdir(parents=True, exist_ok=True)
+    log = Path("results/screenshots.server.log")
+    log.parent.mkdir(exist_ok=True)
     args = ["--max-num-seqs", "16", "--bucket-n-max", "8", "--slo-classes", "256:2:0.25,2048:8:0.25"]
-    with managed_server("bucket", args, a.out / "screenshots.server.log") as url, sync_playwright() as pw:
+    with managed_server("bucket", args, log) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(url + "/")
