@@ -99,20 +99,21 @@ def closed_loop(requests: list[BenchRequest], concurrency: int, engine_args: dic
 
 
 async def watch_page(url: str, stop: asyncio.Event) -> list[float]:
-    """What an open web page asks of the server: its state once a second, newer than what it
-    has (the page's script). Returns the ms each reply took to build on the server (its
-    ``Server-Timing``)."""
-    since: float | None = None
+    """What an open web page asks of the server: its state once a second, only what is newer
+    than the last sample and the last step it has (the page's script). Returns the ms each
+    reply took to build on the server (its ``Server-Timing``)."""
+    cursors: dict[str, float] = {}
     build_ms: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         while not stop.is_set():
-            r = await client.get("/dashboard/state", params={} if since is None else {"since": since})
+            r = await client.get("/dashboard/state", params=cursors)
             r.raise_for_status()
             d = r.json()
             build_ms.append(float(r.headers["server-timing"].split("dur=")[1]))
-            times = [d["history"][-1]["t"]] if d["history"] else [d["now"]]
-            times += [d["steps"][-1]["t"]] if d["steps"] else []
-            since = min(times) if since is None else max(since, min(times))
+            if d["history"]:
+                cursors["since"] = d["history"][-1]["t"]
+            if d["steps"]:
+                cursors["steps_since"] = d["steps"][-1]["t"]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     return build_ms

@@ -180,6 +180,14 @@ class ServerConfig:
     web_ui: bool = option(
         True, help="serve the web page at /: a live view of the scheduler and a chat playground"
     )
+    replicas: int | None = option(
+        None,
+        help="run this many engine replicas as a Ray Serve application behind one endpoint "
+        "(default: one engine in this process, no Ray)",
+    )
+    threads_per_replica: int | None = option(
+        None, help="with --replicas: torch threads and Ray CPUs per replica (default: --num-threads, else 1)"
+    )
     max_request_body: int = option(
         16 * 2**20,
         parse=parse_bytes,
@@ -196,6 +204,11 @@ class ServerConfig:
         )
         check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         check(self.max_request_body >= 1, f"max_request_body must be >= 1 byte, got {self.max_request_body}")
+        check(self.replicas is None or self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        check(
+            self.threads_per_replica is None or self.threads_per_replica >= 1,
+            f"threads_per_replica must be >= 1, got {self.threads_per_replica}",
+        )
 
 
 def with_options(

@@ -97,13 +97,13 @@ def main() -> None:
     args = ["--max-num-seqs", "16", "--bucket-n-max", "8", "--slo-classes", "256:2:0.25,2048:8:0.25"]
     with managed_server("bucket", args, log) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page = browser.new_page(viewport={"width": 1400, "height": 1400}, bypass_csp=True)
         page.goto(url + "/")
         load(url, a.burst_rate, a.burst_seconds, a.calm_rate, 600, a.seed)
         wait_until_drained(url, a.burst_seconds, timeout_s=240)
         page.screenshot(path=a.out / "dashboard.png", full_page=True)
         print(f"wrote {a.out / 'dashboard.png'}")
-        chat_page = browser.new_page(viewport={"width": 1100, "height": 760})
+        chat_page = browser.new_page(viewport={"width": 1100, "height": 760}, bypass_csp=True)
         chat_page.goto(url + "/")
         chat(chat_page)
         chat_page.screenshot(path=a.out / "chat.png")

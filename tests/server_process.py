@@ -23,9 +23,11 @@ MODEL = "SmolLM2-135M-Instruct"
 class Server:
     """A `bucketserve serve` subprocess on a free port; its log is collected in a thread."""
 
-    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, *args: str, env: dict[str, str] | None = None, log_level: str = "info"
+    ) -> None:
         cmd = [
-            sys.executable, "-m", "bucketserve", "serve",
+            sys.executable, "-m", "bucketserve", "--log-level", log_level, "serve",
             "--model", str(model_dir), "--dtype", "float32", "--device", "cpu",
             "--kv-cache-memory", "1MiB", "--port", "0", "--num-threads", "1", *args,
         ]  # fmt: skip

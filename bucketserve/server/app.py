@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,8 @@ class ServerState:
     completions: CompletionServing
     chat: ChatServing
     created: int  # when the app was built: the model's "created" in /v1/models
+    # What /metrics answers, when not this app's own registry (every replica's, on Ray Serve)
+    metrics_text: Callable[[], Awaitable[str]] | None = None
 
 
 def _state(request: Request) -> ServerState:
@@ -109,7 +111,10 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = _state(request)
+    if state.metrics_text is not None:
+        return Response(await state.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/debug/steps", dependencies=[Depends(check_api_key)])
@@ -144,12 +149,14 @@ def build_app(
     shutdown_grace_s: float = 5.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     web_ui: bool = True,
+    metrics_text: Callable[[], Awaitable[str]] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``async_engine`` as ``model_name`` (the engine's own model
     path is accepted too). With ``api_key``, /v1/* and /debug/steps need
     ``Authorization: Bearer KEY``. Stopping the app stops the engine, letting requests in
     flight finish for up to ``shutdown_grace_s``. A request body over ``max_body_bytes`` gets
-    a 413. With ``web_ui``, / serves the dashboard and chat page."""
+    a 413. With ``web_ui``, / serves the dashboard and chat page. ``metrics_text``, when given,
+    answers /metrics instead of this app's registry (a replica's, with every replica's)."""
     metrics = ServerMetrics(async_engine.stats, model_name)
     app = FastAPI(title="bucketserve", lifespan=_lifespan)
     app.state.server = ServerState(
@@ -161,6 +168,7 @@ def build_app(
         completions=CompletionServing(async_engine, model_name, metrics, max_body_bytes),
         chat=ChatServing(async_engine, model_name, metrics, max_body_bytes),
         created=int(time.time()),
+        metrics_text=metrics_text,
     )
     app.state.metrics, app.state.engine = metrics, async_engine
     app.state.live = LiveView(async_engine, metrics, model_name, api_key is not None) if web_ui else None

@@ -5,8 +5,9 @@ internet) reads one endpoint, ``GET /dashboard/state``, once a second. That endp
 its reply from what the server already keeps: the engine's snapshot (refreshed by the engine
 after every step), its recent step records, and the metrics' tallies and last finished
 requests. A sampler stores the snapshot once a second for the last ``HISTORY_S`` seconds, so
-a page opened late still sees the buckets split and merge; ``?since=T`` sends only the
-samples and steps newer than T, so a page that keeps polling gets a few hundred bytes.
+a page opened late still sees the buckets split and merge. ``?since=T&steps_since=S`` sends
+only the samples newer than T and the steps that started after S (and the settings only when
+neither is given), so a page that keeps polling gets a few kilobytes a second.
 
 The state is behind the API key, like ``/debug/steps``: its steps tell the lengths of other
 clients' prompts. The page itself is public and asks for the key when the state answers 401.
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -29,11 +31,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from bucketserve.engine.async_engine import AsyncEngine
+from bucketserve.engine.async_engine import AsyncEngine, EngineSnapshot
 from bucketserve.metrics import percentile
 from bucketserve.server.metrics import FinishedRequest, ServerMetrics
 
 __all__ = ["LiveView", "dashboard_router"]
+
+log = logging.getLogger(__name__)
 
 HISTORY_S = 300  # seconds of per-second samples kept
 SAMPLE_EVERY_S = 1.0
@@ -42,6 +46,11 @@ LATENCY_WINDOW_S = 60.0  # the headline percentiles cover this much
 LATENCY_BIN_S = 10.0  # the latency charts' resolution, over HISTORY_S
 
 STATIC = resources.files("bucketserve.server") / "static"
+# The page may load and fetch from this server only: nothing from the internet, no inline script.
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+}
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 
 
@@ -106,8 +115,9 @@ class LiveView:
         self.started = time.monotonic()
         self.history: deque[Sample] = deque(maxlen=int(HISTORY_S / SAMPLE_EVERY_S))
 
-    def sample(self) -> Sample:
-        s = self.engine.stats()
+    def sample(self, s: EngineSnapshot | None = None) -> Sample:
+        """The state now, from snapshot ``s`` (default: the engine's latest)."""
+        s = s or self.engine.stats()
         bands = itertools.pairwise(s.queue_edges)  # the snapshot's edges and queues agree
         queues = tuple((lo, hi, n) for (lo, hi), (_, n) in zip(bands, s.queues, strict=True))
         m = self.metrics
@@ -124,9 +134,13 @@ class LiveView:
         )
 
     async def run_sampler(self) -> None:
-        """Store a sample every second until cancelled."""
+        """Store a sample every second until cancelled; a failed sample is logged and skipped
+        (the server must not lose its shutdown to the page's bookkeeping)."""
         while True:
-            self.history.append(self.sample())
+            try:
+                self.history.append(self.sample())
+            except Exception:
+                log.exception("the dashboard's sampler failed")
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     @functools.cached_property
@@ -165,32 +179,32 @@ class LiveView:
             ],
         }
 
-    def state(self, since: float | None) -> dict[str, Any]:
+    def state(self, since: float | None = None, steps_since: float | None = None) -> dict[str, Any]:
+        """The page's data: samples newer than ``since``, steps started after ``steps_since``
+        (both on the server's monotonic clock; None: all kept), the rest as of now."""
         now = time.monotonic()
         s = self.engine.stats()
-        current = self.sample()
+        current = self.sample(s)
         history = [x for x in self.history if since is None or x.t > since]
-        steps = [r for r in self.engine.recent_steps()[-MAX_STEPS:] if since is None or r.start > since]
-        # One pass over the finished requests: each into its bin, counted back from now.
+        recent_steps = self.engine.recent_steps()[-MAX_STEPS:]
+        steps = [r for r in recent_steps if steps_since is None or r.start > steps_since]
+        # One pass over the finished requests, each into its bin: bins fixed on the clock
+        # (not counted back from now), so a request stays in its bin from poll to poll.
         by_bin: dict[int, list[FinishedRequest]] = {}
         recent = []
         for r in self.metrics.finished:
-            age = now - r.finished
-            if age < HISTORY_S:
-                by_bin.setdefault(int(age // LATENCY_BIN_S), []).append(r)
-                if age < LATENCY_WINDOW_S:
+            if now - r.finished < HISTORY_S:
+                by_bin.setdefault(int(r.finished // LATENCY_BIN_S), []).append(r)
+                if now - r.finished < LATENCY_WINDOW_S:
                     recent.append(r)
-        bins = [
-            {"t": round(now - i * LATENCY_BIN_S, 3), **_latency(by_bin[i])}
-            for i in sorted(by_bin, reverse=True)
-        ]
+        bins = [{"t": (i + 1) * LATENCY_BIN_S, **_latency(by_bin[i])} for i in sorted(by_bin)]
         return {
             "now": round(now, 3),
             "wall": time.time(),
             "uptime_s": round(now - self.started, 1),
             "model": self.model_name,
             "running": self.engine.is_running,
-            "settings": self.settings,
+            "settings": self.settings if since is None and steps_since is None else None,
             "current": current.to_dict(),
             "totals": {
                 "steps": s.num_steps,
@@ -235,7 +249,7 @@ def dashboard_router(check_api_key: Any) -> APIRouter:
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(), headers={"Cache-Control": "no-cache"})
+        return HTMLResponse((STATIC / "index.html").read_text(), headers=PAGE_HEADERS)
 
     @router.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
@@ -246,12 +260,15 @@ def dashboard_router(check_api_key: Any) -> APIRouter:
         )
 
     @router.get("/dashboard/state", dependencies=[Depends(check_api_key)])
-    async def dashboard_state(request: Request, since: float | None = None) -> JSONResponse:
+    async def dashboard_state(
+        request: Request, since: float | None = None, steps_since: float | None = None
+    ) -> JSONResponse:
         """The page's data: the engine's state now, per-second samples (newer than ``since``,
-        on the server's monotonic clock), recent steps, latency percentiles, the settings.
+        on the server's monotonic clock), the steps that started after ``steps_since``,
+        latency percentiles, and the settings on a first request (neither given).
         ``Server-Timing`` says how long the reply took to build (what the page costs)."""
         start = time.perf_counter()
-        reply = JSONResponse(_live(request).state(since))
+        reply = JSONResponse(_live(request).state(since, steps_since))
         reply.headers["Server-Timing"] = f"state;dur={(time.perf_counter() - start) * 1e3:.3f}"
         return reply
 

@@ -93,6 +93,10 @@ def serve(
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s`` to finish.
     Returns 0 after a SIGTERM (a clean stop); SIGINT raises KeyboardInterrupt afterwards."""
     server_config = server_config or ServerConfig()
+    if server_config.replicas is not None:
+        from bucketserve.cluster.replicas import serve_replicas
+
+        return serve_replicas(engine_config, scheduler_config, server_config, log_level)
     host, port = server_config.host, server_config.port
     max_waiting_requests = server_config.max_waiting_requests
     shutdown_grace_s = server_config.shutdown_grace_s

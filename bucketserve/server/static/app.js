@@ -49,20 +49,26 @@ function clear(svg) {
   return { w: Math.max(r.width, 200), h: Math.max(r.height, 100) };
 }
 
+// The time axis shared by the time charts and the bucket map: x of a time, and its labels.
+function timeAxis(svg, now, w, h, m) {
+  const x = (t) => m.l + (1 - (now - t) / WINDOW_S) * (w - m.l - m.r);
+  for (const ago of [300, 240, 180, 120, 60, 0]) {
+    svg.append(el("svg:text", { x: x(now - ago), y: h - 4, "text-anchor": "middle" }, ago ? `-${ago / 60} min` : "now"));
+  }
+  return x;
+}
+
 // A time chart: x is seconds before now (WINDOW_S .. 0), series of [t, y] points.
 function timeChart(svg, now, series, { yMax, yFmt = (v) => fmt(v), targets = [] } = {}) {
   const { w, h } = clear(svg);
   const m = { l: 46, r: 10, t: 18, b: 20 };
   const top = niceMax(Math.max(yMax ?? 0, ...series.flatMap((s) => s.points.map((p) => p[1])), ...targets.map((t) => t.y)));
-  const x = (t) => m.l + (1 - (now - t) / WINDOW_S) * (w - m.l - m.r);
+  const x = timeAxis(svg, now, w, h, m);
   const y = (v) => h - m.b - (v / top) * (h - m.t - m.b);
   for (let i = 0; i <= 4; i++) {
     const v = (top * i) / 4;
     svg.append(el("svg:line", { x1: m.l, x2: w - m.r, y1: y(v), y2: y(v), class: "axis" }));
     svg.append(el("svg:text", { x: m.l - 4, y: y(v) + 4, "text-anchor": "end" }, yFmt(v)));
-  }
-  for (const ago of [300, 240, 180, 120, 60, 0]) {
-    svg.append(el("svg:text", { x: x(now - ago), y: h - 4, "text-anchor": "middle" }, ago ? `-${ago / 60} min` : "now"));
   }
   // One line per target value (classes may share one), labels kept apart.
   const byValue = new Map();
@@ -90,9 +96,13 @@ function timeChart(svg, now, series, { yMax, yFmt = (v) => fmt(v), targets = [] 
 }
 
 // --------------------------------------------------------------------------------- dashboard
-const view = { history: [], steps: [], latest: null, since: null, eventsSeen: 0 };
+// The page's copy of the server's state: samples and steps accumulate; each poll asks only
+// for what is newer than the last of each (two cursors: steps stop when the server idles).
+const view = { history: [], steps: [], latest: null, settings: null, since: null, stepsSince: null };
 
 function merge(data) {
+  view.settings = data.settings ?? view.settings; // sent on the first poll only
+  data.settings = view.settings;
   view.latest = data;
   const seen = new Set(view.history.map((s) => s.t));
   for (const s of data.history) if (!seen.has(s.t)) view.history.push(s);
@@ -101,9 +111,8 @@ function merge(data) {
   const seenSteps = new Set(view.steps.map((s) => s.t));
   for (const s of data.steps) if (!seenSteps.has(s.t)) view.steps.push(s);
   view.steps = view.steps.slice(-240);
-  const lastSample = view.history.length ? view.history[view.history.length - 1].t : data.now;
-  const lastStep = view.steps.length ? view.steps[view.steps.length - 1].t : data.now;
-  view.since = Math.min(lastSample, lastStep);
+  if (view.history.length) view.since = view.history[view.history.length - 1].t;
+  if (view.steps.length) view.stepsSince = view.steps[view.steps.length - 1].t;
 }
 
 function renderCards(d) {
@@ -129,8 +138,7 @@ function renderCards(d) {
     : tpotTargets.length === 1 ? `target ${fmtMs(tpotTargets[0].y)}` : "targets by prompt length";
   $("c-slo").textContent = L.slo_attainment === null ? "–" : `${fmt(L.slo_attainment * 100, 0)}%`;
   $("c-slo-note").textContent = `${fmt(L.requests)} requests, last ${L.window_s} s`;
-  const refused = (t.rejected.queue_full ?? 0) + (t.rejected.late ?? 0);
-  $("c-rejected").textContent = fmt(refused);
+  $("c-rejected").textContent = fmt(c.rejected);
   $("c-rejected-note").textContent = `${fmt(t.late)} late · ${fmt(t.preemptions)} preempted`;
 }
 
@@ -166,7 +174,7 @@ function renderBuckets(d) {
   const { w, h } = clear(svg);
   const m = { l: 46, r: 8, t: 6, b: 20 };
   const now = d.now;
-  const x = (t) => m.l + (1 - (now - t) / WINDOW_S) * (w - m.l - m.r);
+  const x = timeAxis(svg, now, w, h, m);
   const y = (len) => h - m.b - Math.sqrt(Math.min(len, maxLen) / maxLen) * (h - m.t - m.b); // sqrt: short prompts get room
   const hist = view.history;
   const peak = Math.max(1, ...hist.flatMap((s) => s.queues.map((q) => q[2])));
@@ -185,9 +193,6 @@ function renderBuckets(d) {
   }
   for (const len of [0, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768].filter((v) => v <= maxLen)) {
     svg.append(el("svg:text", { x: m.l - 4, y: y(len) + 4, "text-anchor": "end" }, fmt(len)));
-  }
-  for (const ago of [300, 240, 180, 120, 60, 0]) {
-    svg.append(el("svg:text", { x: x(now - ago), y: h - 4, "text-anchor": "middle" }, ago ? `-${ago / 60} min` : "now"));
   }
   // Splits and merges, read from the samples' counters, newest first.
   const events = [];
@@ -321,11 +326,15 @@ function setStatus(text, ok) {
 
 async function poll() {
   try {
-    const q = view.since === null ? "" : `?since=${view.since}`;
-    const resp = await fetch(`/dashboard/state${q}`, { headers: authHeaders(), cache: "no-store" });
+    const params = new URLSearchParams();
+    if (view.since !== null) params.set("since", view.since);
+    if (view.stepsSince !== null) params.set("steps_since", view.stepsSince);
+    const key = sessionStorage.getItem(KEY_STORE);
+    const resp = await fetch(`/dashboard/state?${params}`, { headers: authHeaders(), cache: "no-store" });
     if (resp.status === 401) {
       setStatus("needs the API key", false);
-      askKey();
+      // A poll sent before the user gave a key says nothing about the key given since.
+      if (key === sessionStorage.getItem(KEY_STORE)) askKey(key ? "the server refused that key" : "");
     } else if (resp.ok) {
       const data = await resp.json();
       merge(data);
@@ -366,7 +375,9 @@ for (const tab of document.querySelectorAll("button.tab")) {
 }
 
 // ------------------------------------------------------------------------------------- chat
-const chat = { messages: [], controller: null };
+// One conversation at a time: Clear starts a new one, and a reply that ends after it
+// (stopped by the Clear) must not land in the new conversation.
+const chat = { messages: [], controller: null, conversation: 0 };
 
 function addBubble(role, text) {
   const empty = document.querySelector("#messages .empty");
@@ -404,7 +415,9 @@ async function* sseEvents(resp) {
 }
 
 async function sendMessage(text) {
-  chat.messages.push({ role: "user", content: text });
+  const conversation = chat.conversation;
+  const turn = { role: "user", content: text };
+  chat.messages.push(turn);
   addBubble("user", text);
   const { bubble, body } = addBubble("assistant", "");
   bubble.classList.add("streaming");
@@ -412,7 +425,6 @@ async function sendMessage(text) {
   bubble.append(meta);
   const system = $("system").value.trim();
   const request = {
-    model: view.latest?.model ?? "default",
     messages: system ? [{ role: "system", content: system }, ...chat.messages] : chat.messages,
     stream: true,
     stream_options: { include_usage: true },
@@ -436,7 +448,7 @@ async function sendMessage(text) {
     });
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
-      if (resp.status === 401) askKey("the key was refused");
+      if (resp.status === 401) askKey("the server refused that key");
       throw new Error(err.error?.message ?? `HTTP ${resp.status}`);
     }
     for await (const data of sseEvents(resp)) {
@@ -472,7 +484,12 @@ async function sendMessage(text) {
     bubble.classList.remove("streaming");
     bubble.dataset.tokens = String(tokens);
     bubble.dataset.done = "true";
-    if (reply) chat.messages.push({ role: "assistant", content: reply });
+    if (conversation === chat.conversation) {
+      // A turn with no reply is dropped, so that the next request does not send two user
+      // turns in a row.
+      if (reply) chat.messages.push({ role: "assistant", content: reply });
+      else chat.messages.splice(chat.messages.indexOf(turn), 1);
+    }
     chat.controller = null;
     setBusy(false);
   }
@@ -493,6 +510,7 @@ $("prompt").addEventListener("keydown", (event) => {
 });
 $("stop").addEventListener("click", () => chat.controller?.abort());
 $("clear").addEventListener("click", () => {
+  chat.conversation += 1;
   chat.controller?.abort();
   chat.messages = [];
   $("messages").replaceChildren();

@@ -1,0 +1,1 @@
+"""More than one engine behind one endpoint, on Ray Serve (imported only with ``--replicas``)."""

@@ -1,0 +1,126 @@
+"""`bucketserve serve --replicas N`: engine replicas on Ray Serve behind one endpoint (a real
+Ray cluster of one node on this machine, the tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import build_tiny_model
+from prometheus_client.parser import text_string_to_metric_families
+from server_process import MODEL, Server
+
+from bucketserve.cluster.metrics_merge import merge_expositions
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+def test_merged_metrics_label_every_sample_with_its_replica_and_name_each_family_once() -> None:
+    a = '# HELP x_total Things.\n# TYPE x_total counter\nx_total{model_name="m"} 3.0\n'
+    b = '# HELP x_total Things.\n# TYPE x_total counter\nx_total{model_name="m"} 5.0\n'
+    text = merge_expositions({"r2": b, "r1": a})
+    assert text.count("# HELP x_total") == 1
+    (family,) = text_string_to_metric_families(text)
+    assert [(s.labels["replica"], s.value) for s in family.samples] == [("r1", 3.0), ("r2", 5.0)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # Long context for long replies; one running and one waiting request per replica.
+    model = build_tiny_model(tmp_path_factory.mktemp("tiny-llama-4k"), max_position_embeddings=4096)
+    srv = Server(
+        model, "--replicas", "2", "--kv-cache-memory", "4MiB", "--max-num-seqs", "1",
+        "--max-waiting-requests", "1", env={"BUCKETSERVE_API_KEY": "s3cret"},
+    )  # fmt: skip
+    yield srv
+    assert srv.stop() == 0, "".join(srv.log)
+
+
+def completion(srv: Server, **body: object) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/completions", json={"model": MODEL, **body}, headers=KEY, timeout=60)
+
+
+def replica_counts(srv: Server) -> dict[str, float]:
+    """Finished requests per replica, from the one /metrics endpoint."""
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "bucketserve:request_success":
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    counts[s.labels["replica"]] = counts.get(s.labels["replica"], 0) + s.value
+    return counts
+
+
+def test_the_one_endpoint_streams_and_answers_as_the_single_server_does(cluster: Server) -> None:
+    plain = completion(cluster, prompt="The quick brown fox", max_tokens=16, temperature=0, ignore_eos=True)
+    assert plain.status_code == 200, plain.text
+    text = plain.json()["choices"][0]["text"]
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, headers=KEY, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 2
+    import json
+
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+    assert streamed == text  # same weights on every replica: the same greedy reply
+
+
+def test_every_route_keeps_its_api_key_and_error_shape(cluster: Server) -> None:
+    r = httpx.post(cluster.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=30)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    bad = completion(cluster, prompt="hi", max_tokens=0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+    assert httpx.get(cluster.url + "/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_requests_spread_over_the_replicas_and_metrics_say_which_served_them(cluster: Server) -> None:
+    before = replica_counts(cluster)
+
+    async def pairs() -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, headers=KEY, timeout=60) as c:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 60, "ignore_eos": True}
+            for _ in range(3):  # two at a time: one replica holds one running request
+                rs = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(2)))
+                assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+
+    asyncio.run(pairs())
+    after = replica_counts(cluster)
+    assert len(after) == 2
+    served = {rep: after[rep] - before.get(rep, 0) for rep in after}
+    assert sum(served.values()) == 6 and all(n >= 1 for n in served.values()), served
+
+
+def test_a_full_cluster_answers_429_with_retry_after(cluster: Server) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.url, headers=KEY, timeout=120) as c:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": 1500, "ignore_eos": True}
+            return await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(12)))
+
+    rs = asyncio.run(burst())
+    codes = sorted(r.status_code for r in rs)
+    # Two replicas hold one running and one waiting request each: four run, eight are refused.
+    assert codes == [200] * 4 + [429] * 8, codes
+    refused = [r for r in rs if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.json()["error"]["code"] == "queue_full" for r in refused)  # the replica's own answer
+
+
+def test_threads_per_replica_and_num_threads_that_disagree_are_refused_in_one_line(
+    tiny_model_dir: Path,
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bucketserve", "serve", "--model", str(tiny_model_dir),
+         "--replicas", "2", "--num-threads", "2", "--threads-per-replica", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "--threads-per-replica 1 and --num-threads 2 disagree" in out.stderr
+    assert "Traceback" not in out.stderr
