@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import build_tiny_model
 from prometheus_client.parser import text_string_to_metric_families
@@ -124,3 +127,57 @@ def test_threads_per_replica_and_num_threads_that_disagree_are_refused_in_one_li
     assert out.returncode == 2, out.stderr
     assert "--threads-per-replica 1 and --num-threads 2 disagree" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def replica_processes() -> list[psutil.Process]:
+    """The engine replicas' processes (Ray names them after the deployment)."""
+    return [
+        p
+        for p in psutil.process_iter(["name"])
+        if (p.info["name"] or "").endswith("ServeReplica:bucketserve:EngineReplica")
+    ]
+
+
+def test_a_replica_killed_mid_stream_ends_its_streams_while_the_other_serves_and_ray_restarts_it(
+    cluster: Server,
+) -> None:
+    """The killed replica's streams end at once (not a hang: an incomplete chunked body; an
+    SSE error event there needs an ingress of our own, not Ray's proxy), the survivor's
+    finish with every token and free their KV, and Ray starts a replacement."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    outcomes: list[str] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream(
+                "POST", cluster.url + "/v1/completions", json=body, headers=KEY, timeout=60
+            ) as r:
+                lines = [line for line in r.iter_lines() if line]
+            outcomes.append("done" if lines[-1] == "data: [DONE]" else "cut")
+        except httpx.RemoteProtocolError:
+            outcomes.append("cut")
+
+    before = replica_processes()
+    assert len(before) == 2
+    streams = [threading.Thread(target=stream) for _ in range(2)]
+    for t in streams:  # one on each replica: the router counts what it has sent each
+        t.start()
+        time.sleep(0.5)
+    victim = before[0]
+    victim.kill()
+    for t in streams:
+        t.join(60)
+    assert sorted(outcomes) == ["cut", "done"], outcomes
+    deadline = time.monotonic() + 60
+    while len(now := replica_processes()) < 2 or victim.pid in {p.pid for p in now}:
+        assert time.monotonic() < deadline, "Ray did not replace the killed replica"
+        time.sleep(1)
+    assert completion(cluster, prompt="hi", max_tokens=4).status_code == 200
+    text = httpx.get(cluster.url + "/metrics", timeout=30).text
+    usage = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "bucketserve:kv_cache_usage_perc"
+        for s in f.samples
+    ]
+    assert len(usage) == 2 and usage == [0.0, 0.0]  # the survivor and the new replica hold no KV

@@ -109,8 +109,9 @@ class BucketManager:
             if optimal_edges is not None:
                 crowded = any(len(b) > n_max for b in self.buckets)
                 if crowded and len(optimal_edges) > len(self.buckets) + 1:
+                    added = len(optimal_edges) - 1 - len(self.buckets)  # buckets the reshape adds
                     self._reshape(optimal_edges)
-                    self.num_splits += 1
+                    self.num_splits += added
                 return
             i = 0
             while i < len(self.buckets):
