@@ -280,3 +280,12 @@ def test_predicted_reservation_admits_more_and_preempts_when_a_prediction_is_sho
     assert rows_pred > rows_max  # smaller reservations let more run at once
     assert preempt_pred > 0 and len(done_pred) == 8  # and overflow is handled by recompute
     assert all(s.num_output_tokens == 40 for s in done_pred)
+
+
+def test_an_optimal_reshape_counts_one_split_per_bucket_it_adds() -> None:
+    manager = BucketManager(1000)
+    for i in range(30):
+        manager.push(seq(i, 10 + 30 * i, 1), float(i))
+    manager.adapt(n_max=10, theta=0.5, optimal_edges=[0, 100, 400, 1000])
+    assert [b.lower for b in manager.buckets] == [0, 100, 400]
+    assert manager.num_splits == 2
