@@ -185,6 +185,12 @@ class ServerConfig:
         help="run this many engine replicas as a Ray Serve application behind one endpoint "
         "(default: one engine in this process, no Ray)",
     )
+    ray_address: str | None = option(
+        None,
+        name="address",
+        help="with --replicas: join this Ray cluster (HOST:PORT, or auto) instead of starting Ray here; "
+        "the endpoint listens on its head node",
+    )
     threads_per_replica: int | None = option(
         None, help="with --replicas: torch threads and Ray CPUs per replica (default: --num-threads, else 1)"
     )
@@ -205,6 +211,7 @@ class ServerConfig:
         check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         check(self.max_request_body >= 1, f"max_request_body must be >= 1 byte, got {self.max_request_body}")
         check(self.replicas is None or self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        check(self.ray_address is None or self.replicas is not None, "--address needs --replicas")
         check(
             self.threads_per_replica is None or self.threads_per_replica >= 1,
             f"threads_per_replica must be >= 1, got {self.threads_per_replica}",

@@ -155,8 +155,9 @@ def serve_replicas(
     server: ServerConfig,
     log_level: str = "info",
 ) -> int:
-    """Start Ray on this machine, run the application, serve until SIGTERM/SIGINT; 0 after
-    a clean stop."""
+    """Start Ray on this machine (or join the cluster at ``--address``), run the application,
+    serve until SIGTERM/SIGINT, then remove it (a joined cluster keeps running); 0 after a
+    clean stop."""
     try:
         import ray
         from ray import serve
@@ -168,15 +169,19 @@ def serve_replicas(
     threads = replica_threads(engine_config, server)
     cpus = server.replicas * threads
     have = os.cpu_count() or 1
-    if cpus > have:
+    if cpus > have and server.ray_address is None:
         log.warning("%d replicas x %d threads ask for %d CPUs on a machine with %d", server.replicas,
                     threads, cpus, have)  # fmt: skip
     port = server.port or _free_port(server.host)
-    ray.init(num_cpus=max(cpus, have), include_dashboard=False, logging_level=log_level.upper())
+    if server.ray_address is None:
+        ray.init(num_cpus=max(cpus, have), include_dashboard=False, logging_level=log_level.upper())
+    else:  # its nodes bring their own CPUs; the replicas go where Ray finds them
+        ray.init(address=server.ray_address, logging_level=log_level.upper())
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": server.host, "port": port})
+        # One endpoint: one proxy, on the head node (Ray's default puts one on every node).
+        serve.start(http_options={"host": server.host, "port": port}, proxy_location="HeadOnly")
         serve.run(application(engine_config, scheduler_config, server), name=APP_NAME, route_prefix="/")
         shown = f"[{server.host}]" if ":" in server.host else server.host
         url = f"http://{shown}:{port}"
