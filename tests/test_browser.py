@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import build_tiny_model
-from server_process import MODEL, Server
+from server_process import MODEL, Server, metric
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 INSTALL = (
@@ -95,6 +95,11 @@ def page(browser: object, server: Server) -> Iterator[Page]:
     p = Page(browser, server.url + "/")
     yield p
     p.close()
+
+
+def aborted(srv: Server) -> float:
+    """Requests the server ended because their client left."""
+    return metric(srv.metrics(), "bucketserve:request_success_total", finished_reason="abort")
 
 
 def engine_state(srv: Server) -> dict:
@@ -186,10 +191,12 @@ def test_stop_aborts_the_reply_and_the_server_frees_its_kv_cache(page: Page, ser
     p.click("#send")
     p.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 0")
     assert engine_state(server)["totals"]["kv_blocks_used"] > 0
+    aborted_before = aborted(server)
     p.click("#stop")
     meta = p.locator(".msg.assistant[data-done=true] .meta")
     meta.wait_for(timeout=10_000)
-    assert "stopped" in meta.inner_text()
+    assert meta.inner_text().endswith("· stopped")  # not "stopped at max tokens"
+    assert aborted(server) == aborted_before + 1  # the server ended it as an abort
     deadline = time.monotonic() + 5
     while (s := engine_state(server))["totals"]["kv_blocks_used"] > 0 or s["current"]["running"] > 0:
         assert time.monotonic() < deadline, f"KV still in use after Stop: {s['totals']}"

@@ -459,11 +459,15 @@ async function sendMessage(text) {
       const choice = chunk.choices?.[0];
       const delta = choice?.delta?.content;
       if (delta) {
-        if (first === null) first = performance.now();
+        if (first === null) {
+          first = performance.now();
+          meta.textContent = `TTFT ${fmtMs(first - start)} · streaming…`;
+        }
         chunks += 1;
         reply += delta;
-        body.textContent = reply;
-        meta.textContent = `TTFT ${fmtMs(first - start)} · streaming…`;
+        // Append, not rewrite: rewriting the whole text per token is quadratic, and a long
+        // reply then renders slower than the server writes it.
+        body.append(delta);
       }
       if (choice?.finish_reason) ending = choice.finish_reason === "length" ? " · stopped at max tokens" : "";
     }
