@@ -168,16 +168,25 @@ def test_a_replica_killed_mid_stream_ends_its_streams_while_the_other_serves_and
     for t in streams:
         t.join(60)
     assert sorted(outcomes) == ["cut", "done"], outcomes
-    deadline = time.monotonic() + 60
-    while len(now := replica_processes()) < 2 or victim.pid in {p.pid for p in now}:
-        assert time.monotonic() < deadline, "Ray did not replace the killed replica"
+    # Ray replaces the killed replica; the replacement is ready once /metrics reaches it.
+    deadline = time.monotonic() + 90
+    while len(usage := kv_usage_by_replica(cluster)) < 2 or victim.pid in {
+        p.pid for p in replica_processes()
+    }:
+        assert time.monotonic() < deadline, f"Ray did not replace the killed replica: {usage}"
         time.sleep(1)
     assert completion(cluster, prompt="hi", max_tokens=4).status_code == 200
-    text = httpx.get(cluster.url + "/metrics", timeout=30).text
-    usage = [
-        s.value
+    assert list(kv_usage_by_replica(cluster).values()) == [
+        0.0,
+        0.0,
+    ]  # the survivor and the new one hold no KV
+
+
+def kv_usage_by_replica(srv: Server) -> dict[str, float]:
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    return {
+        s.labels["replica"]: s.value
         for f in text_string_to_metric_families(text)
         if f.name == "bucketserve:kv_cache_usage_perc"
         for s in f.samples
-    ]
-    assert len(usage) == 2 and usage == [0.0, 0.0]  # the survivor and the new replica hold no KV
+    }
