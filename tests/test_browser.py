@@ -49,14 +49,22 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def long_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-4k"), max_position_embeddings=4096)
+    # Four wider layers: a few ms a token, so that a 3,500-token reply outlasts the Stop test's
+    # reaction by seconds (the 2-layer model wrote it in under 3 s, and Stop could land late).
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama-4k"),
+        max_position_embeddings=4096,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+    )
 
 
 @pytest.fixture(scope="module")
 def server(long_tiny_model_dir: Path) -> Iterator[Server]:
     # Few running slots and a low split threshold: a burst queues, and its queue splits.
     srv = Server(
-        long_tiny_model_dir, "--kv-cache-memory", "4MiB", "--max-num-seqs", "4", "--bucket-n-max", "4"
+        long_tiny_model_dir, "--kv-cache-memory", "40MiB", "--max-num-seqs", "4", "--bucket-n-max", "4"
     )
     yield srv
     assert srv.stop() == 0, "".join(srv.log)
@@ -213,7 +221,7 @@ def test_stop_aborts_the_reply_and_the_server_frees_its_kv_cache(page: Page, ser
 def guarded(long_tiny_model_dir: Path) -> Iterator[Server]:
     # Debug logging: the access log is on, so a key in a URL would show in it.
     srv = Server(
-        long_tiny_model_dir, "--kv-cache-memory", "4MiB", "--api-key", "s3cret-key", log_level="debug"
+        long_tiny_model_dir, "--kv-cache-memory", "40MiB", "--api-key", "s3cret-key", log_level="debug"
     )
     yield srv
     srv.stop()

@@ -70,7 +70,7 @@ def test_a_finished_request_shows_in_tokens_latency_and_steps(server: Server) ->
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 12, "ignore_eos": True}
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=30).status_code == 200
     after = state(server, since=before["now"], steps_since=before["now"])
-    assert after["totals"]["generated_tokens"] - before["totals"]["generated_tokens"] == 12
+    assert after["current"]["generated_tokens"] - before["current"]["generated_tokens"] == 12
     latency = after["latency"]
     assert latency["requests"] >= 1 and latency["output_tokens"] >= 12
     assert 0 < latency["ttft_p50_ms"] <= latency["ttft_p99_ms"]

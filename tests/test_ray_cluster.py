@@ -5,7 +5,6 @@ each, so that each replica must land on its own node."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,13 +15,9 @@ import psutil
 import pytest
 from server_process import MODEL, Server
 
+from bucketserve.bench.servers import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -79,32 +78,27 @@ def build_replica_app(
     engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig
 ) -> FastAPI:
     """One replica's app: the single server's, over an engine built in this process."""
-    from bucketserve.engine.async_engine import AsyncEngine
-    from bucketserve.engine.llm_engine import LLMEngine
-    from bucketserve.server.app import build_app
+    from bucketserve.server.launch import build_server_app
 
     global _app
-    engine = AsyncEngine(
-        lambda: LLMEngine(engine_config, scheduler_config), max_waiting_requests=server.max_waiting_requests
-    )
-    _app = build_app(
-        engine,
-        server.served_model_name,
-        server.api_key,
-        shutdown_grace_s=server.shutdown_grace_s,
-        max_body_bytes=server.max_request_body,
+    _app, _ = build_server_app(
+        engine_config,
+        scheduler_config,
+        server,
         web_ui=False,  # the page shows one engine's state; across replicas it is future work
         metrics_text=_every_replicas_metrics,
     )
     return _app
 
 
-def application(engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig) -> Any:
-    """The Ray Serve application: ``server.replicas`` replicas of the engine's app."""
+def application(
+    engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig, threads: int
+) -> Any:
+    """The Ray Serve application: ``server.replicas`` replicas of the engine's app, each with
+    ``threads`` torch threads and Ray CPUs."""
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    threads = replica_threads(engine_config, server)
     engine_config = replace(engine_config, num_threads=threads)
 
     def build() -> FastAPI:
@@ -142,13 +136,6 @@ def replica_threads(engine_config: EngineConfig, server: ServerConfig) -> int:
     return per_replica or per_engine or 1
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def serve_replicas(
     engine_config: EngineConfig,
     scheduler_config: SchedulerConfig,
@@ -158,6 +145,8 @@ def serve_replicas(
     """Start Ray on this machine (or join the cluster at ``--address``), run the application,
     serve until SIGTERM/SIGINT, then remove it (a joined cluster keeps running); 0 after a
     clean stop."""
+    from bucketserve.server.launch import bind, server_url
+
     try:
         import ray
         from ray import serve
@@ -172,7 +161,8 @@ def serve_replicas(
     if cpus > have and server.ray_address is None:
         log.warning("%d replicas x %d threads ask for %d CPUs on a machine with %d", server.replicas,
                     threads, cpus, have)  # fmt: skip
-    port = server.port or _free_port(server.host)
+    with bind(server.host, server.port) as sock:  # a free port for 0, a one-line error if taken
+        port = sock.getsockname()[1]
     if server.ray_address is None:
         ray.init(num_cpus=max(cpus, have), include_dashboard=False, logging_level=log_level.upper())
     else:  # its nodes bring their own CPUs; the replicas go where Ray finds them
@@ -182,9 +172,10 @@ def serve_replicas(
     try:
         # One endpoint: one proxy, on the head node (Ray's default puts one on every node).
         serve.start(http_options={"host": server.host, "port": port}, proxy_location="HeadOnly")
-        serve.run(application(engine_config, scheduler_config, server), name=APP_NAME, route_prefix="/")
-        shown = f"[{server.host}]" if ":" in server.host else server.host
-        url = f"http://{shown}:{port}"
+        serve.run(
+            application(engine_config, scheduler_config, server, threads), name=APP_NAME, route_prefix="/"
+        )
+        url = server_url(server.host, port)
         log.info(
             "serving on %s (OpenAI API under %s/v1; %d replicas on Ray Serve)", url, url, server.replicas
         )

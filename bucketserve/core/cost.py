@@ -57,8 +57,10 @@ class Profile:
     prefill_threshold: int = 1 << 30
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
-        large = self.prefill_large is not None and sum_len > self.prefill_threshold
-        a, b, c = (self.prefill_large or self.prefill) if large else self.prefill
+        if self.prefill_large is not None and sum_len > self.prefill_threshold:
+            a, b, c = self.prefill_large
+        else:
+            a, b, c = self.prefill
         return a + b * sum_len + c * sum_len_sq
 
     def decode_ms(self, sum_ctx: float, batch: int) -> float:
@@ -194,6 +196,7 @@ class OnlineCostFit:
     half_life: float = 2000.0
     min_steps: int = 16
     ridge: float = 1e-9
+    refit_every: int = 16
 
     def __post_init__(self) -> None:
         k = len(FEATURES)
@@ -203,6 +206,7 @@ class OnlineCostFit:
         self.num_prefill_steps = 0
         self.num_decode_steps = 0
         self._cached: Profile | None = None
+        self._since_solve = 0  # steps observed since _cached was solved
         self._prior_coef = _coefficients(self.prior) if self.prior is not None else [0.0] * k
 
     def observe(self, shape: BatchShape, seconds: float) -> None:
@@ -221,7 +225,7 @@ class OnlineCostFit:
             self.num_prefill_steps += 1
         else:
             self.num_decode_steps += 1
-        self._cached = None
+        self._since_solve += 1
 
     @property
     def fitted(self) -> bool:
@@ -232,8 +236,11 @@ class OnlineCostFit:
         """The fitted profile, or the prior (None without one) until ``fitted``."""
         if not self.fitted:
             return self.prior
-        if self._cached is None:
+        # Re-solved every ``refit_every`` steps, not every step: a solve costs ~50 us of pure
+        # Python, and with a half-life of thousands of steps a few steps move the fit little.
+        if self._cached is None or self._since_solve >= self.refit_every:
             self._cached = _profile_of(self._solve(), self.prior)
+            self._since_solve = 0
         return self._cached
 
     def _solve(self) -> list[float]:

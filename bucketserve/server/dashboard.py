@@ -75,8 +75,9 @@ class Sample:
 
 
 def _latency(requests: list[FinishedRequest]) -> dict[str, Any]:
-    ttft = [r.ttft * 1e3 for r in requests]
-    tpot = [r.tpot * 1e3 for r in requests if r.tpot is not None]
+    records = [r.record for r in requests]
+    ttft = [r.ttft * 1e3 for r in records]
+    tpot = [r.tpot * 1e3 for r in records if r.output_tokens > 1]  # as summarize() counts TPOT
 
     def pct(xs: list[float], q: float) -> float | None:
         v = percentile(xs, q)
@@ -84,7 +85,7 @@ def _latency(requests: list[FinishedRequest]) -> dict[str, Any]:
 
     return {
         "requests": len(requests),
-        "output_tokens": sum(r.output_tokens for r in requests),
+        "output_tokens": sum(r.output_tokens for r in records),
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),
         "tpot_p50_ms": pct(tpot, 50),
@@ -193,9 +194,10 @@ class LiveView:
         by_bin: dict[int, list[FinishedRequest]] = {}
         recent = []
         for r in self.metrics.finished:
-            if now - r.finished < HISTORY_S:
-                by_bin.setdefault(int(r.finished // LATENCY_BIN_S), []).append(r)
-                if now - r.finished < LATENCY_WINDOW_S:
+            end = r.record.finished
+            if now - end < HISTORY_S:
+                by_bin.setdefault(int(end // LATENCY_BIN_S), []).append(r)
+                if now - end < LATENCY_WINDOW_S:
                     recent.append(r)
         bins = [{"t": (i + 1) * LATENCY_BIN_S, **_latency(by_bin[i])} for i in sorted(by_bin)]
         return {
@@ -213,8 +215,6 @@ class LiveView:
                 "padding_ratio": round(s.padding_ratio, 4),
                 "kv_blocks_used": s.kv_blocks_used,
                 "kv_blocks_total": s.kv_blocks_total,
-                "rejected": dict(self.metrics.rejections),
-                "generated_tokens": self.metrics.num_generated_tokens,
             },
             "history": [x.to_dict() for x in history],
             "steps": [

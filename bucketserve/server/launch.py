@@ -8,8 +8,10 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
 from bucketserve.engine.async_engine import AsyncEngine
@@ -83,6 +85,35 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_url(host: str, port: int) -> str:
+    """The base URL clients use (an IPv6 host in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def build_server_app(
+    engine_config: EngineConfig,
+    scheduler_config: SchedulerConfig,
+    server_config: ServerConfig,
+    **app_options: Any,
+) -> tuple[FastAPI, AsyncEngine]:
+    """The server's app over a new engine (built on its own thread: every torch operation
+    then runs on that one thread), as ``serve`` and each ``--replicas`` replica run it;
+    ``app_options`` go to ``build_app`` (``web_ui``, ``metrics_text``)."""
+    async_engine = AsyncEngine(
+        lambda: LLMEngine(engine_config, scheduler_config),
+        max_waiting_requests=server_config.max_waiting_requests,
+    )
+    app = build_app(
+        async_engine,
+        server_config.served_model_name,
+        server_config.api_key,
+        shutdown_grace_s=server_config.shutdown_grace_s,
+        max_body_bytes=server_config.max_request_body,
+        **{"web_ui": server_config.web_ui, **app_options},
+    )
+    return app, async_engine
+
+
 def serve(
     engine_config: EngineConfig,
     scheduler_config: SchedulerConfig,
@@ -94,27 +125,12 @@ def serve(
     Returns 0 after a SIGTERM (a clean stop); SIGINT raises KeyboardInterrupt afterwards."""
     server_config = server_config or ServerConfig()
     if server_config.replicas is not None:
-        from bucketserve.cluster.replicas import serve_replicas
-
-        return serve_replicas(engine_config, scheduler_config, server_config, log_level)
-    host, port = server_config.host, server_config.port
-    max_waiting_requests = server_config.max_waiting_requests
+        raise ConfigError(
+            "serve() runs one engine; --replicas runs bucketserve.cluster.replicas.serve_replicas"
+        )
     shutdown_grace_s = server_config.shutdown_grace_s
-    sock = bind(host, port)  # fail fast, before loading the model
-    # built on the engine thread: every torch operation then runs on that one thread
-    async_engine = AsyncEngine(
-        lambda: LLMEngine(engine_config, scheduler_config), max_waiting_requests=max_waiting_requests
-    )
-    app = build_app(
-        async_engine,
-        server_config.served_model_name,
-        server_config.api_key,
-        shutdown_grace_s=shutdown_grace_s,
-        max_body_bytes=server_config.max_request_body,
-        web_ui=server_config.web_ui,
-    )
-    actual_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if ":" in host else host
+    sock = bind(server_config.host, server_config.port)  # fail fast, before loading the model
+    app, async_engine = build_server_app(engine_config, scheduler_config, server_config)
     config = uvicorn.Config(
         app,
         log_level=log_level,
@@ -124,7 +140,7 @@ def serve(
     )
     server = _Server(
         config,
-        f"http://{shown_host}:{actual_port}",
+        server_url(server_config.host, sock.getsockname()[1]),
         drain=lambda: async_engine.shutdown(shutdown_grace_s),
         web_ui=server_config.web_ui,
     )

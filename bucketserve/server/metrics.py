@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bucketserve.engine.async_engine import EngineSnapshot
+from bucketserve.metrics import RequestRecord, meets_slo
 from bucketserve.outputs import RequestOutput
 
 LATENCY_BUCKETS = (
@@ -75,20 +76,16 @@ class _EngineCollector(Collector):
 
 @dataclass(frozen=True)
 class FinishedRequest:
-    """One finished request, as the web page's latency charts read it (seconds, monotonic)."""
+    """One finished request as the web page's latency charts read it: its record (the
+    bench's and the simulator's definitions) and the targets it was scheduled against."""
 
-    finished: float
-    ttft: float
-    tpot: float | None  # None for a single-token reply
-    output_tokens: int
+    record: RequestRecord
     ttft_slo: float | None
     tpot_slo: float | None
 
     @property
     def met_slo(self) -> bool:
-        return (self.ttft_slo is None or self.ttft <= self.ttft_slo) and (
-            self.tpot_slo is None or self.tpot is None or self.tpot <= self.tpot_slo
-        )
+        return meets_slo(self.record, self.ttft_slo, self.tpot_slo)
 
 
 class ServerMetrics:
@@ -169,19 +166,14 @@ class RequestTracker:
             m.e2e.labels(label).observe(max(0.0, end - out.metrics.arrival_time))
             m.success.labels(label, out.outputs[0].finish_reason or "unknown").inc()
             m.prompt_tokens.labels(label).inc(len(out.prompt_token_ids))
-            t = out.metrics
             completed = out.outputs[0].finish_reason in ("stop", "length")
-            if completed and t.first_token_time is not None and n > 0:
-                m.finished.append(
-                    FinishedRequest(
-                        finished=end,
-                        ttft=max(0.0, t.first_token_time - t.arrival_time),
-                        tpot=(end - t.first_token_time) / (n - 1) if n > 1 else None,
-                        output_tokens=n,
-                        ttft_slo=t.ttft_slo,
-                        tpot_slo=t.tpot_slo,
-                    )
-                )
+            if (
+                completed
+                and out.metrics.first_token_time is not None
+                and out.metrics.finished_time is not None
+            ):
+                record = RequestRecord.from_output(out)
+                m.finished.append(FinishedRequest(record, out.metrics.ttft_slo, out.metrics.tpot_slo))
 
     def aborted(self) -> None:
         self.metrics.success.labels(self.metrics.model_name, "abort").inc()

@@ -61,11 +61,12 @@ class Instance:
         self.stats.schedule_wall_s += time.perf_counter() - t0
         if batch is None:
             return None
-        duration = self.cost.step_time(batch)
+        shape = batch.shape()
+        duration = self.cost.shape_time(shape)
         if self.speed is not None:
             duration *= self.speed(now)
         self.batch = batch
-        self._charged = (batch.shape(), duration)  # what the scheduler learns when it ends
+        self._charged = (shape, duration)  # what the scheduler learns when it ends
         s = self.stats
         s.steps += 1
         s.busy_s += duration

@@ -286,9 +286,11 @@ class BucketScheduler(Scheduler):
             tokens = self.config.max_num_batched_tokens
             return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
 
+        if not math.isfinite(limit):  # no TPOT target to keep: the token budget alone
+            return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
         candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
-        if math.isfinite(limit) and candidates:
+        if candidates:
             # EDF feasibility at this limit: the prompts in urgency order, each finishing after
             # the ones before it at the rate the limit allows; any deadline missed lifts it.
             # Prompts that lifting cannot help do not count: a recomputed one (its first token
