@@ -123,7 +123,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     engine_config, scheduler_config = engine_configs(a)
     server = server_config(a)
     server.api_key = server.api_key or os.environ.get("BUCKETSERVE_API_KEY") or None
-    if server.replicas is not None:  # several engines on Ray Serve (imports Ray only then)
+    if server.on_ray:  # several engines on Ray Serve (imports Ray only then)
         from bucketserve.cluster.replicas import serve_replicas
 
         return serve_replicas(engine_config, scheduler_config, server, log_level=a.log_level)

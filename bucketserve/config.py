@@ -43,6 +43,7 @@ from bucketserve.options import build, check, check_fields, option, parse_bytes
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+REPLICA_ROUTERS = ("length", "power-of-two")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8")
 
 
@@ -185,14 +186,32 @@ class ServerConfig:
         help="run this many engine replicas as a Ray Serve application behind one endpoint "
         "(default: one engine in this process, no Ray)",
     )
+    replica_router: str = option(
+        "length",
+        choices=REPLICA_ROUTERS,
+        help="with --replicas: how requests find a replica: length = by length band (prompt + max_tokens, "
+        "bands rebalanced with the load), power-of-two = Ray's default (the less loaded of two)",
+    )
+    prefill_replicas: int | None = option(
+        None,
+        help="prefill/decode disaggregation: this many replicas run prompts and hand each prompt's KV "
+        "to a decode replica (with --decode-replicas; instead of --replicas)",
+    )
+    decode_replicas: int | None = option(
+        None,
+        help="prefill/decode disaggregation: this many replicas decode, each request on the one with "
+        "the most free KV memory (with --prefill-replicas)",
+    )
     ray_address: str | None = option(
         None,
         name="address",
-        help="with --replicas: join this Ray cluster (HOST:PORT, or auto) instead of starting Ray here; "
-        "the endpoint listens on its head node",
+        help="with --replicas or --prefill-replicas: join this Ray cluster (HOST:PORT, or auto) instead of "
+        "starting Ray here; the endpoint listens on its head node",
     )
     threads_per_replica: int | None = option(
-        None, help="with --replicas: torch threads and Ray CPUs per replica (default: --num-threads, else 1)"
+        None,
+        help="with --replicas or --prefill-replicas: torch threads and Ray CPUs per replica "
+        "(default: --num-threads, else 1)",
     )
     max_request_body: int = option(
         16 * 2**20,
@@ -211,7 +230,23 @@ class ServerConfig:
         check(self.shutdown_grace_s >= 0, f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         check(self.max_request_body >= 1, f"max_request_body must be >= 1 byte, got {self.max_request_body}")
         check(self.replicas is None or self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
-        check(self.ray_address is None or self.replicas is not None, "--address needs --replicas")
+        for name in ("prefill_replicas", "decode_replicas"):
+            n = getattr(self, name)
+            check(n is None or n >= 1, f"{name} must be >= 1, got {n}")
+        check(
+            (self.prefill_replicas is None) == (self.decode_replicas is None),
+            "--prefill-replicas and --decode-replicas go together",
+        )
+        check(
+            self.replicas is None or self.prefill_replicas is None,
+            "give --replicas (aggregated), or --prefill-replicas and --decode-replicas, not both",
+        )
+        check(self.ray_address is None or self.on_ray, "--address needs --replicas or --prefill-replicas")
+
+    @property
+    def on_ray(self) -> bool:
+        """Whether the engines run as replicas on Ray Serve (else one engine in this process)."""
+        return self.replicas is not None or self.prefill_replicas is not None
         check(
             self.threads_per_replica is None or self.threads_per_replica >= 1,
             f"threads_per_replica must be >= 1, got {self.threads_per_replica}",

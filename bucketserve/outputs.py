@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bucketserve.engine.handover import KVHandover
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class RequestMetrics:
     num_preemptions: int = 0
     ttft_slo: float | None = None  # the request's targets in seconds, as the scheduler resolved them
     tpot_slo: float | None = None
+    # Disaggregated serving: seconds from the prefill instance's hand-over to the KV written
+    # in here (serialization, the transfer and the copy), on the decode instance's outputs
+    kv_transfer_time: float | None = None
 
 
 @dataclass
@@ -45,3 +52,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # A prefill instance's last output: the KV and first token for the decode instance
+    kv_handover: KVHandover | None = None

@@ -24,7 +24,12 @@ class Server:
     """A `bucketserve serve` subprocess on a free port; its log is collected in a thread."""
 
     def __init__(
-        self, model_dir: Path, *args: str, env: dict[str, str] | None = None, log_level: str = "info"
+        self,
+        model_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_level: str = "info",
+        ready_s: float = 60,
     ) -> None:
         cmd = [
             sys.executable, "-m", "bucketserve", "--log-level", log_level, "serve",
@@ -53,7 +58,7 @@ class Server:
             ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(60) or not self.url:
+        if not ready.wait(ready_s) or not self.url:
             self.stop()
             raise RuntimeError("the server did not start:\n" + "".join(self.log))
 

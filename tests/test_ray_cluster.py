@@ -59,7 +59,7 @@ def test_replicas_spread_over_the_nodes_of_a_joined_cluster_and_serve_through_on
     tiny_model_dir: Path, two_nodes: tuple[str, dict[str, str]]
 ) -> None:
     address, env = two_nodes
-    srv = Server(tiny_model_dir, "--replicas", "2", "--address", address, env=env)
+    srv = Server(tiny_model_dir, "--replicas", "2", "--address", address, env=env, ready_s=180)
     try:
         replicas = [
             p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").endswith("EngineReplica")

@@ -4,6 +4,7 @@ Ray cluster of one node on this machine, the tiny model)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -18,7 +19,9 @@ from conftest import build_tiny_model
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import MODEL, Server
 
+from bucketserve.cluster.gateway import request_length
 from bucketserve.cluster.metrics_merge import merge_expositions
+from bucketserve.cluster.router import band_edges, band_of, ranked_by_band
 
 KEY = {"Authorization": "Bearer s3cret"}
 
@@ -32,13 +35,48 @@ def test_merged_metrics_label_every_sample_with_its_replica_and_name_each_family
     assert [(s.labels["replica"], s.value) for s in family.samples] == [("r1", 3.0), ("r2", 5.0)]
 
 
+def test_length_bands_give_each_replica_an_equal_share_of_the_tokens() -> None:
+    assert band_edges(list(range(1, 101)), 2) == [72]  # 1..71 and 72..100 hold ~2,550 tokens each
+    assert band_edges([5] * 4 + [301] * 4, 2) == [6]  # short chats apart from long documents
+    edges = band_edges([10, 20, 30, 40] * 5, 4)
+    assert [band_of(n, edges) for n in (10, 20, 30, 40)] == [0, 1, 2, 3]
+
+
+def test_equal_lengths_share_a_band_and_surplus_bands_stay_empty() -> None:
+    assert band_edges([5] * 8, 2) == [6]
+    assert band_edges([7], 3) == [8, 9]
+    assert band_edges([], 3) == [] and band_edges([1, 2], 1) == []
+
+
+def test_a_request_tries_its_own_band_first_then_the_nearer_ones() -> None:
+    assert ranked_by_band(0, 3) == [0, 1, 2]
+    assert ranked_by_band(2, 4) == [2, 1, 3, 0]
+
+
+class _Words:
+    """A tokenizer stand-in: one token per word."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [0] * len(text.split())
+
+
+def test_a_requests_length_is_its_prompt_plus_max_tokens_and_none_for_what_is_not_generation() -> None:
+    words = _Words()
+    assert request_length("/v1/completions", b'{"prompt": "a b c", "max_tokens": 7}', words) == 10
+    assert request_length("/v1/completions", b'{"prompt": [1, 2]}', words) == 2 + 16  # OpenAI's default
+    chat = b'{"messages": [{"role": "user", "content": "a b"}], "max_completion_tokens": 3}'
+    assert request_length("/v1/chat/completions", chat, words) == 5
+    assert request_length("/v1/completions", b"not json", words) is None
+    assert request_length("/v1/models", b"", words) is None
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # Long context for long replies; one running and one waiting request per replica.
     model = build_tiny_model(tmp_path_factory.mktemp("tiny-llama-4k"), max_position_embeddings=4096)
     srv = Server(
         model, "--replicas", "2", "--kv-cache-memory", "4MiB", "--max-num-seqs", "1",
-        "--max-waiting-requests", "1", env={"BUCKETSERVE_API_KEY": "s3cret"},
+        "--max-waiting-requests", "1", env={"BUCKETSERVE_API_KEY": "s3cret"}, ready_s=180,
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, "".join(srv.log)
@@ -70,8 +108,6 @@ def test_the_one_endpoint_streams_and_answers_as_the_single_server_does(cluster:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) > 2
-    import json
-
     streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
     assert streamed == text  # same weights on every replica: the same greedy reply
 
@@ -82,6 +118,29 @@ def test_every_route_keeps_its_api_key_and_error_shape(cluster: Server) -> None:
     bad = completion(cluster, prompt="hi", max_tokens=0)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
     assert httpx.get(cluster.url + "/health", timeout=30).json() == {"status": "ok"}
+
+
+def per_replica(srv: Server, family_name: str) -> dict[str, float]:
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == family_name:
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    out[s.labels["replica"]] = out.get(s.labels["replica"], 0) + s.value
+    return out
+
+
+def test_short_chats_and_long_documents_go_to_different_replicas(cluster: Server) -> None:
+    """One request at a time, so load never overrides the bands: the long prompts' tokens all
+    land on one replica, the short ones' on the other."""
+    before = per_replica(cluster, "bucketserve:prompt_tokens")
+    for _ in range(4):
+        assert completion(cluster, prompt="hi", max_tokens=2).status_code == 200
+        assert completion(cluster, prompt="hi " * 1000, max_tokens=2).status_code == 200
+    after = per_replica(cluster, "bucketserve:prompt_tokens")
+    served = sorted(after[r] - before.get(r, 0) for r in after)
+    assert served[0] <= 4 * 2 and served[1] >= 4 * 1000, served  # "hi" is a token or two
 
 
 def test_requests_spread_over_the_replicas_and_metrics_say_which_served_them(cluster: Server) -> None:
@@ -141,21 +200,23 @@ def replica_processes() -> list[psutil.Process]:
 def test_a_replica_killed_mid_stream_ends_its_streams_while_the_other_serves_and_ray_restarts_it(
     cluster: Server,
 ) -> None:
-    """The killed replica's streams end at once (not a hang: an incomplete chunked body; an
-    SSE error event there needs an ingress of our own, not Ray's proxy), the survivor's
-    finish with every token and free their KV, and Ray starts a replacement."""
+    """The killed replica's stream ends at once with an error event and ``[DONE]`` (not a
+    hang), the survivor's finishes with every token and frees its KV, and Ray starts a
+    replacement."""
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     outcomes: list[str] = []
 
     def stream() -> None:
-        try:
-            with httpx.stream(
-                "POST", cluster.url + "/v1/completions", json=body, headers=KEY, timeout=60
-            ) as r:
-                lines = [line for line in r.iter_lines() if line]
-            outcomes.append("done" if lines[-1] == "data: [DONE]" else "cut")
-        except httpx.RemoteProtocolError:
-            outcomes.append("cut")
+        with httpx.stream("POST", cluster.url + "/v1/completions", json=body, headers=KEY, timeout=60) as r:
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events[-3:]
+        last = json.loads(events[-2])
+        if "error" in last:
+            assert last["error"]["type"] == "service_unavailable" and "retry" in last["error"]["message"]
+            outcomes.append("error")
+        else:
+            assert last["choices"][0]["finish_reason"] == "length"
+            outcomes.append("done")
 
     before = replica_processes()
     assert len(before) == 2
@@ -167,7 +228,7 @@ def test_a_replica_killed_mid_stream_ends_its_streams_while_the_other_serves_and
     victim.kill()
     for t in streams:
         t.join(60)
-    assert sorted(outcomes) == ["cut", "done"], outcomes
+    assert sorted(outcomes) == ["done", "error"], outcomes
     # Ray replaces the killed replica; the replacement is ready once /metrics reaches it.
     deadline = time.monotonic() + 90
     while len(usage := kv_usage_by_replica(cluster)) < 2 or victim.pid in {

@@ -1,24 +1,35 @@
-"""`bucketserve serve --replicas N`: N engines as one Ray Serve application behind one endpoint.
+"""Several engines as one Ray Serve application behind one OpenAI-compatible endpoint.
 
-Each replica is a Ray actor (its own process) that builds the very app the single-process
-server runs (``server.app.build_app`` over its own ``AsyncEngine``), so routes, SSE streaming,
-errors and the API key are the same code. Ray's HTTP proxy takes the connections and routes
-each request to a replica with room (power of two choices on their ongoing requests).
+    bucketserve serve --replicas N                                   # aggregated
+    bucketserve serve --prefill-replicas P --decode-replicas D       # disaggregated (P/D)
+
+Deployments (each replica a Ray actor, its own process):
+
+- ``Gateway``: the ingress (``gateway``): reads a request, measures its length, forwards it.
+- ``EngineReplica``: one engine and the single server's app over it, answering what the
+  gateway forwards (``asgi.call_app``). Aggregated, it runs prompts and decodes; as a decode
+  replica it reserves a request's KV blocks, has a ``PrefillReplica`` run the prompt, takes
+  the KV and first token back and decodes the rest into the same HTTP response.
+- ``PrefillReplica`` (P/D only): one engine that runs prompts and hands each one's KV over
+  (``engine.handover``); Ray moves the tensors through its object store (shared memory on
+  one host).
+
+Routing: the gateway reaches the engine replicas through ``router.LengthBandRouter`` (length
+bands; ``--replica-router power-of-two`` is Ray's default instead), a decode replica is
+chosen by free KV memory (``router.FreeKVRouter``), a prefill replica by Ray's default (the
+shorter queue of two).
 
 Capacity and backpressure: requests wait in the replicas' own queues (buckets, priorities),
 not in Ray's. A replica holds at most ``max_num_seqs`` running plus ``max_waiting_requests``
-waiting requests and refuses more itself (429 with ``Retry-After``, in OpenAI's shape, as
-the single server does). Ray may send a replica up to twice its waiting room beyond that
+waiting requests and refuses more itself (429 with ``Retry-After``, as the single server
+does). Ray may send a replica up to twice its waiting room beyond that
 (``max_ongoing_requests``), so that it keeps forwarding to a full replica, which refuses at
-once; and its router sends each request to the less loaded of two replicas (power of two
-choices; with two replicas, both), so a request is refused when the replicas it could go to
-are full. Requests count as queued at the proxy until a replica takes them, even with room
-everywhere, so its bound (``max_queued_requests``, then Ray's own 429 in plain text) is
-twice the whole cluster's room and at least ``PROXY_QUEUE_MIN``: a backstop against a flood
-of arrivals, not the admission rule.
+once. Requests that find every replica at that bound wait in the gateway's handle up to
+``max_queued_requests`` (twice the cluster's room, at least ``HANDLE_QUEUE_MIN``), a
+backstop against a flood, beyond which the gateway answers 429.
 
-``/metrics`` on any replica answers for all of them: it asks every replica for its own
-exposition (``DeploymentHandle.broadcast``) and merges them with a ``replica`` label.
+``/metrics`` on any engine replica answers for all of them (``DeploymentHandle.broadcast``,
+merged with a ``replica`` label), the prefill replicas included.
 """
 
 from __future__ import annotations
@@ -27,24 +38,25 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from bucketserve.cluster.asgi import ForwardedRequest, ResponseStart, call_app
 from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
+from bucketserve.engine.async_engine import RemotePrefill
+from bucketserve.engine.handover import KVHandover
 from bucketserve.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from bucketserve.sampling_params import SamplingParams
 
 log = logging.getLogger("bucketserve.server")
 
 APP_NAME = "bucketserve"
-DEPLOYMENT = "EngineReplica"
-PROXY_QUEUE_MIN = 64  # requests that may wait at the proxy for a replica at least
-RETRY_AFTER_S = 1.0  # what the proxy's backstop tells a refused client; it knows no finish rates
-
-# This replica's app. Each replica is its own process, so a module global is its own.
-_app: FastAPI | None = None
+GATEWAY, ENGINE, PREFILL = "Gateway", "EngineReplica", "PrefillReplica"
+HANDLE_QUEUE_MIN = 64  # requests that may wait in the gateway's handle for a replica at least
+GATEWAY_MAX_ONGOING = 10_000  # the gateway only forwards: the replicas bound the load
+ROUTING_STATS_PERIOD_S = 0.5  # how often replicas report their free KV to the routers
+POLICIES_WITHOUT_HANDOVER = ("static", "uellm")  # they run padded batches to the end
 
 
 def _replica_id() -> str:
@@ -53,75 +65,211 @@ def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
 
-def _own_metrics() -> tuple[str, str]:
-    """(this replica's id, its own /metrics exposition). At module level, so that the
-    deployment class (pickled by value, with a copy of the globals it names) reaches this
-    process's ``_app``."""
-    from prometheus_client import generate_latest
-
-    assert _app is not None, "the replica's app is not built yet"
-    return _replica_id(), generate_latest(_app.state.metrics.registry).decode()
-
-
-async def _every_replicas_metrics() -> str:
-    """Every replica's /metrics, merged with a ``replica`` label."""
+async def every_replicas_metrics() -> str:
+    """Every engine (and prefill) replica's /metrics, merged with a ``replica`` label."""
     from ray import serve
 
     from bucketserve.cluster.metrics_merge import merge_expositions
 
-    handle = serve.get_deployment_handle(DEPLOYMENT, APP_NAME)
-    results = await handle.broadcast("metrics_text").results_async()
-    return merge_expositions(dict(results))
+    texts: dict[str, str] = {}
+    for deployment in (ENGINE, PREFILL):
+        try:
+            handle = serve.get_deployment_handle(deployment, APP_NAME)
+        except Exception:  # no prefill replicas: an aggregated application
+            continue
+        texts.update(await handle.broadcast("metrics_text").results_async())
+    return merge_expositions(texts)
 
 
-def build_replica_app(
-    engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig
-) -> FastAPI:
-    """One replica's app: the single server's, over an engine built in this process."""
-    from bucketserve.server.launch import build_server_app
+class HandlePrefill(RemotePrefill):
+    """A decode replica's prompts run on the prefill replicas, through a Ray handle."""
 
-    global _app
-    _app, _ = build_server_app(
-        engine_config,
-        scheduler_config,
-        server,
-        web_ui=False,  # the page shows one engine's state; across replicas it is future work
-        metrics_text=_every_replicas_metrics,
-    )
-    return _app
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        annotations: dict[str, Any],
+    ) -> KVHandover:
+        from ray.exceptions import RayTaskError
+
+        try:
+            return await self.handle.prefill.remote(request_id, prompt_token_ids, params, annotations)
+        except RayTaskError as e:  # what the prefill engine refused (a full queue: a 429 here too)
+            raise e.cause from None
+
+
+class EngineReplica:
+    """One engine and the single server's app over it; a decode replica when given the
+    prefill replicas' handle."""
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        scheduler_config: SchedulerConfig,
+        server: ServerConfig,
+        prefill: Any | None = None,
+    ) -> None:
+        from bucketserve.server.launch import build_server_app
+
+        self.grace_s = server.shutdown_grace_s
+        self.app, self.engine = build_server_app(
+            engine_config,
+            scheduler_config,
+            server,
+            remote_prefill=None if prefill is None else HandlePrefill(prefill),
+            web_ui=False,  # the page shows one engine's state; across replicas it is future work
+            metrics_text=every_replicas_metrics,
+        )
+
+    async def forward(
+        self, request: ForwardedRequest, length: int | None = None
+    ) -> AsyncIterator[ResponseStart | bytes]:
+        """Answer a forwarded request (``length`` is the router's) with the app's reply."""
+        async for piece in call_app(self.app, request):
+            yield piece
+
+    def metrics_text(self) -> tuple[str, str]:
+        from prometheus_client import generate_latest
+
+        return _replica_id(), generate_latest(self.app.state.metrics.registry).decode()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        from bucketserve.cluster.router import KV_FREE_STAT
+
+        snap = self.engine.stats()
+        return {KV_FREE_STAT: snap.kv_blocks_total - snap.kv_blocks_used}
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown(self.grace_s)
+
+
+class PrefillReplica:
+    """One engine that runs prompts and hands their KV over to the decode replicas."""
+
+    def __init__(
+        self, engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig
+    ) -> None:
+        from bucketserve.engine.async_engine import AsyncEngine
+        from bucketserve.engine.llm_engine import LLMEngine
+        from bucketserve.server.metrics import ServerMetrics
+
+        self.grace_s = server.shutdown_grace_s
+        self.engine = AsyncEngine(
+            lambda: LLMEngine(engine_config, scheduler_config),
+            max_waiting_requests=server.max_waiting_requests,
+        )
+        self.metrics = ServerMetrics(self.engine.stats, server.served_model_name)  # its engine's gauges
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        annotations: dict[str, Any],
+    ) -> KVHandover:
+        """Run the prompt; return its KV and first token. A cancelled call aborts it here."""
+        last = None
+        async for out in self.engine.generate(
+            request_id, prompt_token_ids, params, hand_over=True, **annotations
+        ):
+            last = out
+        if last is None or last.kv_handover is None:
+            from bucketserve.engine.async_engine import EngineStoppedError
+
+            raise EngineStoppedError("the prefill replica ended the request without handing it over")
+        return last.kv_handover
+
+    def metrics_text(self) -> tuple[str, str]:
+        from prometheus_client import generate_latest
+
+        return _replica_id(), generate_latest(self.metrics.registry).decode()
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown(self.grace_s)
+
+
+class Gateway:
+    """The endpoint's ingress: forwards every request to an engine replica (``gateway``)."""
+
+    def __init__(self, engines: Any, engine_config: EngineConfig, server: ServerConfig) -> None:
+        from bucketserve.engine.loader import load_tokenizer, resolve_model_path
+
+        self.engines = engines.options(stream=True)
+        self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model, engine_config.cache_dir))
+        self.max_body_bytes = server.max_request_body
+
+    async def __call__(self, request: Any) -> Any:
+        from bucketserve.cluster.gateway import forward
+
+        return await forward(request, self.engines, self.tokenizer, self.max_body_bytes)
 
 
 def application(
     engine_config: EngineConfig, scheduler_config: SchedulerConfig, server: ServerConfig, threads: int
 ) -> Any:
-    """The Ray Serve application: ``server.replicas`` replicas of the engine's app, each with
-    ``threads`` torch threads and Ray CPUs."""
+    """The Ray Serve application: the gateway in front of ``server.replicas`` engine replicas,
+    or of ``server.decode_replicas`` decode replicas backed by ``server.prefill_replicas``
+    prefill replicas; each engine replica with ``threads`` torch threads and Ray CPUs."""
     from ray import serve
-    from ray.serve.config import BackpressureConfig
+    from ray.serve.config import RequestRouterConfig
+
+    from bucketserve.cluster.router import FreeKVRouter, LengthBandRouter
 
     engine_config = replace(engine_config, num_threads=threads)
-
-    def build() -> FastAPI:
-        return build_replica_app(engine_config, scheduler_config, server)
-
-    @serve.deployment(
-        name=DEPLOYMENT,
-        num_replicas=server.replicas,
-        ray_actor_options={"num_cpus": threads},
-        max_ongoing_requests=scheduler_config.max_num_seqs + 2 * server.max_waiting_requests,
-        max_queued_requests=max(
-            PROXY_QUEUE_MIN,
-            2 * server.replicas * (scheduler_config.max_num_seqs + server.max_waiting_requests),
-        ),
-        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
-        graceful_shutdown_timeout_s=server.shutdown_grace_s + 1,
+    room = scheduler_config.max_num_seqs + server.max_waiting_requests
+    per_replica = {
+        "ray_actor_options": {"num_cpus": threads},
+        "max_ongoing_requests": scheduler_config.max_num_seqs + 2 * server.max_waiting_requests,
+        "graceful_shutdown_timeout_s": server.shutdown_grace_s + 1,
+    }
+    prefill = None
+    if server.prefill_replicas is None:
+        assert server.replicas is not None
+        num_engines = server.replicas
+        if server.replica_router == "length":
+            router = RequestRouterConfig(
+                request_router_class=LengthBandRouter,
+                request_router_kwargs={"seats": scheduler_config.max_num_seqs},
+            )
+        else:
+            router = RequestRouterConfig()
+    else:
+        assert server.decode_replicas is not None
+        num_engines = server.decode_replicas
+        router = RequestRouterConfig(
+            request_router_class=FreeKVRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+        )
+        prefill = (
+            serve.deployment(PrefillReplica)
+            .options(name=PREFILL, num_replicas=server.prefill_replicas, **per_replica)
+            .bind(engine_config, scheduler_config, server)
+        )
+    engines = (
+        serve.deployment(EngineReplica)
+        .options(
+            name=ENGINE,
+            num_replicas=num_engines,
+            max_queued_requests=max(HANDLE_QUEUE_MIN, 2 * num_engines * room),
+            request_router_config=router,
+            **per_replica,
+        )
+        .bind(engine_config, scheduler_config, server, prefill)
     )
-    @serve.ingress(build)
-    class EngineReplica:
-        def metrics_text(self) -> tuple[str, str]:
-            return _own_metrics()
-
-    return EngineReplica.bind()
+    return (
+        serve.deployment(Gateway)
+        .options(
+            name=GATEWAY,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            max_ongoing_requests=GATEWAY_MAX_ONGOING,
+            graceful_shutdown_timeout_s=server.shutdown_grace_s + 2,
+        )
+        .bind(engines, engine_config, server)
+    )
 
 
 def replica_threads(engine_config: EngineConfig, server: ServerConfig) -> int:
@@ -131,9 +279,17 @@ def replica_threads(engine_config: EngineConfig, server: ServerConfig) -> int:
     if per_replica is not None and per_engine is not None and per_replica != per_engine:
         raise ConfigError(
             f"--threads-per-replica {per_replica} and --num-threads {per_engine} disagree: "
-            "with --replicas each replica is one engine; give one of them"
+            "each replica is one engine; give one of them"
         )
     return per_replica or per_engine or 1
+
+
+def num_engines(server: ServerConfig) -> int:
+    """Engine replicas of every kind."""
+    if server.prefill_replicas is not None and server.decode_replicas is not None:
+        return server.prefill_replicas + server.decode_replicas
+    assert server.replicas is not None
+    return server.replicas
 
 
 def serve_replicas(
@@ -152,15 +308,21 @@ def serve_replicas(
         from ray import serve
     except ImportError:
         raise ConfigError(
-            "--replicas needs Ray Serve: run scripts/setup.sh (pip install 'ray[serve]')"
+            "replicas need Ray Serve: run scripts/setup.sh (pip install 'ray[serve]')"
         ) from None
-    assert server.replicas is not None
+    if server.prefill_replicas is not None and scheduler_config.policy in POLICIES_WITHOUT_HANDOVER:
+        raise ConfigError(
+            f"--policy {scheduler_config.policy} runs padded batches to the end, which a handed-over "
+            f"request cannot join; disaggregate with --policy bucket, continuous or distserve"
+        )
     threads = replica_threads(engine_config, server)
-    cpus = server.replicas * threads
+    engines = num_engines(server)
+    cpus = engines * threads
     have = os.cpu_count() or 1
     if cpus > have and server.ray_address is None:
-        log.warning("%d replicas x %d threads ask for %d CPUs on a machine with %d", server.replicas,
-                    threads, cpus, have)  # fmt: skip
+        log.warning(
+            "%d replicas x %d threads ask for %d CPUs on a machine with %d", engines, threads, cpus, have
+        )
     with bind(server.host, server.port) as sock:  # a free port for 0, a one-line error if taken
         port = sock.getsockname()[1]
     if server.ray_address is None:
@@ -176,9 +338,12 @@ def serve_replicas(
             application(engine_config, scheduler_config, server, threads), name=APP_NAME, route_prefix="/"
         )
         url = server_url(server.host, port)
-        log.info(
-            "serving on %s (OpenAI API under %s/v1; %d replicas on Ray Serve)", url, url, server.replicas
+        topology = (
+            f"{server.replicas} replicas, {server.replica_router} routing"
+            if server.prefill_replicas is None
+            else f"{server.prefill_replicas} prefill + {server.decode_replicas} decode replicas"
         )
+        log.info("serving on %s (OpenAI API under %s/v1; %s on Ray Serve)", url, url, topology)
         stop.wait()
         log.info("stopping: letting requests in flight finish for up to %.0f s", server.shutdown_grace_s)
         serve.shutdown()

@@ -18,6 +18,7 @@ client that disconnects) aborts the request, which frees its KV blocks at once.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -25,10 +26,11 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bucketserve.engine.handover import KVHandover
 from bucketserve.engine.llm_engine import LLMEngine, StepRecord
 from bucketserve.errors import BucketServeError, ConfigError
 from bucketserve.outputs import RequestOutput
@@ -85,6 +87,29 @@ def retry_after(num_waiting: int, finish_times: deque[float], cap_s: int = 60) -
 
 
 _ACCEPTED = object()  # put in a request's queue once the engine has queued it
+
+
+@dataclass(frozen=True)
+class _Reserved:
+    """Put in a request's queue once a decode instance has reserved its KV blocks."""
+
+    prompt_token_ids: list[int]
+
+
+class RemotePrefill(abc.ABC):
+    """Where a decode instance's prompts run: a prefill instance that returns each prompt's
+    KV and first token (on Ray Serve, a handle to the prefill replicas)."""
+
+    @abc.abstractmethod
+    def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        annotations: dict[str, Any],
+    ) -> Awaitable[KVHandover]:
+        """Run the prompt there; ``annotations`` are ``AsyncEngine.generate``'s priority and
+        SLO keywords. Raises what the prefill instance's ``add_request`` raises."""
 
 
 class RequestStream:
@@ -145,11 +170,18 @@ class _Add:
     priority: int
     ttft_slo: float | None
     tpot_slo: float | None
+    hand_over: bool = False
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Attach:
+    request_id: str
+    handover: KVHandover
 
 
 class AsyncEngine:
@@ -160,6 +192,9 @@ class AsyncEngine:
     thread. Built on the caller's thread, the model load leaves an OpenMP thread team there
     beside the engine thread's; on two cores that made steps behind the server 1.3-1.7x
     slower (docs/RESULTS.md).
+
+    With ``remote_prefill`` it is a decode instance: each request's prompt runs there, after
+    this engine has reserved the request's KV blocks, and its KV comes back to be decoded here.
     """
 
     def __init__(
@@ -168,13 +203,15 @@ class AsyncEngine:
         *,
         max_waiting_requests: int = 256,
         idle_poll_s: float = 0.002,
+        remote_prefill: RemotePrefill | None = None,
     ) -> None:
         if max_waiting_requests < 1:
             raise ConfigError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         self.max_waiting_requests = max_waiting_requests
         self._idle_poll_s = idle_poll_s
+        self._remote_prefill = remote_prefill
         self._cond = threading.Condition()
-        self._inbox: deque[_Add | _Abort] = deque()
+        self._inbox: deque[_Add | _Abort | _Attach] = deque()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._stopping = False
         self._deadline = float("inf")
@@ -241,21 +278,46 @@ class AsyncEngine:
         priority: int = 0,
         ttft_slo: float | None = None,
         tpot_slo: float | None = None,
+        hand_over: bool = False,
     ) -> RequestStream:
-        """Queue a request and return its output stream once the engine has accepted it.
+        """Queue a request and return its output stream once the engine has accepted it
+        (``hand_over``: a prefill instance's, see ``LLMEngine.add_request``).
 
         Raises InvalidRequestError, QueueFullError or EngineStoppedError (nothing queued)."""
         stream = RequestStream(request_id, asyncio.get_running_loop())
-        self._send(_Add(stream, prompt, params, stream.arrival_time, priority, ttft_slo, tpot_slo))
+        self._send(_Add(stream, prompt, params, stream.arrival_time, priority, ttft_slo, tpot_slo, hand_over))
         try:
             item = await stream.queue.get()
-        except asyncio.CancelledError:
-            self.abort(request_id)
+            if isinstance(item, BaseException):
+                raise item
+            assert item is _ACCEPTED
+            if self._remote_prefill is not None:
+                await self._prefill_remotely(stream, params, priority, ttft_slo, tpot_slo)
+        except BaseException:
+            self.abort(request_id)  # a no-op for what the engine refused
             raise
+        return stream
+
+    async def _prefill_remotely(
+        self,
+        stream: RequestStream,
+        params: SamplingParams,
+        priority: int,
+        ttft_slo: float | None,
+        tpot_slo: float | None,
+    ) -> None:
+        """Once the engine has reserved the request's blocks, run its prompt on a prefill
+        instance and hand the KV that comes back to the engine, which decodes from there."""
+        assert self._remote_prefill is not None
+        item = await stream.queue.get()
         if isinstance(item, BaseException):
             raise item
-        assert item is _ACCEPTED
-        return stream
+        assert isinstance(item, _Reserved)
+        annotations = {"priority": priority, "ttft_slo": ttft_slo, "tpot_slo": tpot_slo}
+        handover = await self._remote_prefill.prefill(
+            stream.request_id, item.prompt_token_ids, params, annotations
+        )
+        self._send(_Attach(stream.request_id, handover))
 
     async def generate(
         self,
@@ -265,13 +327,16 @@ class AsyncEngine:
         priority: int = 0,
         ttft_slo: float | None = None,
         tpot_slo: float | None = None,
+        hand_over: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs (cumulative text and token ids), the last one finished.
+        """Yield the request's outputs (cumulative text and token ids), the last one finished
+        (``hand_over``: a prefill instance's, whose last output carries the KV hand-over).
 
         Closing or cancelling the iterator before the end aborts the request."""
         stream = await self.add_request(
-            request_id, prompt, params, priority=priority, ttft_slo=ttft_slo, tpot_slo=tpot_slo
-        )
+            request_id, prompt, params, priority=priority, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+            hand_over=hand_over,
+        )  # fmt: skip
         try:
             async for out in stream:
                 yield out
@@ -296,7 +361,7 @@ class AsyncEngine:
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
 
-    def _send(self, cmd: _Add | _Abort) -> None:
+    def _send(self, cmd: _Add | _Abort | _Attach) -> None:
         with self._cond:
             if self._stopping or not self._thread.is_alive():
                 raise EngineStoppedError("the server is shutting down; retry on another instance")
@@ -332,6 +397,10 @@ class AsyncEngine:
                 stopping, deadline = self._stopping, self._deadline
             for cmd in cmds:
                 self._apply(cmd)
+            if self._remote_prefill is not None and (reserved := engine.reserve_awaiting()):
+                self._update_snapshot()  # the blocks are held before anyone hears of it
+                for seq in reserved:
+                    self._streams[seq.seq_id].put(_Reserved(list(seq.prompt_token_ids)))
             if stopping and (not self._streams or time.monotonic() >= deadline):
                 self._abort_all(EngineStoppedError("the server shut down before this request finished"))
                 self._update_snapshot()
@@ -366,17 +435,26 @@ class AsyncEngine:
                     if not self._inbox:
                         self._cond.wait(self._idle_poll_s)
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def _apply(self, cmd: _Add | _Abort | _Attach) -> None:
         engine = self.engine
         if isinstance(cmd, _Abort):
             engine.abort_request(cmd.request_id)
             self._streams.pop(cmd.request_id, None)
             return
+        if isinstance(cmd, _Attach):
+            out = engine.attach_kv(cmd.request_id, cmd.handover)
+            stream = self._streams.get(cmd.request_id)
+            if out is not None and stream is not None:
+                _deliver([(stream, out)])
+                if out.finished:
+                    del self._streams[cmd.request_id]
+                    self._finish_times.append(time.monotonic())
+            return
         stream = cmd.stream
         if self._stopping:
             stream.put(EngineStoppedError("the server is shutting down; retry on another instance"))
             return
-        waiting = engine.scheduler.num_waiting
+        waiting = engine.num_waiting
         if waiting >= self.max_waiting_requests:
             wait_s = retry_after(waiting, self._finish_times)
             stream.put(
@@ -396,6 +474,8 @@ class AsyncEngine:
                 priority=cmd.priority,
                 ttft_slo=cmd.ttft_slo,
                 tpot_slo=cmd.tpot_slo,
+                hand_over=cmd.hand_over,
+                await_kv=self._remote_prefill is not None,
             )
         except Exception as e:  # InvalidRequestError, or a tokenizer failure on odd input
             stream.put(e)
@@ -414,7 +494,7 @@ class AsyncEngine:
         bm = engine.block_manager
         self._snapshot = EngineSnapshot(
             num_running=engine.scheduler.num_running,
-            num_waiting=engine.scheduler.num_waiting,
+            num_waiting=engine.num_waiting,
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,
             num_preemptions=engine.stats.preemptions,

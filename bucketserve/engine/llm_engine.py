@@ -16,11 +16,12 @@ from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.ordering import targets
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
-from bucketserve.core.sequence import FinishReason, Sequence
+from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from bucketserve.engine.autotune import TunedPlans
 from bucketserve.engine.calibration import CALIBRATION_TEXT
 from bucketserve.engine.detokenizer import Detokenizer
 from bucketserve.engine.device import resolve_device, resolve_dtype
+from bucketserve.engine.handover import KVHandover, export_blocks, import_blocks
 from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
 from bucketserve.engine.loader import (
     cache_dir,
@@ -74,6 +75,8 @@ class _Request:
     prompt: str | None
     detok: Detokenizer
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # when the request asked
+    hand_over: bool = False  # a prefill instance's: hand the KV over after the first token
+    kv_transfer_time: float | None = None  # a decode instance's: its KV's way here, in seconds
 
 
 class LLMEngine:
@@ -127,6 +130,9 @@ class LLMEngine:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
+        # A decode instance's requests whose prompt KV comes from a prefill instance, oldest
+        # first; those with blocks are reserved (``reserve_awaiting``), the rest wait for room.
+        self._awaiting_kv: dict[str, _Request] = {}
         # What exists now (modules, tokenizer, imported libraries: ~300k objects) lives as long
         # as the engine. Frozen, the collector no longer walks it: a full collection of it
         # takes ~170 ms on this CPU, a stall for the step it lands in. (vLLM freezes too.)
@@ -169,11 +175,18 @@ class LLMEngine:
         ttft_slo: float | None = None,
         tpot_slo: float | None = None,
         predicted_output_len: int | None = None,
+        hand_over: bool = False,
+        await_kv: bool = False,
     ) -> Sequence:
         """Validate, annotate and queue a request (the gateway's job): its arrival time,
         priority (lower first), TTFT/TPOT targets in seconds and, optionally, a predicted
         output length (used by ``--bucket-reserve predicted``, SJF/LJF and UELLM).
-        Raises InvalidRequestError and queues nothing if the request is bad."""
+        Raises InvalidRequestError and queues nothing if the request is bad.
+
+        Disaggregated serving: with ``hand_over`` (a prefill instance) the request ends after
+        its first token with its KV in the last output's ``kv_handover``; with ``await_kv`` (a
+        decode instance) it waits for blocks (``reserve_awaiting``) and then for its prompt's
+        KV (``attach_kv``) instead of running its prompt here."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -198,21 +211,88 @@ class LLMEngine:
             predicted_output_len=predicted_output_len,
             eos_token_id=self.eos_token_id,
         )
-        self.scheduler.add(seq)  # raises if it can never be served
-        self._requests[request_id] = _Request(seq, text, Detokenizer(self.tokenizer, ids, params.stop))
+        req = _Request(seq, text, Detokenizer(self.tokenizer, ids, params.stop), hand_over=hand_over)
+        if await_kv:
+            self.scheduler.check_admissible(seq)
+            self._awaiting_kv[request_id] = req
+        else:
+            self.scheduler.add(seq)  # raises if it can never be served
+        self._requests[request_id] = req
         return seq
+
+    # -- disaggregated serving: the decode instance's side ---------------------------------
+    def reserve_awaiting(self) -> list[Sequence]:
+        """Reserve KV blocks for a whole life (prompt + max_tokens), oldest first, for the
+        requests whose prompt KV will come from a prefill instance, while seats and blocks
+        last; return those reserved now. Their KV is then asked for: reserving first means
+        the copy always has a place to land."""
+        reserved: list[Sequence] = []
+        waiting = [r.seq for r in self._awaiting_kv.values()]
+        seats = self.scheduler_config.max_num_seqs - self.scheduler.num_running
+        seats -= sum(1 for s in waiting if s.block_table)
+        now = time.monotonic()
+        for seq in waiting:
+            if seq.block_table:
+                continue
+            if seats <= 0 or not self.block_manager.can_allocate(
+                self.block_manager.blocks_needed(seq, seq.max_len)
+            ):
+                break  # first come, first served: nobody overtakes the oldest
+            self.scheduler.reserve(seq)
+            seq.first_scheduled_time = now
+            seats -= 1
+            reserved.append(seq)
+        return reserved
+
+    def attach_kv(self, request_id: str, handover: KVHandover) -> RequestOutput | None:
+        """Write a reserved request's prompt KV and first token in, and decode it from the next
+        step on; return the output with its first token (None if it was aborted meanwhile)."""
+        req = self._awaiting_kv.pop(request_id, None)
+        if req is None:
+            return None
+        seq, now = req.seq, time.monotonic()
+        assert seq.block_table, f"{request_id!r}'s KV arrived before its blocks were reserved"
+        if handover.kv is not None:
+            import_blocks(self.runner.kv_cache, seq.block_table, handover.kv)
+        req.kv_transfer_time = max(0.0, time.time() - handover.sent_at)
+        seq.num_computed_tokens = handover.num_tokens
+        seq.append_token(handover.first_token)
+        seq.first_token_time = now
+        if handover.logprobs is not None and seq.params.logprobs is not None:
+            req.logprobs.append(handover.logprobs)
+        stop_str = req.detok.add(handover.first_token)
+        if handover.finish_reason is None and stop_str is None:
+            self.scheduler.attach(seq, now)
+            return self._output(req)
+        # The first token ended it (the prefill instance says why; a stop string we see too).
+        seq.stop_reason = handover.stop_reason if handover.finish_reason is not None else stop_str
+        seq.finish_reason = FinishReason(handover.finish_reason or FinishReason.STOP)
+        seq.status, seq.finished_time = SequenceStatus.FINISHED, now
+        self.block_manager.free(seq)
+        out = self._output(req)
+        del self._requests[request_id]
+        return out
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting to start: the scheduler's, and those awaiting KV blocks here."""
+        return self.scheduler.num_waiting + sum(
+            1 for r in self._awaiting_kv.values() if not r.seq.block_table
+        )
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its KV blocks are free when this returns."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        if self._awaiting_kv.pop(request_id, None) is not None:
+            self.block_manager.free(req.seq)  # its reservation, if it had one
         self.scheduler.finish(request_id, FinishReason.ABORT, time.monotonic())
         self.sampler.forget(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_kv)
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -239,11 +319,35 @@ class LLMEngine:
         self._record(batch, shape, start, now, schedule_time)
         if result is not None:
             self.scheduler.observe_step(shape, now - start)
-        outputs = [self._output(self._requests[s.seq_id]) for s in advanced]
+        handed = [s for s in advanced if self._requests[s.seq_id].hand_over]
+        outputs = [self._output(self._requests[s.seq_id]) for s in advanced if s not in handed]
+        outputs += [self._hand_over(self._requests[s.seq_id]) for s in handed]
+        finished += [s for s in handed if not s.is_finished]
         for seq in finished:
             del self._requests[seq.seq_id]
             self.sampler.forget(seq.seq_id)
         return outputs
+
+    def _hand_over(self, req: _Request) -> RequestOutput:
+        """A prefill instance's request after its first token: detach it and copy its prompt's
+        KV out (unless that token ended it); the output is its last, carrying the hand-over."""
+        seq = req.seq
+        kv = None
+        if not seq.is_finished:
+            blocks = self.scheduler.detach(seq)
+            kv = export_blocks(self.runner.kv_cache, blocks, seq.num_computed_tokens, self.config.block_size)
+            self.scheduler.release_blocks(blocks)
+        out = self._output(req)
+        out.finished = True
+        out.kv_handover = KVHandover(
+            first_token=seq.output_token_ids[0],
+            num_tokens=seq.num_computed_tokens,
+            kv=kv,
+            logprobs=req.logprobs[0] if req.logprobs else None,
+            finish_reason=None if seq.finish_reason is None else seq.finish_reason.value,
+            stop_reason=seq.stop_reason,
+        )
+        return out
 
     def _fail(self, batch: ScheduledBatch, now: float) -> list[Sequence]:
         """End every request of a batch that raised (``finish_reason="error"``)."""
@@ -318,5 +422,6 @@ class LLMEngine:
                 num_preemptions=seq.num_preemptions,
                 ttft_slo=ttft_slo,
                 tpot_slo=tpot_slo,
+                kv_transfer_time=req.kv_transfer_time,
             ),
         )

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from bucketserve.config import EngineConfig, SchedulerConfig, ServerConfig
-from bucketserve.engine.async_engine import AsyncEngine
+from bucketserve.engine.async_engine import AsyncEngine, RemotePrefill
 from bucketserve.engine.llm_engine import LLMEngine
 from bucketserve.errors import ConfigError
 from bucketserve.server.app import build_app
@@ -94,14 +94,17 @@ def build_server_app(
     engine_config: EngineConfig,
     scheduler_config: SchedulerConfig,
     server_config: ServerConfig,
+    remote_prefill: RemotePrefill | None = None,
     **app_options: Any,
 ) -> tuple[FastAPI, AsyncEngine]:
     """The server's app over a new engine (built on its own thread: every torch operation
-    then runs on that one thread), as ``serve`` and each ``--replicas`` replica run it;
-    ``app_options`` go to ``build_app`` (``web_ui``, ``metrics_text``)."""
+    then runs on that one thread), as ``serve`` and each ``--replicas`` replica run it (a
+    decode replica's engine gets its prompts' KV from ``remote_prefill``); ``app_options``
+    go to ``build_app`` (``web_ui``, ``metrics_text``)."""
     async_engine = AsyncEngine(
         lambda: LLMEngine(engine_config, scheduler_config),
         max_waiting_requests=server_config.max_waiting_requests,
+        remote_prefill=remote_prefill,
     )
     app = build_app(
         async_engine,
@@ -124,9 +127,9 @@ def serve(
     """Serve until SIGTERM or SIGINT; in-flight requests get ``shutdown_grace_s`` to finish.
     Returns 0 after a SIGTERM (a clean stop); SIGINT raises KeyboardInterrupt afterwards."""
     server_config = server_config or ServerConfig()
-    if server_config.replicas is not None:
+    if server_config.on_ray:
         raise ConfigError(
-            "serve() runs one engine; --replicas runs bucketserve.cluster.replicas.serve_replicas"
+            "serve() runs one engine; replicas run in bucketserve.cluster.replicas.serve_replicas"
         )
     shutdown_grace_s = server_config.shutdown_grace_s
     sock = bind(server_config.host, server_config.port)  # fail fast, before loading the model

@@ -115,6 +115,11 @@ class ServerMetrics:
         self.queue_time = histogram(
             "request_queue_time_seconds", "Time from arrival to first being scheduled.", E2E_BUCKETS
         )
+        self.kv_transfer = histogram(
+            "kv_transfer_seconds",
+            "Disaggregated serving: from a prefill replica's hand-over to the KV written into the "
+            "decode replica that serves the request (serialization, transfer, copy).",
+        )
         self.success = counter("request_success", "Finished requests, by finish reason.", "finished_reason")
         self.rejected = counter(
             "request_rejected",
@@ -152,6 +157,8 @@ class RequestTracker:
             t = out.metrics
             if self.num_tokens == 0 and t.first_token_time is not None:
                 m.ttft.labels(label).observe(max(0.0, t.first_token_time - t.arrival_time))
+                if t.kv_transfer_time is not None:
+                    m.kv_transfer.labels(label).observe(t.kv_transfer_time)
                 if t.first_scheduled_time is not None:
                     m.queue_time.labels(label).observe(max(0.0, t.first_scheduled_time - t.arrival_time))
             elif self.last is not None:

@@ -124,6 +124,15 @@ class BucketScheduler(Scheduler):
         super()._finish(seq, reason, now)
         self._keys.pop(seq.seq_id, None)
 
+    # A handed-over sequence keeps an urgency here too: running ones are decoded in its order.
+    def attach(self, seq: Sequence, now: float) -> None:
+        self._keys.setdefault(seq.seq_id, urgency(seq, self.config.order))
+        super().attach(seq, now)
+
+    def detach(self, seq: Sequence) -> list[int]:
+        self._keys.pop(seq.seq_id, None)
+        return super().detach(seq)
+
     @property
     def num_waiting(self) -> int:
         return len(self.buckets)
