@@ -1,12 +1,15 @@
-"""One engine with two threads against two single-thread engine replicas on Ray Serve.
+"""One engine against engine replicas on Ray Serve: aggregated (two routers) and disaggregated.
 
 What it measures
     The same requests, all sent at once with at most --concurrency in flight, to
-    `bucketserve serve --num-threads T` (one engine) and to
-    `bucketserve serve --replicas R --threads-per-replica T/R` (R engines behind Ray Serve's
-    proxy), on two workloads: ShareGPT, and "mixed" (short chats and long documents: half
-    Alpaca-like, half LongBench-like lengths, text from ShareGPT). For each: output tokens/s,
-    TTFT and TPOT p50/p99, and the p99 TTFT of the short requests (prompt <= 256 tokens).
+      - `bucketserve serve --num-threads T` (one engine),
+      - `--replicas R --threads-per-replica T/R --replica-router power-of-two` (Ray's default),
+      - the same with `--replica-router length` (length bands),
+      - `--prefill-replicas 1 --decode-replicas 1 --threads-per-replica T/2` (P/D),
+    on two workloads: ShareGPT, and "mixed" (short chats and long documents: half Alpaca-like,
+    half LongBench-like lengths, text from ShareGPT). For each: output tokens/s, TTFT and TPOT
+    p50/p99, the p99 TTFT of the short requests (prompt <= 256 tokens) and, for P/D, the mean
+    KV transfer time per request (the servers' `bucketserve:kv_transfer_seconds`).
 
 How to run (a quiet machine: every core is in use)
     .venv/bin/python benchmarks/replicas.py
@@ -18,6 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bucketserve.bench.client import ClientConfig
 from bucketserve.bench.datasets import BenchRequest, load_tokenizer
@@ -34,7 +40,9 @@ def run(requests: list[BenchRequest], server_args: list[str], concurrency: int, 
     with managed_server(None, server_args, log) as url:
         cfg = ClientConfig(base_url=url, model="SmolLM2-135M-Instruct", request_timeout=1800)
         asyncio.run(run_workload([BenchRequest("Warm up.", 3, 4)], [0.0], cfg, progress=False))
+        before = kv_transfers(url)
         result = asyncio.run(run_workload(requests, [0.0] * len(requests), cfg, concurrency, desc=desc))
+        after = kv_transfers(url)
     records = [o.record for o in result.outcomes]
     failed = [r.error for r in records if r.error]
     if failed:
@@ -42,7 +50,22 @@ def run(requests: list[BenchRequest], server_args: list[str], concurrency: int, 
     summary = summarize(records, result.duration)
     short = [r.ttft * 1e3 for r in records if r.prompt_tokens <= SHORT_PROMPT]
     summary["p99_short_ttft_ms"] = percentile(short, 99)
+    count = after[1] - before[1]
+    summary["mean_kv_transfer_ms"] = (after[0] - before[0]) / count * 1e3 if count else float("nan")
     return summary
+
+
+def kv_transfers(url: str) -> tuple[float, float]:
+    """(seconds, count) of the KV transfers the server has made, from its /metrics."""
+    text = httpx.get(url + "/metrics", timeout=60).text
+    total = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "bucketserve:kv_transfer_seconds":
+            for sample in family.samples:
+                kind = sample.name.rsplit("_", 1)[-1]
+                if kind in total:
+                    total[kind] += sample.value
+    return total["sum"], total["count"]
 
 
 def main() -> None:
@@ -53,19 +76,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads in all, split among the replicas")
     p.add_argument("--max-output-len", type=int, default=128)
     p.add_argument("--output-json", type=Path, default=Path("results/replicas.json"))
+    p.add_argument("--only", help="run only the setups whose name contains this (e.g. length, 1P)")
+    p.add_argument("--datasets", default="sharegpt,mixed")
     a = p.parse_args()
     if a.threads % a.replicas:
         p.error("--threads must be a multiple of --replicas")
     tokenizer = load_tokenizer(None)
     a.output_json.parent.mkdir(parents=True, exist_ok=True)
+    per = str(a.threads // a.replicas)
     setups = {
         f"1 x {a.threads} threads": ["--num-threads", str(a.threads)],
-        f"{a.replicas} replicas x {a.threads // a.replicas}": [
-            "--replicas", str(a.replicas), "--threads-per-replica", str(a.threads // a.replicas),
+        f"{a.replicas} x {per}, pow-2": [
+            "--replicas", str(a.replicas), "--threads-per-replica", per, "--replica-router", "power-of-two",
+        ],
+        f"{a.replicas} x {per}, length": [
+            "--replicas", str(a.replicas), "--threads-per-replica", per, "--replica-router", "length",
+        ],
+        f"1P+1D x {a.threads // 2}": [
+            "--prefill-replicas", "1", "--decode-replicas", "1", "--threads-per-replica", str(a.threads // 2),
         ],
     }  # fmt: skip
+    setups = {name: args for name, args in setups.items() if a.only is None or a.only in name}
     results: dict[str, dict[str, dict]] = {}
-    for dataset in ("sharegpt", "mixed"):
+    for dataset in a.datasets.split(","):
         requests = build_workload(
             dataset, a.num_prompts, tokenizer, max_output_len=a.max_output_len, max_prompt_len=1536,
             max_total_len=2048,
@@ -73,7 +106,8 @@ def main() -> None:
         print(f"{dataset}: {len(requests)} requests, {sum(r.prompt_len for r in requests)} prompt + "
               f"{sum(r.output_len for r in requests)} output tokens, {a.concurrency} at once")  # fmt: skip
         for name, args in setups.items():
-            log = a.output_json.with_suffix(f".{dataset}.{name.split()[0]}.server.log")
+            slug = "".join(c if c.isalnum() else "-" for c in name)
+            log = a.output_json.with_suffix(f".{dataset}.{slug}.server.log")
             results.setdefault(dataset, {})[name] = run(
                 requests, args, a.concurrency, log, f"{dataset}, {name}"
             )
@@ -84,6 +118,7 @@ def main() -> None:
         ("median_tpot_ms", "TPOT p50 (ms)"),
         ("p99_tpot_ms", "TPOT p99 (ms)"),
         ("p99_short_ttft_ms", f"short (<= {SHORT_PROMPT}) TTFT p99"),
+        ("mean_kv_transfer_ms", "KV transfer, mean (ms)"),
     ]
     for dataset, by_setup in results.items():
         print(f"\n{dataset}{'':20}" + "".join(f"{name:>24}" for name in by_setup))

@@ -21,7 +21,6 @@ from server_process import MODEL, Server
 
 from bucketserve.cluster.gateway import request_length
 from bucketserve.cluster.metrics_merge import merge_expositions
-from bucketserve.cluster.router import band_edges, band_of, ranked_by_band
 
 KEY = {"Authorization": "Bearer s3cret"}
 
@@ -33,24 +32,6 @@ def test_merged_metrics_label_every_sample_with_its_replica_and_name_each_family
     assert text.count("# HELP x_total") == 1
     (family,) = text_string_to_metric_families(text)
     assert [(s.labels["replica"], s.value) for s in family.samples] == [("r1", 3.0), ("r2", 5.0)]
-
-
-def test_length_bands_give_each_replica_an_equal_share_of_the_tokens() -> None:
-    assert band_edges(list(range(1, 101)), 2) == [72]  # 1..71 and 72..100 hold ~2,550 tokens each
-    assert band_edges([5] * 4 + [301] * 4, 2) == [6]  # short chats apart from long documents
-    edges = band_edges([10, 20, 30, 40] * 5, 4)
-    assert [band_of(n, edges) for n in (10, 20, 30, 40)] == [0, 1, 2, 3]
-
-
-def test_equal_lengths_share_a_band_and_surplus_bands_stay_empty() -> None:
-    assert band_edges([5] * 8, 2) == [6]
-    assert band_edges([7], 3) == [8, 9]
-    assert band_edges([], 3) == [] and band_edges([1, 2], 1) == []
-
-
-def test_a_request_tries_its_own_band_first_then_the_nearer_ones() -> None:
-    assert ranked_by_band(0, 3) == [0, 1, 2]
-    assert ranked_by_band(2, 4) == [2, 1, 3, 0]
 
 
 class _Words:
@@ -173,6 +154,18 @@ def test_a_full_cluster_answers_429_with_retry_after(cluster: Server) -> None:
     refused = [r for r in rs if r.status_code == 429]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert all(r.json()["error"]["code"] == "queue_full" for r in refused)  # the replica's own answer
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_kv_on_the_replica(cluster: Server) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, headers=KEY, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert max(kv_usage_by_replica(cluster).values()) > 0  # the reply is under way
+    deadline = time.monotonic() + 30
+    while max(kv_usage_by_replica(cluster).values()) > 0:
+        assert time.monotonic() < deadline, "the replica kept the departed client's KV"
+        time.sleep(0.2)
 
 
 def test_threads_per_replica_and_num_threads_that_disagree_are_refused_in_one_line(

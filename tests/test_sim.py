@@ -296,3 +296,30 @@ def test_a_static_batch_decodes_padded_on_a_dense_cache_and_unpadded_on_our_page
     paged = dataclasses.replace(dense, padded_decode=False)
     assert CostModel(dense).shape_time(shape) == pytest.approx(3 * 30 / 1e3)  # every row at the longest
     assert CostModel(paged).shape_time(shape) == pytest.approx((10 + 30 + 1) / 1e3)  # the ghost reads one
+
+
+def test_replicas_routed_by_length_band_keep_short_and_long_requests_apart() -> None:
+    requests = [SimRequest(0.5 * i, 2000 if i % 2 else 10, 4) for i in range(20)]
+    cfg = dataclasses.replace(config("bucket"), num_instances=2, router="length", max_model_len=4096)
+    cfg = dataclasses.replace(cfg, instance=InstanceSpec(LINEAR, 65536))
+    result = simulate(cfg, requests)
+    tokens = sorted(r.stats.real_tokens for r in result.instances)
+    assert tokens[0] == 10 * (10 + 4 - 1) or tokens[0] < 10 * 20  # the shorts' prompts and decodes only
+    assert tokens[1] >= 10 * 2000
+    least = simulate(dataclasses.replace(cfg, router="least-loaded"), requests)
+    assert min(r.stats.real_tokens for r in least.instances) > 2000  # each took some long prompts
+
+
+def test_the_topologies_share_the_gpus_as_one_engine_two_replicas_or_prefill_and_decode() -> None:
+    from bucketserve.sim.experiments import TOPOLOGIES, Setup, topology_config, topology_experiment
+
+    setup = Setup(num_gpus=2, max_num_seqs=64)
+    configs = {t: topology_config(setup, t) for t in TOPOLOGIES}
+    assert all(c.num_gpus == 2 for c in configs.values())
+    assert configs["one engine"].instance.num_gpus == 2
+    assert configs["replicas, length bands"].router == "length"
+    assert configs["prefill + decode"].disaggregated
+    data = topology_experiment(setup, ["mixed"], [1.0], num_requests=40)
+    row = data["runs"]["mixed"]["1.0"]
+    assert set(row) == set(TOPOLOGIES) and all(r["completed"] == 40 for r in row.values())
+    assert set(data["capacity"]["mixed"]) == set(TOPOLOGIES)

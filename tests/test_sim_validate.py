@@ -4,6 +4,7 @@ with zero error, and the CLI reads FILE:POLICY."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -30,15 +31,28 @@ def profile_path(tmp_path):
     return path
 
 
-def bench_file(tmp_path, profile_path, policy: str, speed: float | None = None, delay: float = 0.0):
+def bench_file(
+    tmp_path,
+    profile_path,
+    policy: str,
+    speed: float | None = None,
+    delay: float = 0.0,
+    transfer: float | None = None,
+):
     """A bench-shaped result whose 'measurements' come from the simulator itself; with
     ``speed``, from a machine that slower, and with steps that say so; with ``delay``, from
-    a server whose engine took each request in that long after the client sent it."""
+    a server whose engine took each request in that long after the client sent it; with
+    ``transfer``, from a prefill and a decode instance whose KV transfers take that long."""
     profile = load_profile(str(profile_path))
     requests = [SimRequest(0.05 * i, 20 + (37 * i) % 200, 2 + (11 * i) % 30) for i in range(60)]
+    instance = InstanceSpec(profile, (1 << 20) // 1024)
     cfg = SimConfig(
         SchedulerConfig(policy=policy, max_num_seqs=128, max_num_batched_tokens=1024),
-        InstanceSpec(profile, (1 << 20) // 1024),
+        instance,
+        decode_instance=None if transfer is None else instance,
+        link_bandwidth=math.inf,
+        link_latency=transfer or 0.0,
+        first_token_at_decode=True,
         max_model_len=8192,
         speed=None if speed is None else (lambda t: speed),
     )
@@ -86,6 +100,22 @@ def test_a_simulated_run_validates_with_zero_error(tmp_path, profile_path, polic
     )
     for metric in ("output_throughput", "p50_ttft_ms", "p50_tpot_ms"):
         assert c.error(metric) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_disaggregated_run_validates_as_a_prefill_and_a_decode_instance_with_its_transfer_time(
+    tmp_path, profile_path
+):
+    path = bench_file(tmp_path, profile_path, "bucket", transfer=0.05)
+    sched = {"max_num_seqs": 128, "max_num_batched_tokens": 1024}
+
+    def check(**kw):
+        [c] = validate_run(path, str(profile_path), 1 << 20, policy="bucket", scheduler=sched, **kw)
+        return c
+
+    exact = check(disaggregated=True, kv_transfer_latency=0.05)
+    assert all(exact.error(m) == pytest.approx(0.0, abs=1e-9) for m in ("p50_ttft_ms", "p50_tpot_ms"))
+    assert check(disaggregated=True).error("p50_ttft_ms") < -0.05  # the transfers' time is missed
+    assert check().error("p50_tpot_ms") > 0.05  # one instance decodes while it prefills
 
 
 def test_validate_needs_the_policy(tmp_path, profile_path):

@@ -333,9 +333,16 @@ def serve_replicas(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         # One endpoint: one proxy, on the head node (Ray's default puts one on every node).
-        serve.start(http_options={"host": server.host, "port": port}, proxy_location="HeadOnly")
+        # A line per request from every deployment only when debugging, as the single server does.
+        logs = {"log_level": log_level.upper(), "enable_access_log": log_level == "debug"}
+        serve.start(
+            http_options={"host": server.host, "port": port}, proxy_location="HeadOnly", logging_config=logs
+        )
         serve.run(
-            application(engine_config, scheduler_config, server, threads), name=APP_NAME, route_prefix="/"
+            application(engine_config, scheduler_config, server, threads),
+            name=APP_NAME,
+            route_prefix="/",
+            logging_config=logs,
         )
         url = server_url(server.host, port)
         topology = (

@@ -36,9 +36,11 @@ def add_simulate_parser(sub: Any) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--experiment",
-        choices=("paper", "traces"),
+        choices=("paper", "traces", "topologies"),
         help="paper: DESIGN section 6 (offline throughput, SLO attainment vs rate, load capacity, "
-        "scheduling time, padding); traces: the Azure traces at their real rates on 1 and 4 GPUs "
+        "scheduling time, padding); traces: the Azure traces at their real rates on 1 and 4 GPUs; "
+        "topologies: --num-gpus as one engine, two replicas (least loaded, length bands) or a "
+        "prefill and a decode instance, over the rates, with the first of --policies "
         "(default: neither, one workload)",
     )
     mode.add_argument(
@@ -75,6 +77,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         return _paper(a, run, config_from_options(ExperimentConfig, a))
     if a.experiment == "traces":
         return _traces(a, run, config_from_options(ExperimentConfig, a))
+    if a.experiment == "topologies":
+        return _topologies(a, run, config_from_options(ExperimentConfig, a))
     return _single(a, run)
 
 
@@ -167,6 +171,34 @@ def _traces(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentCo
     return 0
 
 
+def _topologies(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentConfig) -> int:
+    from tqdm import tqdm
+
+    from bucketserve.sim.experiments import TOPOLOGIES, WORKLOADS, topology_experiment
+    from bucketserve.sim.report import topology_tables
+    from bucketserve.wire import write_json
+
+    out = Path(experiment.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(WORKLOADS) * len(experiment.rates) * len(TOPOLOGIES)
+    with tqdm(total=total, desc="topologies", unit="run") as bar:
+        data = topology_experiment(
+            _setup(a, MAX_MODEL_LEN),
+            WORKLOADS,
+            experiment.rates,
+            experiment.num_online,
+            run.seed,
+            run.policies[0],
+            bar.update,
+        )
+    write_json(out / "topologies.json", data)
+    tables = topology_tables(data)
+    (out / "topologies.md").write_text("# Simulated topologies\n\n" + tables)
+    print(tables)
+    print(f"wrote {out / 'topologies.json'} and {out / 'topologies.md'}")
+    return 0
+
+
 def _validate(a: argparse.Namespace, server: ValidateConfig) -> int:
     from bucketserve.sim.validate import METRICS, error_table, validate_run
 
@@ -186,6 +218,8 @@ def _validate(a: argparse.Namespace, server: ValidateConfig) -> int:
                 scheduler=server.scheduler,
                 block_size=server.block_size,
                 max_model_len=setup.max_model_len,
+                disaggregated=server.disaggregated,
+                kv_transfer_latency=server.kv_transfer_latency,
             )
         )
     print(error_table(rows, server.target))

@@ -13,6 +13,7 @@ synthetic (``bucketserve.workloads.synthetic``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -293,3 +294,78 @@ def trace_experiment(
                 if progress:
                     progress()
     return out
+
+
+TOPOLOGIES = ("one engine", "replicas, least loaded", "replicas, length bands", "prefill + decode")
+SHORT_PROMPT = 256  # "short" requests, whose p99 TTFT the topology experiment reports
+
+
+def topology_config(setup: Setup, topology: str, policy: str = "bucket") -> SimConfig:
+    """``setup.num_gpus`` GPUs as one tensor-parallel engine, as two replicas of half as many
+    (least loaded, or by length band), or as a prefill and a decode instance of half each."""
+    half = setup.num_gpus // 2
+    check(
+        half >= 1 and setup.num_gpus % 2 == 0, f"topologies need an even number of GPUs, got {setup.num_gpus}"
+    )
+    config = setup.config(policy)
+    if topology == "one engine":
+        return config
+    if topology.startswith("replicas"):
+        router = "length" if topology.endswith("length bands") else "least-loaded"
+        return dataclasses.replace(config, instance=setup.instance(half), num_instances=2, router=router)
+    if topology == "prefill + decode":
+        return dataclasses.replace(
+            config, instance=setup.instance(half), decode_instance=setup.instance(half)
+        )
+    raise ValueError(f"unknown topology {topology!r}; choose one of {', '.join(TOPOLOGIES)}")
+
+
+def short_p99_ttft_ms(result: SimResult) -> float:
+    from bucketserve.metrics import percentile
+
+    return percentile([r.ttft * 1e3 for r in result.records if r.ok and r.prompt_tokens <= SHORT_PROMPT], 99)
+
+
+def topology_experiment(
+    setup: Setup,
+    workloads: Iterable[str] = ("mixed",),
+    rates: Iterable[float] = DEFAULT_RATES,
+    num_requests: int = 500,
+    seed: int = 0,
+    policy: str = "bucket",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The same requests on each of ``TOPOLOGIES`` (``setup.num_gpus`` GPUs in all): per
+    workload and Poisson rate, ``run_summary`` plus the p99 TTFT of the short requests; and
+    each topology's load capacity (the highest rate with SLO attainment >= 80%)."""
+    rates = sorted(rates)
+    out: dict[str, Any] = {
+        "setup": {t: _describe(topology_config(setup, t, policy)) for t in TOPOLOGIES},
+        "policy": policy,
+        "runs": {},
+        "capacity": {},
+    }
+    for w in workloads:
+        out["runs"][w] = {}
+        for rate in rates:
+            reqs = requests_for(w, num_requests, rate, seed, setup.slo_scale)
+            row = {}
+            for t in TOPOLOGIES:
+                result = simulate(topology_config(setup, t, policy), reqs)
+                row[t] = {**run_summary(result, reqs), "p99_short_ttft_ms": short_p99_ttft_ms(result)}
+                if progress:
+                    progress()
+            out["runs"][w][str(rate)] = row
+        out["capacity"][w] = {
+            t: load_capacity(list(rates), [out["runs"][w][str(r)][t]["slo_attainment"] for r in rates], 0.8)
+            for t in TOPOLOGIES
+        }
+    return out
+
+
+def _describe(cfg: SimConfig) -> str:
+    if cfg.decode_instance is not None:
+        return f"prefill TP{cfg.instance.num_gpus} + decode TP{cfg.decode_instance.num_gpus}"
+    if cfg.num_instances > 1:
+        return f"{cfg.num_instances} x TP{cfg.instance.num_gpus}, {cfg.router}"
+    return f"one TP{cfg.instance.num_gpus} instance"

@@ -190,3 +190,29 @@ def paper_plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
     paths.append(path)
     return paths
+
+
+def topology_tables(data: dict[str, Any]) -> str:
+    lines = ["## Setup", "", f"Policy `{data['policy']}` on every instance.", ""]
+    lines += [f"- {t}: {d}" for t, d in data["setup"].items()]
+    for w, by_rate in data["runs"].items():
+        lines += ["", f"## {w}", "", "Load capacity (highest Poisson rate with SLO attainment >= 80%):", ""]
+        lines += ["| topology | capacity (req/s) |", "|---|---|"]
+        lines += [f"| {t} | {_f(c, 2)} |" for t, c in data["capacity"][w].items()]
+        for rate, row in by_rate.items():
+            lines += [
+                "",
+                f"**{rate} req/s**",
+                "",
+                "| topology | out tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | short TTFT p99 (ms) "
+                "| SLO attainment |",
+                "|---|---|---|---|---|---|",
+            ]
+            for t, r in row.items():
+                lines.append(
+                    f"| {t} | {_f(r['output_throughput'])} | "
+                    f"{_f(r['p50_ttft_ms'])} / {_f(r['p99_ttft_ms'])} | "
+                    f"{_f(r['p50_tpot_ms'])} / {_f(r['p99_tpot_ms'])} | {_f(r['p99_short_ttft_ms'])} | "
+                    f"{_f(r['slo_attainment'], 3)} |"
+                )
+    return "\n".join(lines) + "\n"

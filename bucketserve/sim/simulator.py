@@ -2,7 +2,8 @@
 
 Requests arrive at their times; each instance runs one batch at a time, chosen by a
 scheduler from ``bucketserve.core.policies`` and charged by the cost model. Aggregated
-serving runs every request on one instance (or the least loaded of several replicas).
+serving runs every request on one instance, or on one of several replicas: the least loaded,
+or by length band (``router="length"``, ``core.replica_bands``, as the real cluster routes).
 Disaggregated serving (``decode_instance`` set) prefills on prefill instances, then moves
 each sequence's KV cache to a decode instance that has reserved room for its whole life;
 the prefill instance keeps the KV until the transfer completes, as DistServe's pull does.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.policies import make_scheduler
+from bucketserve.core.replica_bands import LengthBands
 from bucketserve.core.sequence import Sequence
 from bucketserve.errors import DeadlineUnreachableError, InvalidRequestError
 from bucketserve.metrics import RequestRecord
@@ -59,6 +61,12 @@ class SimConfig:
     max_model_len: int = 4096
     kv_bytes_per_token: int = OPT_13B_KV_BYTES_PER_TOKEN
     link_bandwidth: float = 25e9  # bytes/s between a prefill and a decode instance
+    link_latency: float = 0.0  # seconds every KV transfer takes on top (a CPU cluster's RPCs)
+    router: str = "least-loaded"  # aggregated replicas: "least-loaded" or "length" (bands)
+    # Disaggregated: the client sees the first token once the decode instance has the KV (our
+    # server: the decode replica writes the whole reply), not when the prefill sampled it
+    # (DistServe's prefill instance answers the first token itself).
+    first_token_at_decode: bool = False
     pad_prefill: bool = False  # see CostModel.pad_prefill
     poll_s: float = 0.005  # an idle instance with queued work but no batch looks again after this
     # The machine's slowdown over the profile at each virtual time (None: none). Validation
@@ -164,6 +172,7 @@ class Simulator:
         index: dict[str, int] = {}
         transfers = 0
         self._pending.clear()
+        bands = LengthBands(seats=cfg.scheduler.max_num_seqs) if cfg.router == "length" else None
 
         def done(seqs: list[Sequence]) -> None:
             for seq in seqs:
@@ -209,6 +218,7 @@ class Simulator:
                 t.target = min(room, key=lambda d: d.scheduler.num_running)
                 t.target.scheduler.reserve(t.seq)
                 delay = kv_transfer_s(t.seq.num_computed_tokens, cfg.kv_bytes_per_token, cfg.link_bandwidth)
+                delay += cfg.link_latency
                 events.push(now + delay, EventKind.TRANSFER_DONE, t)
 
         for i, r in enumerate(requests):
@@ -229,7 +239,11 @@ class Simulator:
                     ttft_slo=r.ttft_slo,
                     tpot_slo=r.tpot_slo,
                 )
-                inst = min(front, key=lambda x: x.load)
+                if bands is not None and len(front) > 1:
+                    inst = front[bands.rank(seq.max_len, [x.load for x in front])[0][0]]
+                    bands.observe(seq.max_len)
+                else:
+                    inst = min(front, key=lambda x: x.load)
                 try:
                     if back:  # it must fit a decode instance too, or it would wait there forever
                         back[0].scheduler.check_admissible(seq)
@@ -262,6 +276,8 @@ class Simulator:
                 transfers += 1
                 t.source.scheduler.release_blocks(t.blocks)
                 t.target.scheduler.attach(t.seq, now)
+                if cfg.first_token_at_decode:
+                    t.seq.first_token_time = now
                 mark(t.target)
                 mark(t.source)
                 dispatch_transfers(now)

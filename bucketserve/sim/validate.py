@@ -64,6 +64,17 @@ class ValidateConfig:
     server_max_num_batched_tokens: int = option(
         default_of(SchedulerConfig, "max_num_batched_tokens"), help="the server's --max-num-batched-tokens"
     )
+    disaggregated: bool = option(
+        False,
+        help="the server ran --prefill-replicas 1 --decode-replicas 1: simulate a prefill and a decode "
+        "instance, each with --kv-cache-memory and the profile, the KV moved between them",
+    )
+    kv_transfer_latency: float = option(
+        0.0,
+        metavar="SECONDS",
+        help="with --disaggregated: each KV transfer's time, as the server measured it (its "
+        "bucketserve:kv_transfer_seconds mean)",
+    )
     target: float = option(0.15, help="relative error target")
 
     def __post_init__(self) -> None:
@@ -72,6 +83,9 @@ class ValidateConfig:
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         check(self.kv_cache_memory >= 1, f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
         check(self.target > 0, f"target must be > 0, got {self.target}")
+        check(
+            self.kv_transfer_latency >= 0, f"kv_transfer_latency must be >= 0, got {self.kv_transfer_latency}"
+        )
 
     @property
     def scheduler(self) -> dict[str, int]:
@@ -194,9 +208,13 @@ def validate_run(
     scheduler: dict[str, Any] | None = None,
     block_size: int = 16,
     max_model_len: int = 8192,
+    disaggregated: bool = False,
+    kv_transfer_latency: float = 0.0,
 ) -> list[Comparison]:
     """Simulate the requests of each run in a bench file and compare the three metrics;
-    ``policy`` is the server's where the file does not say."""
+    ``policy`` is the server's where the file does not say. ``disaggregated``: a prefill and
+    a decode instance alike, each KV transfer taking ``kv_transfer_latency`` seconds (on one
+    host, Ray's object store: a fixed cost, not a link's bandwidth)."""
     prof = load_profile(profile)
     if prof.kv_bytes_per_token is None:
         raise ValueError(f"profile {profile!r} has no kv_bytes_per_token; use one from `bucketserve profile`")
@@ -218,11 +236,16 @@ def validate_run(
             for r, a in kept
         ]
         sent = [r.arrival - t0 for r in ok]
+        instance = InstanceSpec(prof, capacity)
         sim_cfg = SimConfig(
             SchedulerConfig(policy=run_policy, **(scheduler or {})),
-            InstanceSpec(prof, capacity),
+            instance,
+            decode_instance=instance if disaggregated else None,
             block_size=block_size,
             max_model_len=max_model_len,
+            link_bandwidth=math.inf,
+            link_latency=kv_transfer_latency,
+            first_token_at_decode=True,  # what our disaggregated server does
         )
         measured = summarize(ok, span(ok))
         c = Comparison(run.name, run_policy, _pick(measured), _pick(_simulate(sim_cfg, requests, sent)))
