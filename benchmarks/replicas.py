@@ -6,6 +6,7 @@ What it measures
       - `--replicas R --threads-per-replica T/R --replica-router power-of-two` (Ray's default),
       - the same with `--replica-router length` (length bands),
       - `--prefill-replicas 1 --decode-replicas 1 --threads-per-replica T/2` (P/D),
+    (with --rate: at Poisson arrivals instead, an open loop where queueing shows in TTFT)
     on two workloads: ShareGPT, and "mixed" (short chats and long documents: half Alpaca-like,
     half LongBench-like lengths, text from ShareGPT). For each: output tokens/s, TTFT and TPOT
     p50/p99, the p99 TTFT of the short requests (prompt <= 256 tokens) and, for P/D, the mean
@@ -32,16 +33,24 @@ from bucketserve.bench.servers import managed_server
 from bucketserve.bench.workload import build_workload
 from bucketserve.metrics import percentile, summarize
 from bucketserve.wire import write_json
+from bucketserve.workloads import arrivals
 
 SHORT_PROMPT = 256
 
 
-def run(requests: list[BenchRequest], server_args: list[str], concurrency: int, log: Path, desc: str) -> dict:
+def run(
+    requests: list[BenchRequest],
+    times: list[float],
+    server_args: list[str],
+    concurrency: int,
+    log: Path,
+    desc: str,
+) -> dict:
     with managed_server(None, server_args, log) as url:
         cfg = ClientConfig(base_url=url, model="SmolLM2-135M-Instruct", request_timeout=1800)
         asyncio.run(run_workload([BenchRequest("Warm up.", 3, 4)], [0.0], cfg, progress=False))
         before = kv_transfers(url)
-        result = asyncio.run(run_workload(requests, [0.0] * len(requests), cfg, concurrency, desc=desc))
+        result = asyncio.run(run_workload(requests, times, cfg, concurrency, desc=desc))
         after = kv_transfers(url)
     records = [o.record for o in result.outcomes]
     failed = [r.error for r in records if r.error]
@@ -78,6 +87,7 @@ def main() -> None:
     p.add_argument("--output-json", type=Path, default=Path("results/replicas.json"))
     p.add_argument("--only", help="run only the setups whose name contains this (e.g. length, 1P)")
     p.add_argument("--datasets", default="sharegpt,mixed")
+    p.add_argument("--rate", type=float, default=0.0, help="Poisson requests/s; 0 = all at once (default)")
     a = p.parse_args()
     if a.threads % a.replicas:
         p.error("--threads must be a multiple of --replicas")
@@ -103,13 +113,14 @@ def main() -> None:
             dataset, a.num_prompts, tokenizer, max_output_len=a.max_output_len, max_prompt_len=1536,
             max_total_len=2048,
         ).requests  # fmt: skip
+        times = [0.0] * len(requests) if a.rate <= 0 else arrivals.poisson(len(requests), a.rate, 0)
         print(f"{dataset}: {len(requests)} requests, {sum(r.prompt_len for r in requests)} prompt + "
               f"{sum(r.output_len for r in requests)} output tokens, {a.concurrency} at once")  # fmt: skip
         for name, args in setups.items():
             slug = "".join(c if c.isalnum() else "-" for c in name)
             log = a.output_json.with_suffix(f".{dataset}.{slug}.server.log")
             results.setdefault(dataset, {})[name] = run(
-                requests, args, a.concurrency, log, f"{dataset}, {name}"
+                requests, times, args, a.concurrency, log, f"{dataset}, {name}"
             )
     keys = [
         ("output_throughput", "output tokens/s"),

@@ -187,10 +187,10 @@ class ServerConfig:
         "(default: one engine in this process, no Ray)",
     )
     replica_router: str = option(
-        "length",
+        "power-of-two",
         choices=REPLICA_ROUTERS,
-        help="with --replicas: how requests find a replica: length = by length band (prompt + max_tokens, "
-        "bands rebalanced with the load), power-of-two = Ray's default (the less loaded of two)",
+        help="with --replicas: how requests find a replica: power-of-two = Ray's default (the less loaded "
+        "of two), length = by length band (prompt + max_tokens; bands rebalanced with the load)",
     )
     prefill_replicas: int | None = option(
         None,

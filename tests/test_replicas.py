@@ -57,7 +57,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = build_tiny_model(tmp_path_factory.mktemp("tiny-llama-4k"), max_position_embeddings=4096)
     srv = Server(
         model, "--replicas", "2", "--kv-cache-memory", "4MiB", "--max-num-seqs", "1",
-        "--max-waiting-requests", "1", env={"BUCKETSERVE_API_KEY": "s3cret"}, ready_s=180,
+        "--max-waiting-requests", "1", "--replica-router", "length",
+        env={"BUCKETSERVE_API_KEY": "s3cret"}, ready_s=180,
     )  # fmt: skip
     yield srv
     assert srv.stop() == 0, "".join(srv.log)

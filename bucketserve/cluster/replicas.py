@@ -14,10 +14,10 @@ Deployments (each replica a Ray actor, its own process):
   (``engine.handover``); Ray moves the tensors through its object store (shared memory on
   one host).
 
-Routing: the gateway reaches the engine replicas through ``router.LengthBandRouter`` (length
-bands; ``--replica-router power-of-two`` is Ray's default instead), a decode replica is
-chosen by free KV memory (``router.FreeKVRouter``), a prefill replica by Ray's default (the
-shorter queue of two).
+Routing: the gateway reaches the engine replicas through Ray's default router (the less
+loaded of two) or, with ``--replica-router length``, ``router.LengthBandRouter``; a decode
+replica is chosen by free KV memory (``router.FreeKVRouter``), a prefill replica by Ray's
+default.
 
 Capacity and backpressure: requests wait in the replicas' own queues (buckets, priorities),
 not in Ray's. A replica holds at most ``max_num_seqs`` running plus ``max_waiting_requests``
