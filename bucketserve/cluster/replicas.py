@@ -56,6 +56,7 @@ GATEWAY, ENGINE, PREFILL = "Gateway", "EngineReplica", "PrefillReplica"
 HANDLE_QUEUE_MIN = 64  # requests that may wait in the gateway's handle for a replica at least
 GATEWAY_MAX_ONGOING = 10_000  # the gateway only forwards: the replicas bound the load
 ROUTING_STATS_PERIOD_S = 0.5  # how often replicas report their free KV to the routers
+METRICS_TIMEOUT_S = 10.0  # a /metrics scrape waits this long for the replicas' expositions
 POLICIES_WITHOUT_HANDOVER = ("static", "uellm")  # they run padded batches to the end
 
 
@@ -77,7 +78,11 @@ async def every_replicas_metrics() -> str:
             handle = serve.get_deployment_handle(deployment, APP_NAME)
         except Exception:  # no prefill replicas: an aggregated application
             continue
-        texts.update(await handle.broadcast("metrics_text").results_async())
+        # A replica that is gone (killed, not yet replaced) is left out, not a failed scrape.
+        results = await handle.broadcast("metrics_text").results_async(
+            timeout_s=METRICS_TIMEOUT_S, return_exceptions=True
+        )
+        texts.update(r for r in results if isinstance(r, tuple))
     return merge_expositions(texts)
 
 
