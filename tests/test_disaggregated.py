@@ -220,3 +220,21 @@ def test_the_kv_transfer_time_is_a_metric_and_both_kinds_of_replica_report(pd_cl
     replicas = {s.labels["replica"] for s in families["bucketserve:kv_cache_usage_perc"].samples}
     assert len(replicas) == 2  # the prefill replica and the decode replica
     assert all(s.value == 0 for s in families["bucketserve:kv_cache_usage_perc"].samples)
+
+
+def test_disaggregation_options_that_cannot_work_are_refused_in_one_line(tiny_model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "bucketserve", "serve", "--model", str(tiny_model_dir), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    cases = {
+        ("--prefill-replicas", "1"): "--prefill-replicas and --decode-replicas go together",
+        ("--replicas", "2", "--prefill-replicas", "1", "--decode-replicas", "1"): "not both",
+        ("--prefill-replicas", "1", "--decode-replicas", "1", "--policy", "static"): "cannot join",
+    }
+    for args, message in cases.items():
+        out = serve(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
