@@ -40,13 +40,7 @@ class InProcessPrefill(RemotePrefill):
         annotations: dict[str, Any],
     ) -> KVHandover:
         self.calls += 1
-        last = None
-        async for out in self.engine.generate(
-            request_id, prompt_token_ids, params, hand_over=True, **annotations
-        ):
-            last = out
-        assert last is not None and last.kv_handover is not None
-        return last.kv_handover
+        return await self.engine.prefill(request_id, prompt_token_ids, params, annotations)
 
 
 @pytest.fixture

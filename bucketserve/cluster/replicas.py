@@ -177,16 +177,7 @@ class PrefillReplica:
         annotations: dict[str, Any],
     ) -> KVHandover:
         """Run the prompt; return its KV and first token. A cancelled call aborts it here."""
-        last = None
-        async for out in self.engine.generate(
-            request_id, prompt_token_ids, params, hand_over=True, **annotations
-        ):
-            last = out
-        if last is None or last.kv_handover is None:
-            from bucketserve.engine.async_engine import EngineStoppedError
-
-            raise EngineStoppedError("the prefill replica ended the request without handing it over")
-        return last.kv_handover
+        return await self.engine.prefill(request_id, prompt_token_ids, params, annotations)
 
     def metrics_text(self) -> tuple[str, str]:
         from prometheus_client import generate_latest

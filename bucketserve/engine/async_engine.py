@@ -344,6 +344,22 @@ class AsyncEngine:
             if not stream.finished:
                 self.abort(request_id)
 
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        annotations: dict[str, Any],
+    ) -> KVHandover:
+        """A prefill instance's part of a request: run its prompt and return its KV and first
+        token (``RemotePrefill.prefill``'s other end). Cancelling the call aborts it."""
+        last = None
+        async for out in self.generate(request_id, prompt_token_ids, params, hand_over=True, **annotations):
+            last = out
+        if last is None or last.kv_handover is None:
+            raise EngineStoppedError("the engine ended the request without handing it over")
+        return last.kv_handover
+
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, returns at once); the engine frees its KV blocks
         before its next step. Unknown or finished ids are ignored."""
