@@ -242,15 +242,15 @@ class ServerConfig:
             "give --replicas (aggregated), or --prefill-replicas and --decode-replicas, not both",
         )
         check(self.ray_address is None or self.on_ray, "--address needs --replicas or --prefill-replicas")
+        check(
+            self.threads_per_replica is None or self.threads_per_replica >= 1,
+            f"threads_per_replica must be >= 1, got {self.threads_per_replica}",
+        )
 
     @property
     def on_ray(self) -> bool:
         """Whether the engines run as replicas on Ray Serve (else one engine in this process)."""
         return self.replicas is not None or self.prefill_replicas is not None
-        check(
-            self.threads_per_replica is None or self.threads_per_replica >= 1,
-            f"threads_per_replica must be >= 1, got {self.threads_per_replica}",
-        )
 
 
 def with_options(

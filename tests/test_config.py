@@ -332,3 +332,17 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module: str) -> None:
         [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"replicas": 2, "threads_per_replica": 0}, "threads_per_replica must be >= 1"),
+        ({"prefill_replicas": 1}, "go together"),
+        ({"replicas": 2, "prefill_replicas": 1, "decode_replicas": 1}, "not both"),
+        ({"ray_address": "auto"}, "--address needs"),
+    ],
+)
+def test_replica_options_that_cannot_work_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(**options)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,41 @@ def test_disaggregation_options_that_cannot_work_are_refused_in_one_line(tiny_mo
     for args, message in cases.items():
         out = serve(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_full_prefill_queue_crosses_processes_as_what_it_is() -> None:
+    import pickle
+
+    from bucketserve.engine.async_engine import QueueFullError
+
+    e = pickle.loads(pickle.dumps(QueueFullError("the queue is full", 3)))
+    assert isinstance(e, QueueFullError) and e.retry_after_s == 3 and str(e) == "the queue is full"
+
+
+def test_a_hand_over_that_does_not_fit_fails_its_request_only(engines: Any) -> None:
+    import torch
+
+    class Misshapen(InProcessPrefill):
+        async def prefill(self, *args: Any) -> KVHandover:
+            handover = await super().prefill(*args)
+            assert handover.kv is not None
+            handover.kv = torch.zeros(1, 2, 3)  # not this engine's layout
+            return handover
+
+    decode = engines(prefill=Misshapen(engines()))
+    params = SamplingParams(max_tokens=4, temperature=0)
+
+    async def one() -> BaseException | None:
+        try:
+            async for _ in decode.generate("bad", "hello", params):
+                pass
+        except Exception as e:
+            return e
+        return None
+
+    assert asyncio.run(one()) is not None
+    assert decode.is_running  # the engine goes on
+    deadline = time.monotonic() + 5
+    while decode.stats().kv_blocks_used:  # the snapshot follows the engine's next turn
+        assert time.monotonic() < deadline, "the failed request's reserved blocks were not freed"
+        time.sleep(0.01)

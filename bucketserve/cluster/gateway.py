@@ -18,6 +18,7 @@ of hanging.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -71,9 +72,9 @@ def request_length(path: str, body: bytes, tokenizer: Any) -> int | None:
         return None
 
 
-async def forward(request: Request, engines: Any, tokenizer: Any, max_body_bytes: int) -> Response:
+async def forward(request: Request, engines: Any, tokenizer: Any | None, max_body_bytes: int) -> Response:
     """Forward ``request`` to a replica of ``engines`` (a streaming Ray handle) and answer with
-    its reply."""
+    its reply; with a ``tokenizer``, pass the router the request's length."""
     from ray.exceptions import RayError
     from ray.serve.exceptions import BackPressureError
 
@@ -90,10 +91,15 @@ async def forward(request: Request, engines: Any, tokenizer: Any, max_body_bytes
         body=body,
         client=(client.host, client.port) if client else None,
     )
-    length = request_length(call.path, body, tokenizer) if call.method == "POST" else None
+    length = None
+    if tokenizer is not None and call.method == "POST":  # off the event loop: a prompt may be long
+        length = await asyncio.to_thread(request_length, call.path, body, tokenizer)
     reply = engines.forward.remote(call, **{LENGTH_KWARG: length})
     try:
         start = await reply.__anext__()
+    except asyncio.CancelledError:  # the client left before the reply began
+        reply.cancel()
+        raise
     except BackPressureError:
         reply.cancel()
         return APIError(

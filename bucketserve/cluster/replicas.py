@@ -34,6 +34,7 @@ merged with a ``replica`` label), the prefill replicas included.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -99,12 +100,20 @@ class HandlePrefill(RemotePrefill):
         params: SamplingParams,
         annotations: dict[str, Any],
     ) -> KVHandover:
-        from ray.exceptions import RayTaskError
+        from ray.exceptions import RayError, RayTaskError
 
+        from bucketserve.engine.async_engine import EngineStoppedError
+
+        call = self.handle.prefill.remote(request_id, prompt_token_ids, params, annotations)
         try:
-            return await self.handle.prefill.remote(request_id, prompt_token_ids, params, annotations)
+            return await call
+        except asyncio.CancelledError:  # the client left: stop the prompt there too
+            call.cancel()
+            raise
         except RayTaskError as e:  # what the prefill engine refused (a full queue: a 429 here too)
             raise e.cause from None
+        except RayError as e:  # the prefill replica died, or its answer could not be read: a 503
+            raise EngineStoppedError(f"the prefill replica failed: {type(e).__name__}; retry") from None
 
 
 class EngineReplica:
@@ -195,7 +204,10 @@ class Gateway:
         from bucketserve.engine.loader import load_tokenizer, resolve_model_path
 
         self.engines = engines.options(stream=True)
-        self.tokenizer = load_tokenizer(resolve_model_path(engine_config.model, engine_config.cache_dir))
+        # Only the length router reads a request's length: the gateway counts tokens for it alone.
+        by_length = server.replica_router == "length" and server.prefill_replicas is None
+        path = resolve_model_path(engine_config.model, engine_config.cache_dir)
+        self.tokenizer = load_tokenizer(path) if by_length else None
         self.max_body_bytes = server.max_request_body
 
     async def __call__(self, request: Any) -> Any:

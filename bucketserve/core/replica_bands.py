@@ -36,7 +36,7 @@ def band_edges(lengths: Sequence[int], num_bands: int) -> list[int]:
     edges: list[int] = []
     for k in range(1, num_bands):
         free = [b for b in bounds if not edges or b[1] > edges[-1]]
-        free = free[: len(free) - (num_bands - 1 - k)] or free  # leave a cut for every later band
+        free = free[: max(1, len(free) - (num_bands - 1 - k))]  # leave a cut for every later band
         if not free:  # fewer distinct lengths than bands: empty bands above the longest
             edges.append(max(edges[-1] if edges else 0, ordered[-1]) + 1)
             continue

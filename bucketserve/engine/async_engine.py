@@ -46,6 +46,9 @@ class QueueFullError(BucketServeError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # it crosses processes (P/D replicas)
+        return type(self), (str(self), self.retry_after_s)
+
 
 class EngineStoppedError(BucketServeError):
     """The engine is shutting down (or its loop died) and takes no more requests (HTTP 503)."""
@@ -379,7 +382,8 @@ class AsyncEngine:
 
     def _send(self, cmd: _Add | _Abort | _Attach) -> None:
         with self._cond:
-            if self._stopping or not self._thread.is_alive():
+            # While stopping, requests already taken in still get their KV and finish.
+            if not self._thread.is_alive() or (self._stopping and isinstance(cmd, _Add)):
                 raise EngineStoppedError("the server is shutting down; retry on another instance")
             self._inbox.append(cmd)
             self._cond.notify()
@@ -413,7 +417,7 @@ class AsyncEngine:
                 stopping, deadline = self._stopping, self._deadline
             for cmd in cmds:
                 self._apply(cmd)
-            if self._remote_prefill is not None and (reserved := engine.reserve_awaiting()):
+            if self._remote_prefill is not None and not stopping and (reserved := engine.reserve_awaiting()):
                 self._update_snapshot()  # the blocks are held before anyone hears of it
                 for seq in reserved:
                     self._streams[seq.seq_id].put(_Reserved(list(seq.prompt_token_ids)))
@@ -458,8 +462,16 @@ class AsyncEngine:
             self._streams.pop(cmd.request_id, None)
             return
         if isinstance(cmd, _Attach):
-            out = engine.attach_kv(cmd.request_id, cmd.handover)
             stream = self._streams.get(cmd.request_id)
+            try:
+                out = engine.attach_kv(cmd.request_id, cmd.handover)
+            except Exception as e:  # a hand-over that does not fit: fail this request only
+                log.exception("the KV handed over for %s could not be taken in", cmd.request_id)
+                engine.abort_request(cmd.request_id)
+                self._streams.pop(cmd.request_id, None)
+                if stream is not None:
+                    stream.put(e)
+                return
             if out is not None and stream is not None:
                 _deliver([(stream, out)])
                 if out.finished:

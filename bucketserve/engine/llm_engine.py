@@ -247,13 +247,14 @@ class LLMEngine:
     def attach_kv(self, request_id: str, handover: KVHandover) -> RequestOutput | None:
         """Write a reserved request's prompt KV and first token in, and decode it from the next
         step on; return the output with its first token (None if it was aborted meanwhile)."""
-        req = self._awaiting_kv.pop(request_id, None)
+        req = self._awaiting_kv.get(request_id)
         if req is None:
             return None
         seq, now = req.seq, time.monotonic()
         assert seq.block_table, f"{request_id!r}'s KV arrived before its blocks were reserved"
-        if handover.kv is not None:
+        if handover.kv is not None:  # if this raises, the request still awaits (abort frees it)
             import_blocks(self.runner.kv_cache, seq.block_table, handover.kv)
+        del self._awaiting_kv[request_id]
         req.kv_transfer_time = max(0.0, time.time() - handover.sent_at)
         seq.num_computed_tokens = handover.num_tokens
         seq.append_token(handover.first_token)
@@ -319,7 +320,9 @@ class LLMEngine:
         self._record(batch, shape, start, now, schedule_time)
         if result is not None:
             self.scheduler.observe_step(shape, now - start)
-        handed = [s for s in advanced if self._requests[s.seq_id].hand_over]
+        # A prefill instance hands over what has its first token (a failed batch's rows end
+        # with their error, as on any engine).
+        handed = [s for s in advanced if self._requests[s.seq_id].hand_over and s.output_token_ids]
         outputs = [self._output(self._requests[s.seq_id]) for s in advanced if s not in handed]
         outputs += [self._hand_over(self._requests[s.seq_id]) for s in handed]
         finished += [s for s in handed if not s.is_finished]
