@@ -26,24 +26,6 @@ from bucketserve.sampling_params import SamplingParams
 PROMPTS = ["hello world " * k for k in range(1, 9)]
 
 
-class InProcessPrefill(RemotePrefill):
-    """The decode engine's prompts run on another engine in this process."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.calls = 0
-
-    async def prefill(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        annotations: dict[str, Any],
-    ) -> KVHandover:
-        self.calls += 1
-        return await self.engine.prefill(request_id, prompt_token_ids, params, annotations)
-
-
 @pytest.fixture
 def engines(tiny_model_dir: Path, engine_cache_dir: str) -> Iterator[Any]:
     made: list[AsyncEngine] = []
@@ -78,14 +60,14 @@ async def generate_all(engine: AsyncEngine, params: SamplingParams) -> list[Any]
 def test_a_disaggregated_pair_gives_the_aggregated_engines_greedy_tokens(engines: Any, policy: str) -> None:
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     aggregated = engines(policy)
-    prefill = InProcessPrefill(engines(policy))
-    decode = engines(policy, prefill=prefill)
+    prefill = engines(policy)
+    decode = engines(policy, prefill=prefill)  # an AsyncEngine is a RemotePrefill
 
     async def both() -> tuple[list[Any], list[Any]]:
         return await generate_all(aggregated, params), await generate_all(decode, params)
 
     want, got = asyncio.run(both())
-    assert prefill.calls == len(PROMPTS)
+    assert sum(len(r.shape.prefill) for r in prefill.recent_steps()) == len(PROMPTS)  # each ran there
     for a, b in zip(want, got, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].text == a.outputs[0].text and b.outputs[0].finish_reason == "length"
@@ -94,12 +76,11 @@ def test_a_disaggregated_pair_gives_the_aggregated_engines_greedy_tokens(engines
     # ran no prompt.
     steps = decode.recent_steps()
     assert steps and all(not r.shape.prefill for r in steps)
-    assert all(not r.shape.decode for r in prefill.engine.recent_steps())
+    assert all(not r.shape.decode for r in prefill.recent_steps())
 
 
 def test_a_first_token_that_ends_the_request_ends_it_on_the_decode_side_without_kv(engines: Any) -> None:
-    prefill = InProcessPrefill(engines())
-    decode = engines(prefill=prefill)
+    decode = engines(prefill=engines())
     out = asyncio.run(generate_all(decode, SamplingParams(max_tokens=1, temperature=0)))[0]
     assert out.finished and out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 1
 
@@ -111,12 +92,14 @@ def test_a_decode_engine_reserves_a_requests_blocks_before_its_prompt_runs_and_w
     first finishes; neither prompt runs before its blocks are reserved."""
     reserved_at_prefill: list[int] = []
 
-    class Watching(InProcessPrefill):
+    prefill_engine = engines()
+
+    class Watching:
         async def prefill(self, *args: Any) -> KVHandover:
             reserved_at_prefill.append(decode.stats().kv_blocks_used)
-            return await super().prefill(*args)
+            return await prefill_engine.prefill(*args)
 
-    decode = engines(kv=2**17, prefill=Watching(engines()))  # 16 blocks of 16 tokens
+    decode = engines(kv=2**17, prefill=Watching())  # 16 blocks of 16 tokens
     params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)  # 10 blocks each
 
     async def two() -> list[Any]:
@@ -247,14 +230,16 @@ def test_a_full_prefill_queue_crosses_processes_as_what_it_is() -> None:
 def test_a_hand_over_that_does_not_fit_fails_its_request_only(engines: Any) -> None:
     import torch
 
-    class Misshapen(InProcessPrefill):
+    prefill_engine = engines()
+
+    class Misshapen:
         async def prefill(self, *args: Any) -> KVHandover:
-            handover = await super().prefill(*args)
+            handover = await prefill_engine.prefill(*args)
             assert handover.kv is not None
             handover.kv = torch.zeros(1, 2, 3)  # not this engine's layout
             return handover
 
-    decode = engines(prefill=Misshapen(engines()))
+    decode = engines(prefill=Misshapen())
     params = SamplingParams(max_tokens=4, temperature=0)
 
     async def one() -> BaseException | None:

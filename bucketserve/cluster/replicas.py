@@ -178,15 +178,10 @@ class PrefillReplica:
         )
         self.metrics = ServerMetrics(self.engine.stats, server.served_model_name)  # its engine's gauges
 
-    async def prefill(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        annotations: dict[str, Any],
-    ) -> KVHandover:
-        """Run the prompt; return its KV and first token. A cancelled call aborts it here."""
-        return await self.engine.prefill(request_id, prompt_token_ids, params, annotations)
+    async def prefill(self, *args: Any) -> KVHandover:
+        """``AsyncEngine.prefill`` here: run the prompt, return its KV and first token. A
+        cancelled call aborts it."""
+        return await self.engine.prefill(*args)
 
     def metrics_text(self) -> tuple[str, str]:
         from prometheus_client import generate_latest

@@ -18,7 +18,6 @@ client that disconnects) aborts the request, which frees its KV blocks at once.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
@@ -28,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bucketserve.engine.handover import KVHandover
 from bucketserve.engine.llm_engine import LLMEngine, StepRecord
@@ -99,11 +98,11 @@ class _Reserved:
     prompt_token_ids: list[int]
 
 
-class RemotePrefill(abc.ABC):
+class RemotePrefill(Protocol):
     """Where a decode instance's prompts run: a prefill instance that returns each prompt's
-    KV and first token (on Ray Serve, a handle to the prefill replicas)."""
+    KV and first token. An ``AsyncEngine`` is one (in process); on Ray Serve, a handle to
+    the prefill replicas (``cluster.replicas.HandlePrefill``)."""
 
-    @abc.abstractmethod
     def prefill(
         self,
         request_id: str,

@@ -16,7 +16,7 @@ from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.ordering import targets
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.scheduler import BatchShape, ScheduledBatch
-from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
+from bucketserve.core.sequence import FinishReason, Sequence
 from bucketserve.engine.autotune import TunedPlans
 from bucketserve.engine.calibration import CALIBRATION_TEXT
 from bucketserve.engine.detokenizer import Detokenizer
@@ -262,14 +262,12 @@ class LLMEngine:
         if handover.logprobs is not None and seq.params.logprobs is not None:
             req.logprobs.append(handover.logprobs)
         stop_str = req.detok.add(handover.first_token)
+        self.scheduler.attach(seq, now)
         if handover.finish_reason is None and stop_str is None:
-            self.scheduler.attach(seq, now)
             return self._output(req)
         # The first token ended it (the prefill instance says why; a stop string we see too).
         seq.stop_reason = handover.stop_reason if handover.finish_reason is not None else stop_str
-        seq.finish_reason = FinishReason(handover.finish_reason or FinishReason.STOP)
-        seq.status, seq.finished_time = SequenceStatus.FINISHED, now
-        self.block_manager.free(seq)
+        self.scheduler.finish(request_id, FinishReason(handover.finish_reason or FinishReason.STOP), now)
         out = self._output(req)
         del self._requests[request_id]
         return out
@@ -320,12 +318,17 @@ class LLMEngine:
         self._record(batch, shape, start, now, schedule_time)
         if result is not None:
             self.scheduler.observe_step(shape, now - start)
-        # A prefill instance hands over what has its first token (a failed batch's rows end
-        # with their error, as on any engine).
-        handed = [s for s in advanced if self._requests[s.seq_id].hand_over and s.output_token_ids]
-        outputs = [self._output(self._requests[s.seq_id]) for s in advanced if s not in handed]
-        outputs += [self._hand_over(self._requests[s.seq_id]) for s in handed]
-        finished += [s for s in handed if not s.is_finished]
+        outputs = []
+        for seq in advanced:
+            req = self._requests[seq.seq_id]
+            # A prefill instance hands over what has its first token (a failed batch's rows
+            # end with their error, as on any engine).
+            if req.hand_over and seq.output_token_ids:
+                if not seq.is_finished:
+                    finished.append(seq)  # it leaves this engine with its hand-over
+                outputs.append(self._hand_over(req))
+            else:
+                outputs.append(self._output(req))
         for seq in finished:
             del self._requests[seq.seq_id]
             self.sampler.forget(seq.seq_id)

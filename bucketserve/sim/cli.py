@@ -123,7 +123,6 @@ def _paper(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentCon
 
     from bucketserve.sim.experiments import WORKLOADS, paper_experiment
     from bucketserve.sim.report import paper_plots, paper_tables
-    from bucketserve.wire import write_json
 
     out = Path(experiment.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,13 +138,18 @@ def _paper(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentCon
             run.seed,
             bar.update,
         )
-    write_json(out / "paper.json", data)
-    tables = paper_tables(data)
-    (out / "paper.md").write_text("# Simulated paper experiment\n\n" + tables)
-    plots = paper_plots(data, out)
-    print(tables)
-    print(f"wrote {out / 'paper.json'}, {out / 'paper.md'}, " + ", ".join(str(p) for p in plots))
+    _write(out, "paper", "Simulated paper experiment", data, paper_tables(data), paper_plots(data, out))
     return 0
+
+
+def _write(out: Path, name: str, title: str, data: Any, tables: str, extra: list[Path] | None = None) -> None:
+    """An experiment's NAME.json and NAME.md (its tables under TITLE), and the tables printed."""
+    from bucketserve.wire import write_json
+
+    write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(f"# {title}\n\n" + tables)
+    print(tables)
+    print("wrote " + ", ".join(str(p) for p in [out / f"{name}.json", out / f"{name}.md", *(extra or [])]))
 
 
 def _traces(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentConfig) -> int:
@@ -153,7 +157,6 @@ def _traces(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentCo
 
     from bucketserve.sim.experiments import trace_experiment
     from bucketserve.sim.report import trace_tables
-    from bucketserve.wire import write_json
 
     out = Path(experiment.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,11 +166,7 @@ def _traces(a: argparse.Namespace, run: SimulateConfig, experiment: ExperimentCo
         data = trace_experiment(
             setup, gpu_counts=gpus, policies=run.policies, limit_s=experiment.trace_limit, progress=bar.update
         )
-    write_json(out / "traces.json", data)
-    tables = trace_tables(data)
-    (out / "traces.md").write_text("# Simulated Azure trace replays\n\n" + tables)
-    print(tables)
-    print(f"wrote {out / 'traces.json'} and {out / 'traces.md'}")
+    _write(out, "traces", "Simulated Azure trace replays", data, trace_tables(data))
     return 0
 
 
@@ -176,7 +175,6 @@ def _topologies(a: argparse.Namespace, run: SimulateConfig, experiment: Experime
 
     from bucketserve.sim.experiments import TOPOLOGIES, WORKLOADS, topology_experiment
     from bucketserve.sim.report import topology_tables
-    from bucketserve.wire import write_json
 
     out = Path(experiment.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,11 +189,7 @@ def _topologies(a: argparse.Namespace, run: SimulateConfig, experiment: Experime
             run.policies[0],
             bar.update,
         )
-    write_json(out / "topologies.json", data)
-    tables = topology_tables(data)
-    (out / "topologies.md").write_text("# Simulated topologies\n\n" + tables)
-    print(tables)
-    print(f"wrote {out / 'topologies.json'} and {out / 'topologies.md'}")
+    _write(out, "topologies", "Simulated topologies", data, topology_tables(data))
     return 0
 
 
