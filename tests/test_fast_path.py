@@ -16,6 +16,7 @@ from bucketserve.engine.calibration import record_input_ranges
 from bucketserve.engine.loader import load_state_dict, read_config
 from bucketserve.engine.model import Attention, CachedContext, DecodeRows, LlamaModel, ModelArgs
 from bucketserve.engine.weights import (
+    PROMPT_W8A8_TOLERANCE,
     FormatPlan,
     MultiFormatLinear,
     dequantize_int4,
@@ -242,28 +243,28 @@ def test_every_weight_format_computes_the_same_linear(native, fmt: str, rows: in
     torch.testing.assert_close(lin(x), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
-def test_auto_quantization_keeps_w8a8_away_from_prompt_tokens_in_the_decoder_layers(
+def test_tuning_gives_prompt_tokens_a_plan_with_int8_activations_and_one_without(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # w8a8 the fastest format at every size: auto runs it for decode rows and in the LM head,
-    # and the fastest exact-activation format for prompt tokens in the decoder layers.
+    # w8a8 the fastest format at every size: every plan takes it but the exact-activation
+    # prompt plan, which takes the fastest format that keeps the activations exact.
     table = {"int8": 2.0, "w8a8": 1.0, "fp32": 3.0, "bf16": 4.0}
     layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
-    plans = autotune.tune(layers, head, torch.float32, "auto", None)
-    assert plans.decode_layers.formats == plans.lm_head.formats == ("w8a8",)
-    assert plans.layers.formats == ("int8",)
-    asked = autotune.tune(layers, head, torch.float32, "w8a8", None)
-    assert asked.layers.formats == asked.decode_layers.formats == ("w8a8",)  # asked for: everywhere
+    for quantization in ("auto", "w8a8"):
+        plans = autotune.tune(layers, head, torch.float32, quantization, None)
+        assert plans.layers.formats == plans.decode_layers.formats == plans.lm_head.formats == ("w8a8",)
+        assert plans.exact_layers.formats == ("int8",)
     lin = MultiFormatLinear(128, 64)
     torch.nn.init.normal_(lin.weight)
     assert "w8a8" not in lin.candidate_formats("none")
 
 
-def test_auto_quantization_keeps_w4a8_away_from_prompt_tokens(
+def test_w4a8_is_offered_only_with_the_native_kernel_and_never_under_none(
     native, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    """w4a8 rounds the activations as w8a8 does: with it the fastest format, auto runs it for
-    decode rows only; it needs the native kernel, and nothing offers it under none."""
+    """w4a8 rounds the activations as w8a8 does: with it the fastest format, the
+    exact-activation prompt plan leaves it out; it needs the native kernel, and nothing
+    offers it under none."""
     if not native.has_w4a8:
         pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
     table = {"int4": 2.0, "w4a8": 1.0, "int8": 2.5, "w8a8": 1.5, "fp32": 3.0, "bf16": 4.0}
@@ -273,11 +274,61 @@ def test_auto_quantization_keeps_w4a8_away_from_prompt_tokens(
             lin.weight.copy_(_grid_weight(lin.out_features, lin.in_features))
         lin.kernels = native
     plans = autotune.tune(layers, head, torch.float32, "auto", None)
-    assert plans.decode_layers.formats == ("w4a8",)
-    assert plans.layers.formats == ("int4",)
+    assert plans.decode_layers.formats == plans.layers.formats == ("w4a8",)
+    assert plans.exact_layers.formats == ("int4",)
     assert "w4a8" not in layers[0][0].candidate_formats("none")
     layers[0][0].kernels = None
     assert "w4a8" not in layers[0][0].candidate_formats("auto")
+
+
+def test_w8a8_error_is_small_for_flat_inputs_and_large_for_an_unsmoothed_outlier_channel() -> None:
+    """The measurement behind auto's choice per linear: w8a8's relative output error, low
+    where one scale per token fits every channel, high where one channel dwarfs the others
+    and no calibrated range smooths it."""
+    torch.manual_seed(0)
+    lin = MultiFormatLinear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 128))
+    flat = torch.randn(32, 128)
+    spiky = flat.clone()
+    spiky[:, 3] *= 30
+    assert lin.w8a8_error(flat) < PROMPT_W8A8_TOLERANCE < lin.w8a8_error(spiky)
+    lin.input_absmax = spiky.abs().amax(0)  # calibrated: SmoothQuant moves the spike into W
+    assert lin.w8a8_error(spiky) < PROMPT_W8A8_TOLERANCE / 2
+
+
+def test_auto_runs_prompt_tokens_in_w8a8_only_where_the_calibration_text_allows(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each decoder linear's w8a8 error is measured on the calibration text; a linear over the
+    bound gets the exact-activation prompt plan, the others the fastest plan; decode rows and
+    --quantization w8a8 (which asks for it everywhere) are not affected."""
+    from bucketserve.engine import optimize
+    from bucketserve.engine.calibration import record_prompt_w8a8_errors
+
+    model = LlamaModel(ModelArgs.from_hf_config(read_config(tiny_model_dir)))
+    model.load_hf_state_dict(load_state_dict(tiny_model_dir))
+    model.to(torch.bfloat16)  # auto quantizes with bfloat16 compute only
+    ids = list(range(3, 60))
+    record_input_ranges(model, ids)
+    record_prompt_w8a8_errors(model, ids)
+    errors = [lin.prompt_w8a8_error for layer in model.linears() for lin in layer]
+    assert all(e is not None and 0 < e < 1 for e in errors), errors
+
+    fast = FormatPlan.single("w8a8")
+    exact = FormatPlan.single("fp32")
+    plans = autotune.TunedPlans(fast, exact, fast, fast, {})
+    monkeypatch.setattr(optimize, "tune", lambda *a, **k: plans)
+    monkeypatch.setattr(optimize.native, "load", lambda cache_dir: None)
+    bound = sorted(errors)[len(errors) // 2]  # half the linears over it, half within
+    monkeypatch.setattr(optimize, "PROMPT_W8A8_TOLERANCE", bound)
+    monkeypatch.setattr(optimize, "record_prompt_w8a8_errors", lambda m, ids: None)  # measured above
+    optimize.optimize_for_cpu(model, tiny_model_dir, "auto", tmp_path, ids)
+    for layer in model.linears():
+        for lin in layer:
+            want = exact if lin.prompt_w8a8_error > bound else fast
+            assert lin.plan == want and lin.decode_plan == fast
+    assert {lin.plan for layer in model.linears() for lin in layer} == {fast, exact}
 
 
 def test_a_linear_runs_prompt_rows_and_decode_rows_by_their_own_plans() -> None:

@@ -2,10 +2,11 @@
 
 For each row count in ``ROW_BUCKETS`` and each format a linear may hold (weights.py), one
 pass over the linears of the first few decoder layers is timed (best of a few); the fastest
-format wins that bucket. Three ``FormatPlan``s come out of the one measurement: the decoder
-layers' for prompt tokens, theirs for decode rows, and the LM head's. The first two differ
-where ``--quantization auto`` keeps w8a8 away from prompt tokens in the decoder layers
-(``EXACT_PROMPT_FORMATS``); a step that carries both kinds runs each by its own plan. The
+format wins that bucket. Four ``FormatPlan``s come out of the one measurement: the decoder
+layers' for prompt tokens, the same among the formats that keep the activations exact
+(``EXACT_PROMPT_FORMATS``: what ``--quantization auto`` runs prompt tokens in, in the linears
+where w8a8 misses the calibration text's bound, optimize.py), theirs for decode rows, and the
+LM head's; a step that carries both kinds of rows runs each by its own plan. The
 result is cached as JSON under ``<cache dir>/tuning``, named by everything it depends on
 (model, dtype, quantization, torch version, CPU flags, threads), so later starts read it.
 """
@@ -34,13 +35,13 @@ TUNE_LAYERS = 8  # layers timed per pass: enough to spill the caches, few enough
 REPEATS = 3
 TIE = 0.05
 BYTES_PER_WEIGHT = {"int4": 0.5, "w4a8": 0.5, "int8": 1, "w8a8": 1, "bf16": 2, "fp32": 4}
-VERSION = 6  # bump when what is measured or offered changes
-# What --quantization auto lets the decoder layers run prompt tokens in: every format but
-# those that round the activations (w8a8, w4a8). w8a8 in the decoder layers cost +1.0%
-# perplexity (within the 2% that a default may cost), but on prompts it changed the README's
-# greedy answer, and a prompt's rounded K/V are read by every token of its reply. For decode
-# rows, where w4a8 (small batches) and w8a8 (larger ones) are the fastest formats, auto
-# offers them.
+VERSION = 7  # bump when what is measured or offered changes
+# The formats that keep the activations exact: what --quantization auto runs prompt tokens
+# in, in a decoder linear whose w8a8 output misses the calibration text by more than
+# weights.PROMPT_W8A8_TOLERANCE. A prompt's K/V are read by every token of its reply, so its
+# rounding is held to a measured bound per linear; w8a8 on every linear (--quantization w8a8)
+# costs +1.3% perplexity and flips the README's greedy answer, the bound's 90 of 120 linears
+# +0.9% and keep it.
 EXACT_PROMPT_FORMATS = frozenset(FORMATS) - set(INT8_ACTIVATIONS)
 # Formats whose cost grows with M at least as fast as the best one's: once one loses by 1.5x
 # at two row counts in a row it is not measured at larger ones.
@@ -50,6 +51,7 @@ STOPS_PAYING = (*WEIGHT_ONLY, "w4a8")
 @dataclass(frozen=True)
 class TunedPlans:
     layers: FormatPlan  # the decoder layers' prompt tokens
+    exact_layers: FormatPlan  # the same among EXACT_PROMPT_FORMATS
     decode_layers: FormatPlan  # the decoder layers' decode rows
     lm_head: FormatPlan
     timings: dict[str, dict[str, float]]  # part -> "format@rows" -> ms per pass
@@ -58,6 +60,7 @@ class TunedPlans:
         return {
             "version": VERSION,
             "layers": self.layers.to_dict(),
+            "exact_layers": self.exact_layers.to_dict(),
             "decode_layers": self.decode_layers.to_dict(),
             "lm_head": self.lm_head.to_dict(),
             "timings": self.timings,
@@ -67,6 +70,7 @@ class TunedPlans:
     def from_dict(cls, d: dict) -> TunedPlans:
         return cls(
             FormatPlan.from_dict(d["layers"]),
+            FormatPlan.from_dict(d["exact_layers"]),
             FormatPlan.from_dict(d["decode_layers"]),
             FormatPlan.from_dict(d["lm_head"]),
             d["timings"],
@@ -74,8 +78,9 @@ class TunedPlans:
 
     def describe(self) -> str:
         return (
-            f"decoder layers {self.layers.describe()} (decode rows: "
-            f"{self.decode_layers.describe()}); lm head {self.lm_head.describe()}"
+            f"decoder layers {self.layers.describe()} (where w8a8 misses the calibration bound: "
+            f"{self.exact_layers.describe()}; decode rows: {self.decode_layers.describe()}); "
+            f"lm head {self.lm_head.describe()}"
         )
 
 
@@ -188,11 +193,11 @@ def tune(
         layer_times = _measure_part(sample, dtype, bar)
         head_times = _measure_part(head, dtype, bar)
     every = frozenset(FORMATS)
-    prompt_formats = EXACT_PROMPT_FORMATS if quantization == "auto" else every
     for lin, _ in (*sample, *head):
         lin.unpack()
     plans = TunedPlans(
-        _choose("decoder layers, prompt tokens", layer_times, prompt_formats),
+        _choose("decoder layers, prompt tokens", layer_times, every),
+        _choose("decoder layers, prompt tokens, exact activations", layer_times, EXACT_PROMPT_FORMATS),
         _choose("decoder layers, decode rows", layer_times, every),
         _choose("lm head", head_times, every),
         {"layers": _flat(layer_times), "lm_head": _flat(head_times)},

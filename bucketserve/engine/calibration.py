@@ -10,11 +10,17 @@ moves part of each channel's range into the weights, ``x / s`` and ``W * s`` wit
 (the same measurement: +1.7% at a = 0.5; ``weights.smoothing``). The division by ``s``
 happens inside the quantization call, so the other formats keep the weights as they are.
 
+The same text decides where ``--quantization auto`` lets prompt tokens run w8a8: a second pass
+measures each decoder linear's w8a8 output against its exact one (``record_prompt_w8a8_errors``,
+``weights.PROMPT_W8A8_TOLERANCE``).
+
 The ranges come from one forward pass over ``CALIBRATION_TEXT`` (prose, a dialogue, code,
 lists and numbers: 442 tokens for the embedded model, its pass 0.65 s on the 2-core Xeon).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -66,7 +72,32 @@ def record_input_ranges(model: LlamaModel, token_ids: list[int], block_size: int
         seen = inputs[0].detach().float().abs().amax(0)
         ranges[lin] = seen if lin not in ranges else torch.maximum(ranges[lin], seen)
 
-    hooks = [lin.register_forward_hook(record) for lin in linears]
+    _prefill_with_hooks(model, token_ids, block_size, linears, record)
+    for lin in linears:
+        lin.input_absmax = ranges[lin]
+
+
+@torch.inference_mode()
+def record_prompt_w8a8_errors(model: LlamaModel, token_ids: list[int], block_size: int = 16) -> None:
+    """Set each decoder linear's ``prompt_w8a8_error``: w8a8's relative error on the inputs it
+    sees for ``token_ids`` (after ``record_input_ranges``, whose ranges w8a8 smooths by). The
+    linears must be unpacked (exact), so that each sees the exact model's activations."""
+    linears = [lin for layer in model.linears() for lin in layer]
+
+    def record(lin: MultiFormatLinear, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
+        lin.prompt_w8a8_error = lin.w8a8_error(inputs[0])
+
+    _prefill_with_hooks(model, token_ids, block_size, linears, record)
+
+
+def _prefill_with_hooks(
+    model: LlamaModel,
+    token_ids: list[int],
+    block_size: int,
+    linears: list[MultiFormatLinear],
+    hook: Callable[[MultiFormatLinear, tuple[torch.Tensor, ...], torch.Tensor], None],
+) -> None:
+    handles = [lin.register_forward_hook(hook) for lin in linears]
     try:
         n = len(token_ids)
         param = model.lm_head.weight
@@ -74,7 +105,5 @@ def record_input_ranges(model: LlamaModel, token_ids: list[int], block_size: int
         meta = AttentionMetadata.one_prefill(n)
         model(torch.tensor(token_ids), meta.positions, kv, meta, torch.arange(n))
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
-    for lin in linears:
-        lin.input_absmax = ranges[lin]

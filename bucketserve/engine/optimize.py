@@ -15,9 +15,9 @@ import torch
 
 from bucketserve.engine import kernels as native
 from bucketserve.engine.autotune import TunedPlans, cache_key, tune
-from bucketserve.engine.calibration import record_input_ranges
+from bucketserve.engine.calibration import record_input_ranges, record_prompt_w8a8_errors
 from bucketserve.engine.model import LlamaModel
-from bucketserve.engine.weights import FormatPlan, MultiFormatLinear
+from bucketserve.engine.weights import PROMPT_W8A8_TOLERANCE, FormatPlan, MultiFormatLinear
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def optimize_for_cpu(
     model.use_kernels(kernels)
     if quantization in ("auto", "w8a8"):  # the ones that offer w8a8
         record_input_ranges(model, calibration_ids)
+    if quantization == "auto":  # w8a8 asks for int8 activations everywhere; auto measures where
+        record_prompt_w8a8_errors(model, calibration_ids)
     config = (model_path / "config.json").read_text() if (model_path / "config.json").exists() else ""
     # The weights' files by size and time: new weights under the same path are tuned anew.
     files = sorted(
@@ -49,12 +51,24 @@ def optimize_for_cpu(
     plans = tune(
         linears, model.lm_head, model.lm_head.weight.dtype, quantization, cache_dir / "tuning" / f"{key}.json"
     )
-    fallbacks = 0
+    fallbacks = exact = 0
     with torch.inference_mode():
         for layer in linears:
             for lin in layer:
-                fallbacks += _pack(lin, plans.layers, plans.decode_layers, quantization)
+                error = lin.prompt_w8a8_error
+                prompt_plan = plans.layers
+                if error is not None and error > PROMPT_W8A8_TOLERANCE:
+                    prompt_plan, exact = plans.exact_layers, exact + 1
+                fallbacks += _pack(lin, prompt_plan, plans.decode_layers, quantization)
         fallbacks += _pack(model.lm_head, plans.lm_head, plans.lm_head, quantization)
+    if exact and plans.layers != plans.exact_layers:
+        log.info(
+            "%d of %d decoder linears keep prompt activations exact (w8a8 misses the calibration "
+            "text by over %.0f%% there)",
+            exact,
+            sum(map(len, linears)),
+            100 * PROMPT_W8A8_TOLERANCE,
+        )
     if fallbacks:
         log.warning(
             "%d linear(s) do not reproduce their weights within 1%% in a tuned quantized format; "
