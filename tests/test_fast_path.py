@@ -330,6 +330,17 @@ def test_auto_runs_prompt_tokens_in_w8a8_only_where_the_calibration_text_allows(
             assert lin.plan == want and lin.decode_plan == fast
     assert {lin.plan for layer in model.linears() for lin in layer} == {fast, exact}
 
+    # A later start reads the errors from the cache instead of measuring them again.
+    def measure_again(m: LlamaModel, ids: list[int]) -> None:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(optimize, "record_prompt_w8a8_errors", measure_again)
+    for layer in model.linears():
+        for lin in layer:
+            lin.prompt_w8a8_error = None
+    optimize.optimize_for_cpu(model, tiny_model_dir, "auto", tmp_path, ids)
+    assert [lin.prompt_w8a8_error for layer in model.linears() for lin in layer] == errors
+
 
 def test_a_linear_runs_prompt_rows_and_decode_rows_by_their_own_plans() -> None:
     lin = MultiFormatLinear(128, 64)

@@ -7,7 +7,10 @@ skips this module, and a CUDA model does not use it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -37,8 +40,6 @@ def optimize_for_cpu(
     model.use_kernels(kernels)
     if quantization in ("auto", "w8a8"):  # the ones that offer w8a8
         record_input_ranges(model, calibration_ids)
-    if quantization == "auto":  # w8a8 asks for int8 activations everywhere; auto measures where
-        record_prompt_w8a8_errors(model, calibration_ids)
     config = (model_path / "config.json").read_text() if (model_path / "config.json").exists() else ""
     # The weights' files by size and time: new weights under the same path are tuned anew.
     files = sorted(
@@ -48,6 +49,9 @@ def optimize_for_cpu(
         [str(model_path.resolve()), config, *files, str(model.lm_head.weight.dtype), quantization]
     )
     linears = model.linears()
+    if quantization == "auto":  # w8a8 asks for int8 activations everywhere; auto measures where
+        text = hashlib.sha256(str(calibration_ids).encode()).hexdigest()[:8]
+        _prompt_w8a8_errors(model, calibration_ids, cache_dir / "tuning" / f"{key}-{text}.prompt-w8a8.json")
     plans = tune(
         linears, model.lm_head, model.lm_head.weight.dtype, quantization, cache_dir / "tuning" / f"{key}.json"
     )
@@ -83,6 +87,25 @@ def optimize_for_cpu(
         plans.describe(),
     )
     return plans
+
+
+def _prompt_w8a8_errors(model: LlamaModel, calibration_ids: list[int], cache_file: Path) -> None:
+    """Set each decoder linear's ``prompt_w8a8_error``: read from ``cache_file`` (written by
+    an earlier start of the same model, dtype and machine) or measured and written there."""
+    linears = [lin for layer in model.linears() for lin in layer]
+    try:
+        errors = json.loads(cache_file.read_text())
+        if len(errors) == len(linears):
+            for lin, error in zip(linears, errors, strict=True):
+                lin.prompt_w8a8_error = float(error)
+            return
+    except (OSError, ValueError, TypeError):
+        pass  # not measured yet (or unreadable): measure
+    record_prompt_w8a8_errors(model, calibration_ids)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps([lin.prompt_w8a8_error for lin in linears]))
+    os.replace(tmp, cache_file)
 
 
 def _pack(lin: MultiFormatLinear, plan: FormatPlan, decode_plan: FormatPlan, quantization: str) -> bool:
