@@ -10,8 +10,9 @@ least urgent first, should a sequence outgrow its reservation while memory is sh
 
 How many prompt tokens a step takes (``step_budget``): "tokens", the paper's, takes whole
 prompts up to ``max_num_batched_tokens`` (one prompt may exceed it); "slo" takes as many as
-keep every running request's mean time per output token within its TPOT target (what it
-banked by running faster than its target included) and the step under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; the cost
+keep every running request's time per output token over its reply within its TPOT target
+(what its faster steps banked, and the margin every step keeps, spent first) and the step
+under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; the cost
 model is fitted online from the steps the executor reports), chunking prompts across steps,
 most urgent first, and lifts the TPOT limit for a step when one of the most urgent prompts,
 in urgency order, would otherwise miss a TTFT deadline it can still meet.
@@ -385,21 +386,26 @@ class BucketScheduler(Scheduler):
         return budget(limit)
 
     def _tpot_limit(self, decoding: list[Sequence], now: float) -> float:
-        """slo: the longest this step may run with every decoding request's mean time per
-        output token still within its TPOT target (x the margin) when the step ends. A request
-        that ran faster than its target has banked the difference: after n tokens since its
-        first at f, the step may end as late as f + n x target. At least one target's worth,
-        so one already behind still decodes in steps of its target."""
+        """slo: the longest this step may run with every decoding request's time per output
+        token over its whole reply still within its TPOT target. Every step is held to the
+        target x the margin, so a request of N tokens (its predicted output, else max_tokens)
+        that has n out since its first at f may have this step end as late as
+        f + (N - 1) x target - (N - n - 1) x target x margin: what its faster steps banked and
+        the margin of the steps to come. At least target x margin, so a request already
+        behind still decodes in steps of that."""
         limit = math.inf
         for seq in decoding:
-            tpot = targets(seq, self.config.order)[1]
-            if tpot is None:
+            target = targets(seq, self.config.order)[1]
+            if target is None:
                 continue
-            tpot *= self.cfg.tpot_margin
-            banked = -math.inf
+            held = target * self.cfg.tpot_margin
+            end = -math.inf
             if seq.first_token_time is not None:
-                banked = seq.first_token_time + seq.num_output_tokens * tpot - now
-            limit = min(limit, max(tpot, banked))
+                n, total = seq.num_output_tokens, seq.params.max_tokens
+                if seq.predicted_output_len is not None:
+                    total = min(total, max(n + 1, seq.predicted_output_len))
+                end = seq.first_token_time + (total - 1) * target - max(0, total - n - 1) * held
+            limit = min(limit, max(held, end - now))
         return limit
 
     def _pick_bucket(self, now: float) -> Bucket | None:
