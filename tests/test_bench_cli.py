@@ -73,6 +73,17 @@ def test_sweep_writes_attainment_per_rate_load_capacity_and_a_plot(
     assert "load capacity at 80% SLO attainment" in capsys.readouterr().out
 
 
+def test_sweep_warm_up_requests_are_sent_first_and_not_measured(tokenizer_dir: str, tmp_path: Path):
+    with FakeServer(0.01, 0.005) as server:
+        code = main(["bench", "sweep", "--base-url", server.url, *workload_args(tokenizer_dir),
+                     "--request-rates", "50,100", "--warmup-requests", "3",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert len(server.bodies) == 3 + 2 * 4  # the warm-up, then 4 requests per rate
+    data = json.loads((tmp_path / "sweep-fixed.json").read_text())
+    assert [p["summary"]["requests"] for p in data["points"]] == [4, 4]
+
+
 def test_compare_runs_the_same_workload_on_each_url_and_tells_them_apart(tokenizer_dir: str, tmp_path: Path):
     with FakeServer(0.01, 0.005) as fast, FakeServer(0.3, 0.005) as slow:
         code = main(["bench", "compare", "--url", f"fast={fast.url}", "--url", f"slow={slow.url}",
@@ -113,6 +124,24 @@ def test_compare_starts_each_server_with_its_own_arguments_and_reports_each_leng
     assert summary["slo_attainment"] == 0.0
     assert summary["slo_classes"]["<=64"]["requests"] == 4 and "<=8" not in summary["slo_classes"]
     assert "by length class:" in capsys.readouterr().out
+
+
+def test_compare_goes_on_past_a_server_that_fails_to_start(
+    tokenizer_dir: str, tmp_path: Path, monkeypatch, capsys
+):
+    @contextlib.contextmanager
+    def fake_managed(policy, extra, log=None, timeout=0.0):  # type: ignore[no-untyped-def]
+        if "--broken" in extra:
+            raise servers.ServerStartError("the server exited with status 2")
+        with FakeServer(0.01, 0.005) as server:
+            yield server.url
+
+    monkeypatch.setattr(compare, "managed_server", fake_managed)
+    code = main(["bench", "compare", "--server", "bad=--broken", "--server", "good=",
+                 *workload_args(tokenizer_dir), "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert "bad: not measured: the server exited with status 2" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "compare-fixed.json").read_text())["servers"]) == ["good"]
 
 
 def test_compare_refuses_two_servers_of_one_name(capsys) -> None:

@@ -341,7 +341,9 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
         allowances = [
             0.9 * t
             if s.first_token_time is None  # a prompt's last token: no reply yet to bank
-            else max(0.9 * t, s.first_token_time + (n - 1) * t - (n - s.num_output_tokens - 1) * 0.9 * t - now)
+            else max(
+                0.9 * t, s.first_token_time + (n - 1) * t - (n - s.num_output_tokens - 1) * 0.9 * t - now
+            )
             for s in decoding
             if (t := targets(s, sched.config.order)[1]) is not None and (n := s.params.max_tokens)
         ]

@@ -67,7 +67,7 @@ def _report_options(p: argparse.ArgumentParser, sweep: bool) -> None:
     )
     add_config_options(g, ReportConfig, exclude=RUN_ONLY_REPORT if sweep else ())
     if sweep:
-        add_config_options(g, SweepConfig, exclude=("request_rates",))
+        add_config_options(g, SweepConfig, exclude=("request_rates", "warmup_requests"))
 
 
 def _quiet_http_logs() -> None:
@@ -132,7 +132,7 @@ def add_bench_parser(sub: Any) -> None:
         default=[],
         metavar="NAME='ARGS'",
         help="start `bucketserve serve ARGS` (after --server-args) and measure it as NAME, e.g. "
-        "--server c2048='--policy continuous --max-num-batched-tokens 2048' (repeatable)",
+        "--server c2048='--policy continuous --max-num-batched-tokens 2048' (repeatable; default: none)",
     )
     _client_options(cmp, url=False)
     _workload_options(cmp)
@@ -253,6 +253,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             arrival.max_concurrency,
             report.progress,
             "sweep",
+            sweep.warmup_requests,
         )
     )
     name = cfg.base_url
@@ -301,6 +302,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         seed=workload_config.seed,
         max_concurrency=arrival.max_concurrency,
         progress=report.progress,
+        warmup_requests=sweep.warmup_requests,
     )
     print(format_compare_table(curves, sweep.target_attainment))
     write_json(

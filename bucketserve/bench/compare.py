@@ -8,12 +8,13 @@ import contextlib
 import dataclasses
 import math
 import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bucketserve.bench.client import ClientConfig, served_model
-from bucketserve.bench.servers import managed_server
+from bucketserve.bench.servers import ServerStartError, managed_server
 from bucketserve.bench.sweep import SweepPoint, capacity, run_sweep
 from bucketserve.bench.workload import Workload
 from bucketserve.core.policies import policy_names
@@ -82,7 +83,8 @@ def run_compare(
     startup_timeout: float = 300.0,
     **sweep_kwargs: object,
 ) -> dict[str, list[SweepPoint]]:
-    """For each target in order: start its server unless it has a URL, run the sweep over
+    """For each target in order: start its server unless it has a URL (one that fails to start
+    is reported and skipped; none at all raises ServerStartError), run the sweep over
     ``rates`` (one rate = one run), stop the server. ``client.model`` empty = ask the server."""
     curves: dict[str, list[SweepPoint]] = {}
     for target in targets:
@@ -91,7 +93,12 @@ def run_compare(
             server = managed_server(target.policy, [*server_args, *target.args], log, startup_timeout)
         else:
             server = contextlib.nullcontext(target.url)
-        with server as url:
+        with contextlib.ExitStack() as stack:
+            try:
+                url = stack.enter_context(server)
+            except ServerStartError as e:  # the others are still measured
+                print(f"{target.name}: not measured: {e}", file=sys.stderr)
+                continue
             assert url is not None
             cfg = dataclasses.replace(
                 client, base_url=url, model=client.model or served_model(url, client.api_key)
@@ -99,6 +106,8 @@ def run_compare(
             curves[target.name] = asyncio.run(
                 run_sweep(workload, rates, cfg, label=target.name, **sweep_kwargs)  # type: ignore[arg-type]
             )
+    if not curves:
+        raise ServerStartError("no server could be measured")
     return curves
 
 

@@ -80,10 +80,13 @@ class BucketConfig:
         "tokens",
         choices=STEP_BUDGETS,
         help="prompt tokens per step: tokens = whole prompts up to --max-num-batched-tokens (paper); "
-        "slo = as many as keep the predicted step time under the running requests' tightest TPOT "
-        "target (chunking prompts; more when a TTFT deadline is in danger)",
+        "slo = as many as keep every running request within its TPOT target over its reply and "
+        "the step under --bucket-ttft-share of the tightest TTFT target (chunking prompts, most "
+        "urgent first; more when a TTFT deadline is in danger)",
     )
-    tpot_margin: float = option(0.9, help="slo: the step time limit as a share of the tightest TPOT target")
+    tpot_margin: float = option(
+        0.9, help="slo: every step is held to this share of the TPOT targets of the requests it decodes"
+    )
     ttft_share: float = option(
         0.25,
         help="slo: no step runs longer than this share of the tightest TTFT target the server knows "
