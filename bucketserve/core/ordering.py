@@ -27,7 +27,7 @@ class OrderConfig:
     """
 
     order: str = option(
-        "fcfs",
+        "edf",
         choices=ORDERS,
         help="who goes first: fcfs, sjf/ljf (shortest/longest job), edf (earliest TTFT deadline)",
     )

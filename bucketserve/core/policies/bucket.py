@@ -77,7 +77,7 @@ class BucketConfig:
     )
     memory_safety: float = option(0.9, help="M_safe = this share of the free KV memory")
     step_budget: str = option(
-        "tokens",
+        "slo",
         choices=STEP_BUDGETS,
         help="prompt tokens per step: tokens = whole prompts up to --max-num-batched-tokens (paper); "
         "slo = as many as keep every running request within its TPOT target over its reply and "
