@@ -7,15 +7,15 @@ What it measures
     TTFT 0.25 s, TPOT 0.1 s; longer: 2.5 s, 0.15 s; times ``--slo-scale``), SLO attainment at
     each rate, and the load capacity at 80% attainment. The variants:
 
-    - ``bucket``: BucketServe as in the paper (whole prompts, token budget per step)
+    - ``bucket``: BucketServe as in the paper (whole prompts, token budget per step, FCFS)
     - ``bucket-edf``: the same with ``--order edf`` (earliest TTFT deadline first)
-    - ``bucket-slo``: ``--bucket-step-budget slo --order edf`` (prompt tokens per step from the
-      tightest TPOT target, by the cost model fitted online from the simulated steps; chunked
-      prompts; EDF across buckets)
-    - ``bucket-edf-late``: ``bucket-edf`` with ``--reject-late`` (a request that cannot meet its
-      TTFT target behind the prompts EDF runs first is refused at once: a miss, but one that
-      takes no time from the others)
-    - ``bucket-edf-optimal``: ``bucket-edf`` with ``--bucket-split-mode optimal`` (boundaries
+    - ``bucket-slo``: the bucket policy's defaults, ``--bucket-step-budget slo --order edf``
+      (prompt tokens per step from the TPOT and TTFT targets, by the cost model fitted online
+      from the simulated steps; chunked prompts, most urgent first)
+    - ``bucket-slo-late``: ``bucket-slo`` with ``--reject-late`` (a request that cannot meet
+      its TTFT target behind the prompts EDF runs first is refused at once: a miss, but one
+      that takes no time from the others)
+    - ``bucket-slo-optimal``: ``bucket-slo`` with ``--bucket-split-mode optimal`` (boundaries
       fitted to the observed lengths instead of bisection)
     - ``continuous-B``: vLLM-style, chunked prefill, token budget B for each of
       ``--continuous-budgets`` (its best setting is the baseline); ``continuous-B-late`` the
@@ -47,19 +47,19 @@ from bucketserve.sim.simulator import simulate
 def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
     """Scheduler settings (SchedulerConfig fields) per variant name."""
     out: dict[str, dict[str, Any]] = {
-        "bucket": {"policy": "bucket"},
-        "bucket-edf": {"policy": "bucket", "order": {"order": "edf"}},
-        "bucket-slo": {
+        "bucket": {
             "policy": "bucket",
-            "policy_config": {"step_budget": "slo"},
+            "policy_config": {"step_budget": "tokens"},
+            "order": {"order": "fcfs"},
+        },
+        "bucket-edf": {
+            "policy": "bucket",
+            "policy_config": {"step_budget": "tokens"},
             "order": {"order": "edf"},
         },
-        "bucket-edf-late": {"policy": "bucket", "order": {"order": "edf", "reject_late": True}},
-        "bucket-edf-optimal": {
-            "policy": "bucket",
-            "policy_config": {"split_mode": "optimal"},
-            "order": {"order": "edf"},
-        },
+        "bucket-slo": {"policy": "bucket"},  # the defaults: the slo step budget, EDF
+        "bucket-slo-late": {"policy": "bucket", "order": {"reject_late": True}},
+        "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
     }
     for b in continuous_budgets:
         out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}
