@@ -22,5 +22,5 @@ class ModelNotFoundError(BucketServeError, FileNotFoundError):
 
 
 class DeadlineUnreachableError(BucketServeError):
-    """A request cannot meet its TTFT target even if it ran next (``--reject-late``): refused
+    """A request cannot meet its TTFT target behind the prompts ahead of it (``--reject-late``): refused
     at once (HTTP 429) rather than answered late."""

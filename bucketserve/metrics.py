@@ -8,7 +8,7 @@ mean/median/p99 _ttft_ms, _tpot_ms, _itl_ms, _e2el_ms (plus p50/p90).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bucketserve.outputs import RequestOutput
@@ -125,18 +125,20 @@ def meets_slo(record: RequestRecord, ttft_s: float | None, tpot_s: float | None)
     )
 
 
-def slo_attainment(records: list[RequestRecord], ttft_s: float | None, tpot_s: float | None) -> float:
-    """Share of ALL requests (failed ones are misses) meeting both targets; nan for none."""
+# A request's (TTFT, TPOT) targets in seconds, None = not checked: one pair for all, or by class.
+Targets = Callable[[RequestRecord], tuple[float | None, float | None]]
+
+
+def slo_attainment(records: list[RequestRecord], targets: Targets) -> float:
+    """Share of ALL requests (failed ones are misses) meeting both their targets; nan for none."""
     if not records:
         return math.nan
-    return sum(meets_slo(r, ttft_s, tpot_s) for r in records) / len(records)
+    return sum(meets_slo(r, *targets(r)) for r in records) / len(records)
 
 
-def goodput(
-    records: list[RequestRecord], ttft_s: float | None, tpot_s: float | None, duration: float
-) -> float:
+def goodput(records: list[RequestRecord], targets: Targets, duration: float) -> float:
     """Requests per second that met their SLOs (vLLM's request_goodput)."""
-    return sum(meets_slo(r, ttft_s, tpot_s) for r in records) / duration if duration else math.nan
+    return sum(meets_slo(r, *targets(r)) for r in records) / duration if duration else math.nan
 
 
 def load_capacity(rates: Sequence[float], attainments: Sequence[float], target: float = 0.8) -> float:

@@ -3,6 +3,7 @@ of the servers `compare` starts itself."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ import pytest
 from conftest import build_tokenizer
 from fake_openai_server import FakeServer
 
-from bucketserve.bench import servers
+from bucketserve.bench import compare, servers
 from bucketserve.cli import main
 from bucketserve.sim.validate import read_bench
 
@@ -72,6 +73,17 @@ def test_sweep_writes_attainment_per_rate_load_capacity_and_a_plot(
     assert "load capacity at 80% SLO attainment" in capsys.readouterr().out
 
 
+def test_sweep_warm_up_requests_are_sent_first_and_not_measured(tokenizer_dir: str, tmp_path: Path):
+    with FakeServer(0.01, 0.005) as server:
+        code = main(["bench", "sweep", "--base-url", server.url, *workload_args(tokenizer_dir),
+                     "--request-rates", "50,100", "--warmup-requests", "3",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert len(server.bodies) == 3 + 2 * 4  # the warm-up, then 4 requests per rate
+    data = json.loads((tmp_path / "sweep-fixed.json").read_text())
+    assert [p["summary"]["requests"] for p in data["points"]] == [4, 4]
+
+
 def test_compare_runs_the_same_workload_on_each_url_and_tells_them_apart(tokenizer_dir: str, tmp_path: Path):
     with FakeServer(0.01, 0.005) as fast, FakeServer(0.3, 0.005) as slow:
         code = main(["bench", "compare", "--url", f"fast={fast.url}", "--url", f"slow={slow.url}",
@@ -83,6 +95,58 @@ def test_compare_runs_the_same_workload_on_each_url_and_tells_them_apart(tokeniz
     attainment = {n: s["points"][0]["summary"]["slo_attainment"] for n, s in data["servers"].items()}
     assert attainment == {"fast": 1.0, "slow": 0.0}
     assert (tmp_path / "compare-fixed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_starts_each_server_with_its_own_arguments_and_reports_each_length_class(
+    tokenizer_dir: str, tmp_path: Path, monkeypatch, capsys
+):
+    started = []
+
+    @contextlib.contextmanager
+    def fake_managed(policy, extra, log=None, timeout=0.0):  # type: ignore[no-untyped-def]
+        started.append((policy, list(extra)))
+        with FakeServer(0.01, 0.005) as server:
+            yield server.url
+
+    monkeypatch.setattr(compare, "managed_server", fake_managed)
+    code = main(["bench", "compare", "--server-args=--kv-cache-memory 1GiB", "--server", "defaults=",
+                 "--server", "c2048=--policy continuous --max-num-batched-tokens 2048",
+                 *workload_args(tokenizer_dir), "--slo-classes", "8:1:-,64:0.005:-",
+                 "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert started == [
+        (None, ["--kv-cache-memory", "1GiB"]),
+        (None, ["--kv-cache-memory", "1GiB", "--policy", "continuous", "--max-num-batched-tokens", "2048"]),
+    ]
+    # The 16-token prompts fall in the second class, whose 5-ms TTFT a 10-ms server misses.
+    data = json.loads((tmp_path / "compare-fixed.json").read_text())
+    summary = data["servers"]["c2048"]["points"][0]["summary"]
+    assert summary["slo_attainment"] == 0.0
+    assert summary["slo_classes"]["<=64"]["requests"] == 4 and "<=8" not in summary["slo_classes"]
+    assert "by length class:" in capsys.readouterr().out
+
+
+def test_compare_goes_on_past_a_server_that_fails_to_start(
+    tokenizer_dir: str, tmp_path: Path, monkeypatch, capsys
+):
+    @contextlib.contextmanager
+    def fake_managed(policy, extra, log=None, timeout=0.0):  # type: ignore[no-untyped-def]
+        if "--broken" in extra:
+            raise servers.ServerStartError("the server exited with status 2")
+        with FakeServer(0.01, 0.005) as server:
+            yield server.url
+
+    monkeypatch.setattr(compare, "managed_server", fake_managed)
+    code = main(["bench", "compare", "--server", "bad=--broken", "--server", "good=",
+                 *workload_args(tokenizer_dir), "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert "bad: not measured: the server exited with status 2" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "compare-fixed.json").read_text())["servers"]) == ["good"]
+
+
+def test_compare_refuses_two_servers_of_one_name(capsys) -> None:
+    assert main(["bench", "compare", "--server", "a=", "--url", "a=http://127.0.0.1:1"]) == 2
+    assert "two servers share a name" in capsys.readouterr().err
 
 
 def test_an_unreachable_server_is_one_line_and_exit_code_2(capsys) -> None:

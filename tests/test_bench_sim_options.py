@@ -65,7 +65,7 @@ COMMANDS: dict[tuple[str, ...], list[tuple[type, tuple[str, ...]]]] = {
 # Set apart from the fields: a field that is no option (Setup.max_model_len's default depends
 # on the mode), and the options that are no field.
 NOT_OPTIONS = {"extra_body", "kv_bytes_per_token", "weight_bytes", "overrides", "max_model_len"}
-OWN_OPTIONS = {"--goodput", "--url", "--experiment", "--validate", "--max-model-len", "--help"}
+OWN_OPTIONS = {"--goodput", "--url", "--server", "--experiment", "--validate", "--max-model-len", "--help"}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -205,7 +205,7 @@ def test_the_configs_accept_from_python_what_the_command_line_accepts() -> None:
         ("bench sweep --request-rates 0,1", "request_rates must be numbers > 0 (or inf), got 0,1"),
         ("bench compare --policies bucket,fifo", "argument --policies: unknown policy 'fifo'; choose one of"),
         ("bench compare --url fast=localhost:1", "argument --url: bad --url 'fast=localhost:1'"),
-        ("bench compare --policies=", "nothing to compare: give --policies and/or --url"),
+        ("bench compare --policies=", "nothing to compare: give --policies, --server and/or --url"),
         ("simulate --gpu-memory lots", "argument --gpu-memory: cannot read 'lots' as a size"),
         ("simulate --policies bucket,fifo", "argument --policies: unknown policy 'fifo'"),
         ("simulate --num-gpus 0", "num_gpus must be >= 1, got 0"),

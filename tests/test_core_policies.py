@@ -115,12 +115,14 @@ def test_optimal_boundaries_separate_two_length_clusters() -> None:
 
 
 def test_a_bucket_prefill_batch_holds_one_bucket_only() -> None:
+    """The paper's whole-prompt steps (with the slo budget a chunk of a prompt started in an
+    earlier step may share a step with another bucket's batch)."""
     sched = make(
         "bucket",
         num_blocks=4000,
         max_model_len=1024,
         max_num_batched_tokens=4096,
-        policy_config=BucketConfig(n_max=4, dispatch_window_s=0.0),
+        policy_config=BucketConfig(n_max=4, dispatch_window_s=0.0, step_budget="tokens"),
     )
     rng = random.Random(0)
     arrivals = [

@@ -3,6 +3,7 @@ chunked prefill inside a bucket's batch, SLO classes and requests that cannot be
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -159,36 +160,42 @@ def _four_decoding(sched) -> FakeExecutor:  # type: ignore[no-untyped-def]
 
 
 def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> None:
+    """Four requests of 24 tokens decode with a 100-ms TPOT target (90 ms with the margin)
+    while a 1,500-token prompt (~2.3 s whole) arrives: the whole prompt would push their
+    time per output token far past the target, so it goes in chunks, as large as what they
+    banked in their fast steps allows, each of them within its target over its whole reply."""
     sched = _slo_bucket()
-    ex = _four_decoding(sched)
+    ex = FakeExecutor(sched, profile=KNOWN)
+    decoding = [seq(i, 40, 24, tpot_slo=0.1) for i in range(4)]
+    for s in decoding:
+        sched.add(s)
+    for _ in range(3):
+        ex.step()
     long = seq(9, 1500, 8, arrival=ex.now)
     sched.add(long)
-    stalls = []
-    while long.first_token_time is None:
+    chunks = []
+    while any(not s.is_finished for s in decoding):
         batch = sched.schedule(ex.now)
-        assert batch is not None and len(stalls) < 500
+        assert batch is not None
         shape = batch.shape()
+        chunks += [n for n, _ in shape.prefill]
         took = step_ms(KNOWN, shape) / 1e3
-        stalls.append(took)
-        assert len(shape.decode) == 4  # every step decodes the four short requests
-        first_chunk = shape.prefill[0][0] if shape.prefill else 0
-        without_first = BatchShape(shape.prefill[1:], shape.decode)
-        # under the limit, or over it by the one chunk that progress allows
-        assert took <= 0.9 * 0.05 + 1e-9 or (first_chunk <= 16 and step_ms(KNOWN, without_first) <= 45)
         ex.now += took
+        sched.observe_step(shape, took)
         sched.update(batch, [7] * len(batch), ex.now)
-    # The whole 1,500-token prompt in one step would stall the decodes ~2.3 s; in chunks no
-    # step is more than the limit and one 16-token chunk over the longest context.
-    assert max(stalls) < 0.06
-    assert len(stalls) > 10
+    assert len(chunks) > 3 and max(chunks) < 1500
+    for s in decoding:
+        assert s.finished_time is not None and s.first_token_time is not None
+        assert (s.finished_time - s.first_token_time) / (s.num_output_tokens - 1) <= 0.1
 
 
 def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
     """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit it would
-    take longer than its 3-s target: the step takes it whole. With a target it cannot meet
-    even alone (1 s), lifting would only stall the decodes: it is chunked."""
+    take longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a
+    target it cannot meet even alone (1 s), lifting would only stall the decodes: it is
+    chunked."""
     for ttft, whole in ((3.0, True), (1.0, False)):
-        sched = _slo_bucket()
+        sched = _slo_bucket(ttft_share=1.0)
         ex = _four_decoding(sched)
         sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=ttft))
         batch = sched.schedule(ex.now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
@@ -197,12 +204,46 @@ def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
         assert len(batch.shape().decode) == 4  # the decodes run either way
 
 
+def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
+    """With nothing decoding there is no TPOT limit, but a 1-s class means a chat may arrive
+    at any moment: no step runs longer than a quarter of that second, so a 1,500-token
+    document (~2.3 s whole) goes in chunks, and a chat that arrives meanwhile goes first."""
+    sched = make(
+        "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+        policy_config={"step_budget": "slo", "min_chunk": 16},
+        order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    now = 0.0
+
+    def step() -> BatchShape:
+        nonlocal now
+        batch = sched.schedule(now)
+        assert batch is not None
+        shape = batch.shape()
+        took = step_ms(KNOWN, shape) / 1e3
+        assert took <= 0.25 + 1e-9
+        now += took
+        sched.observe_step(shape, took)
+        sched.update(batch, [7] * len(batch), now)
+        return shape
+
+    sched.add(seq(0, 1500, 8))
+    [(chunk, _)] = step().prefill
+    assert chunk < 1500
+    sched.add(seq(1, 60, 8, arrival=now))
+    assert step().prefill[0] == (60, 0)  # the chat before the document's next chunk
+    while sched.has_unfinished():
+        step()
+
+
 def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refused() -> None:
     sched = make("bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048)
     sched.cost_fit = OnlineCostFit(prior=KNOWN)  # a 1,500-token prefill: ~2.3 s
     sched.add(seq(0, 1500, 4, ttft_slo=0.5))
-    sched.add(seq(1, 100, 4, ttft_slo=0.5))
     assert sched.num_late == 1
+    sched.add(seq(1, 100, 4, ttft_slo=0.5))  # on time alone, but queued behind the 2.3-s prompt
+    assert sched.num_late == 2
     strict = make(
         "bucket",
         num_blocks=400,
@@ -215,6 +256,32 @@ def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refuse
         strict.add(seq(0, 1500, 4, ttft_slo=0.5))
     assert not strict.has_unfinished()  # nothing of it queued
     strict.add(seq(1, 100, 4, ttft_slo=0.5))  # one that can be on time is served
+
+
+@pytest.mark.parametrize(
+    ("policy", "order", "refused"),
+    [("continuous", {}, True), ("bucket", {"order": "fcfs"}, True), ("bucket", {"order": "edf"}, False)],
+)
+def test_reject_late_counts_the_prompts_the_order_runs_first(policy: str, order: dict, refused: bool) -> None:
+    """Four 1,000-token documents (10-s targets) are queued, ~4.5 s of prefill; a 100-token
+    chat with a 1-s target, alone ~0.1 s, arrives behind them. First come, first served it
+    waits for all four and is refused at once; earliest deadline first runs it before them."""
+    sched = make(
+        policy, num_blocks=800, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+        order={**order, "reject_late": True},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    for i in range(4):
+        sched.add(seq(i, 1000, 4, ttft_slo=10.0))
+    chat = seq(9, 100, 4, arrival=0.01, ttft_slo=1.0)
+    assert sched.prompt_tokens_ahead(chat) == (4000 if refused else 0)
+    if refused:
+        with pytest.raises(DeadlineUnreachableError, match="4000 queued ahead"):
+            sched.add(chat)
+        assert sched.num_waiting == 4 and sched.num_late == 1
+    else:
+        sched.add(chat)
+        assert sched.num_waiting == 5 and sched.num_late == 0
 
 
 @settings(max_examples=30, deadline=None)
@@ -269,9 +336,24 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
         assert budget is not None
         rows = zip(batch.seqs, batch.num_new_tokens, strict=True)
         decoding = [s for s, n in rows if n == 1 and s.num_computed_tokens > 0]
-        tpots = [t for t in (targets(s, sched.config.order)[1] for s in decoding) if t is not None]
-        if budget.timed:  # the limit is the tightest TPOT target of the decoding requests
-            assert budget.limit_ms == pytest.approx(0.9 * min(tpots) * 1e3)
+        # each decoding request's allowance: a step of its TPOT target t x 0.9, or as long as
+        # keeps its whole reply (N tokens) within t when every later step keeps t x 0.9
+        allowances = [
+            0.9 * t
+            if s.first_token_time is None  # a prompt's last token: no reply yet to bank
+            else max(
+                0.9 * t, s.first_token_time + (n - 1) * t - (n - s.num_output_tokens - 1) * 0.9 * t - now
+            )
+            for s in decoding
+            if (t := targets(s, sched.config.order)[1]) is not None and (n := s.params.max_tokens)
+        ]
+        # The limit: the least allowance of the decoding requests, capped at a quarter of
+        # the tightest TTFT target present (the 10-s default or a request's own); the cap alone
+        # when a deadline lifts it.
+        present = [s.ttft_slo for s in arrivals if s.ttft_slo is not None and s.seq_id in sched.seqs]
+        cap_ms = 0.25 * min([10.0, *present]) * 1e3
+        tpot_ms = min(allowances) * 1e3 if allowances else math.inf
+        assert budget.limit_ms in (pytest.approx(min(tpot_ms, cap_ms)), pytest.approx(cap_ms))
         if took * 1e3 > budget.limit_ms + 1e-6:
             # over its limit only by the one chunk of progress (or by the decodes alone)
             assert len(shape.prefill) <= 1 and all(n <= min_chunk for n, _ in shape.prefill)

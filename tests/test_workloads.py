@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from bucketserve.bench.report import SLO, class_summaries
 from bucketserve.metrics import RequestRecord, goodput, load_capacity, slo_attainment, summarize
 from bucketserve.workloads import LengthPair
 from bucketserve.workloads.arrivals import all_at_once, gamma, poisson, scale_times
@@ -115,11 +116,28 @@ def rec(ttft: float, tpot: float, out: int = 11, error: str | None = None) -> Re
 
 def test_slo_attainment_counts_failed_requests_as_misses():
     records = [rec(0.1, 0.01), rec(0.3, 0.01), rec(0.1, 0.05), rec(0.1, 0.01, error="HTTP 500")]
-    assert slo_attainment(records, ttft_s=0.2, tpot_s=0.02) == 0.25
-    assert slo_attainment(records, ttft_s=0.2, tpot_s=None) == 0.5
-    assert slo_attainment(records, ttft_s=None, tpot_s=None) == 0.75
-    assert math.isnan(slo_attainment([], 1.0, 1.0))
-    assert goodput(records, 0.2, 0.02, duration=2.0) == 0.5
+    assert slo_attainment(records, lambda r: (0.2, 0.02)) == 0.25
+    assert slo_attainment(records, lambda r: (0.2, None)) == 0.5
+    assert slo_attainment(records, lambda r: (None, None)) == 0.75
+    assert math.isnan(slo_attainment([], lambda r: (1.0, 1.0)))
+    assert goodput(records, lambda r: (0.2, 0.02), duration=2.0) == 0.5
+
+
+def test_slo_classes_hold_each_request_to_the_targets_of_its_prompt_length() -> None:
+    slo = SLO.parse(["ttft:5000"], ("100:0.2:-",))  # short prompts: 0.2 s; longer: 5 s
+    records = [
+        RequestRecord(0.0, 0.1, 1.0, 50, 11),  # short, on time
+        RequestRecord(0.0, 0.3, 1.0, 50, 11),  # short, late for its class
+        RequestRecord(0.0, 0.3, 1.0, 500, 11),  # long, on time for its class
+        RequestRecord(0.0, 6.0, 7.0, 500, 11),  # long, late
+    ]
+    assert slo_attainment(records, slo.of) == 0.5
+    by_class = class_summaries(records, slo)
+    assert list(by_class) == ["<=100", "longer"]
+    assert by_class["<=100"]["slo_attainment"] == 0.5 and by_class["<=100"]["requests"] == 2
+    assert by_class["<=100"]["p99_ttft_ms"] == pytest.approx(300, rel=0.05)
+    assert by_class["longer"]["slo_attainment"] == 0.5
+    assert str(slo) == "<=100: ttft<=200ms; longer: ttft<=5000ms"
 
 
 def test_load_capacity_interpolates_where_attainment_crosses_the_target():

@@ -4,7 +4,7 @@ The options are generated from the configs of the jobs they configure
 (``bucketserve.argparse_options``): ``ClientConfig`` (bench/client.py), ``WorkloadConfig`` and
 ``ArrivalConfig`` (bench/workload.py), ``SweepConfig`` (bench/sweep.py), ``ReportConfig``
 (bench/report.py) and ``CompareConfig`` (bench/compare.py). Only ``--goodput`` (vLLM's
-``KEY:MS`` list) and ``compare --url`` (repeatable) are written here.
+``KEY:MS`` list) and ``compare --url`` / ``--server`` (repeatable) are written here.
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ def _report_options(p: argparse.ArgumentParser, sweep: bool) -> None:
         type=_goodput_item,
         default=[],
         metavar="KEY:MS",
-        help="SLO targets for goodput and attainment, e.g. --goodput ttft:2000 tpot:200 (default: none)",
+        help="SLO targets for goodput and attainment, e.g. --goodput ttft:2000 tpot:200 (default: none; "
+        "--slo-classes sets them by prompt length)",
     )
     add_config_options(g, ReportConfig, exclude=RUN_ONLY_REPORT if sweep else ())
     if sweep:
-        add_config_options(g, SweepConfig, exclude=("request_rates",))
+        add_config_options(g, SweepConfig, exclude=("request_rates", "warmup_requests"))
 
 
 def _quiet_http_logs() -> None:
@@ -124,6 +125,15 @@ def add_bench_parser(sub: Any) -> None:
         metavar="NAME=URL",
         help="a running server to measure, named NAME (repeatable; default: none)",
     )
+    t.add_argument(
+        "--server",
+        action="append",
+        type=_checked_server,
+        default=[],
+        metavar="NAME='ARGS'",
+        help="start `bucketserve serve ARGS` (after --server-args) and measure it as NAME, e.g. "
+        "--server c2048='--policy continuous --max-num-batched-tokens 2048' (repeatable; default: none)",
+    )
     _client_options(cmp, url=False)
     _workload_options(cmp)
     _arrival_options(cmp, sweep=True, default_rates=(math.inf,))
@@ -135,6 +145,15 @@ def _checked_url(text: str) -> str:
     """One --url, checked as it is read (kept as given, for the result file's config)."""
     try:
         Target.from_url_arg(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _checked_server(text: str) -> str:
+    """One --server, checked as it is read."""
+    try:
+        Target.from_server_arg(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
@@ -184,7 +203,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from bucketserve.wire import write_json
 
     _quiet_http_logs()
-    slo = SLO.parse(a.goodput)
+    slo = SLO.parse(a.goodput, a.slo_classes)
     cfg, workload_config = _client(a), config_from_options(WorkloadConfig, a)
     arrival, report = _arrivals(a, sweep=False), config_from_options(ReportConfig, a)
     cfg.model = cfg.model or served_model(cfg.base_url, cfg.api_key)
@@ -217,7 +236,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from bucketserve.wire import write_json
 
     _quiet_http_logs()
-    slo = SLO.parse(a.goodput)
+    slo = SLO.parse(a.goodput, a.slo_classes)
     cfg, workload_config = _client(a), config_from_options(WorkloadConfig, a)
     arrival, sweep = _arrivals(a, sweep=True), config_from_options(SweepConfig, a)
     report = config_from_options(ReportConfig, a, exclude=RUN_ONLY_REPORT)
@@ -234,6 +253,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             arrival.max_concurrency,
             report.progress,
             "sweep",
+            sweep.warmup_requests,
         )
     )
     name = cfg.base_url
@@ -255,15 +275,18 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from bucketserve.wire import write_json
 
     _quiet_http_logs()
-    slo = SLO.parse(a.goodput)
+    slo = SLO.parse(a.goodput, a.slo_classes)
     compare, workload_config = config_from_options(CompareConfig, a), config_from_options(WorkloadConfig, a)
     arrival, sweep = _arrivals(a, sweep=True), config_from_options(SweepConfig, a)
     report = config_from_options(ReportConfig, a, exclude=RUN_ONLY_REPORT)
-    urls = [Target.from_url_arg(u) for u in a.url]
-    policies = compare.policies if compare.policies is not None else (() if urls else policy_names())
-    targets = [Target(p, policy=p) for p in policies] + urls
+    given = [Target.from_server_arg(s) for s in a.server] + [Target.from_url_arg(u) for u in a.url]
+    policies = compare.policies if compare.policies is not None else (() if given else policy_names())
+    targets = [Target(p, policy=p) for p in policies] + given
+    names = [t.name for t in targets]
     if not targets:
-        raise ConfigError("nothing to compare: give --policies and/or --url")
+        raise ConfigError("nothing to compare: give --policies, --server and/or --url")
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two servers share a name: {', '.join(names)}")
     stem = _stem(sweep, workload_config.dataset, "compare")
     workload = workload_config.build()
     curves = run_compare(
@@ -279,6 +302,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         seed=workload_config.seed,
         max_concurrency=arrival.max_concurrency,
         progress=report.progress,
+        warmup_requests=sweep.warmup_requests,
     )
     print(format_compare_table(curves, sweep.target_attainment))
     write_json(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bucketserve.bench.runner import RunResult
-from bucketserve.metrics import goodput, slo_attainment, summarize
+from bucketserve.core.ordering import SloClass, parse_slo_classes
+from bucketserve.metrics import RequestRecord, goodput, percentile, slo_attainment, summarize
 from bucketserve.options import check_fields, option
 from bucketserve.wire import MeasuredRun, RequestRow
 
@@ -22,21 +23,33 @@ class ReportConfig:
     output_json: str | None = option(
         None, help="write config, summary and per-request records here (default: not written)"
     )
+    slo_classes: tuple[str, ...] = option(
+        (),
+        name="slo-classes",
+        metavar="LEN:TTFT:TPOT,...",
+        help="targets by prompt length, in seconds, as `serve --slo-classes` reads them: a request "
+        "of at most LEN prompt tokens is held to the first class that holds it (TPOT may be -); "
+        "longer ones to --goodput. Adds each class's attainment and p99 TTFT to the report",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        parse_slo_classes(self.slo_classes)  # a one-line error now, not after the run
 
 
 @dataclass(frozen=True)
 class SLO:
-    """Latency targets in seconds; None = not checked."""
+    """Latency targets in seconds; None = not checked. ``classes`` hold targets by prompt
+    length (the first class that holds a prompt applies); longer prompts get the flat ones."""
 
     ttft_s: float | None = None
     tpot_s: float | None = None
+    classes: tuple[SloClass, ...] = ()
 
     @classmethod
-    def parse(cls, items: list[str]) -> SLO:
-        """From vLLM's ``--goodput`` syntax: ``ttft:MS tpot:MS`` (either or both; e2el is refused)."""
+    def parse(cls, items: list[str], classes: tuple[str, ...] = ()) -> SLO:
+        """From vLLM's ``--goodput`` syntax: ``ttft:MS tpot:MS`` (either or both; e2el is refused),
+        and ``--slo-classes`` (``LEN:TTFT:TPOT`` in seconds, as the server reads them)."""
         targets: dict[str, float] = {}
         for item in items:
             name, sep, value = item.partition(":")
@@ -46,11 +59,55 @@ class SLO:
             if ms <= 0:
                 raise ValueError(f"bad SLO {item!r}: the target must be > 0 ms")
             targets[name] = ms / 1e3
-        return cls(targets.get("ttft"), targets.get("tpot"))
+        return cls(targets.get("ttft"), targets.get("tpot"), parse_slo_classes(classes))
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.ttft_s or self.tpot_s or self.classes)
+
+    def targets(self, prompt_tokens: int) -> tuple[float | None, float | None]:
+        """(TTFT, TPOT) targets in seconds of a request with this many prompt tokens."""
+        for c in self.classes:
+            if prompt_tokens <= c.max_prompt:
+                return c.ttft_s, c.tpot_s
+        return self.ttft_s, self.tpot_s
+
+    def of(self, record: RequestRecord) -> tuple[float | None, float | None]:
+        """The targets ``record`` is held to (``metrics.Targets``)."""
+        return self.targets(record.prompt_tokens)
 
     def __str__(self) -> str:
-        parts = [f"{n}<={v * 1e3:g}ms" for n, v in (("ttft", self.ttft_s), ("tpot", self.tpot_s)) if v]
-        return " ".join(parts) or "none"
+        def flat(ttft: float | None, tpot: float | None) -> str:
+            parts = [f"{n}<={v * 1e3:g}ms" for n, v in (("ttft", ttft), ("tpot", tpot)) if v]
+            return " ".join(parts) or "none"
+
+        if not self.classes:
+            return flat(self.ttft_s, self.tpot_s)
+        parts = [f"<={c.max_prompt}: {flat(c.ttft_s, c.tpot_s)}" for c in self.classes]
+        return "; ".join([*parts, f"longer: {flat(self.ttft_s, self.tpot_s)}"])
+
+
+def class_label(slo: SLO, prompt_tokens: int) -> str:
+    """The name of the length class that holds a prompt: "<=256", ..., or "longer"."""
+    return next((f"<={c.max_prompt}" for c in slo.classes if prompt_tokens <= c.max_prompt), "longer")
+
+
+def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[str, float]]:
+    """Per length class: requests, SLO attainment, p99 TTFT and p50 TPOT (ms, completed ones)."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(class_label(slo, r.prompt_tokens), []).append(r)
+    out = {}
+    labels = [f"<={c.max_prompt}" for c in slo.classes] + ["longer"]  # short to long
+    for label, group in sorted(groups.items(), key=lambda item: labels.index(item[0])):
+        ok = [r for r in group if r.ok]
+        out[label] = {
+            "requests": len(group),
+            "slo_attainment": slo_attainment(group, slo.of),
+            "p99_ttft_ms": percentile([r.ttft * 1e3 for r in ok], 99),
+            "median_tpot_ms": percentile([r.tpot * 1e3 for r in ok if r.output_tokens > 1], 50),
+        }
+    return out
 
 
 def summarize_run(result: RunResult, slo: SLO | None = None) -> dict[str, Any]:
@@ -60,10 +117,12 @@ def summarize_run(result: RunResult, slo: SLO | None = None) -> dict[str, Any]:
     out: dict[str, Any] = summarize(records, result.duration)
     out["token_count_mismatches"] = sum(o.token_count_mismatch for o in result.outcomes)
     out["errors"] = dict(Counter(r.error.split(":")[0] for r in records if r.error))
-    if slo is not None and (slo.ttft_s or slo.tpot_s):
+    if slo is not None and slo.is_set:
         out["slo"] = str(slo)
-        out["slo_attainment"] = slo_attainment(records, slo.ttft_s, slo.tpot_s)
-        out["request_goodput"] = goodput(records, slo.ttft_s, slo.tpot_s, result.duration)
+        out["slo_attainment"] = slo_attainment(records, slo.of)
+        out["request_goodput"] = goodput(records, slo.of, result.duration)
+        if slo.classes:
+            out["slo_classes"] = class_summaries(records, slo)
     return out
 
 

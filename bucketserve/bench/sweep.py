@@ -31,6 +31,11 @@ class SweepConfig:
         help="request rates to run, comma-separated, req/s; inf = all at once. A trace keeps "
         "its arrival pattern, rescaled to each mean rate",
     )
+    warmup_requests: int = option(
+        0,
+        help="before the measured runs, send the workload's first N requests at the first rate "
+        "and discard them (a server whose scheduler learns its step costs online starts warm)",
+    )
     target_attainment: float = option(0.8, help="load capacity = highest rate with this attainment")
     output_dir: str = option("bench-results", help="where the JSON and PNG go")
     name: str | None = option(None, help="file name stem (default: <command>-<dataset>)")
@@ -42,6 +47,7 @@ class SweepConfig:
             bool(rates) and all(r > 0 for r in rates),  # (nan > 0 is false)
             f"request_rates must be numbers > 0 (or inf), got {','.join(f'{r:g}' for r in rates) or 'none'}",
         )
+        check(self.warmup_requests >= 0, f"warmup_requests must be >= 0, got {self.warmup_requests}")
         check(
             0 < self.target_attainment <= 1,
             f"target_attainment must be in (0, 1], got {self.target_attainment}",
@@ -58,8 +64,17 @@ async def run_sweep(
     max_concurrency: int | None = None,
     progress: bool = True,
     label: str = "",
+    warmup_requests: int = 0,
 ) -> list[SweepPoint]:
-    """Run the same requests once per rate, in the order given."""
+    """Run the same requests once per rate, in the order given (after ``warmup_requests`` of
+    them at the first rate, not measured)."""
+    if warmup_requests:
+        n = min(warmup_requests, len(workload.requests))
+        times = workload.trace_times[:n] if workload.trace_times is not None else None
+        warm = Workload(f"{workload.name} warm-up", workload.requests[:n], times)
+        arrivals = warm.arrivals(rates[0], burstiness, seed=seed + 1)
+        desc = f"{label} warm-up".strip()
+        await run_workload(warm.requests, arrivals, cfg, max_concurrency, progress, desc=desc)
     points = []
     for rate in rates:
         arrivals = workload.arrivals(rate, burstiness, seed=seed)

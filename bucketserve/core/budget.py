@@ -2,9 +2,10 @@
 
 Every step decodes all running sequences, so a step's time is every running request's time
 per output token (TPOT). ``StepBudget`` takes prompt tokens into a step only while the cost
-model predicts the step to stay under a time limit (the tightest TPOT target among the running
-requests, less a margin), chunking a prompt where it would not fit whole. Where nothing runs
-with a TPOT target the limit is the token budget alone (``max_num_batched_tokens``).
+model predicts the step to stay under a time limit (the caller's: the ``bucket`` policy's
+keeps every running request within its TPOT target over its reply, and a share of the
+tightest TTFT target), chunking a prompt where it would not fit whole. Without a limit the
+token budget alone applies (``max_num_batched_tokens``).
 
 Progress: while the token budget has room, the first chunk of a step may always take
 ``min_chunk`` tokens (or the rest of its prompt), even over the limit, so a step exceeds its

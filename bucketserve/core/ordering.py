@@ -27,7 +27,7 @@ class OrderConfig:
     """
 
     order: str = option(
-        "fcfs",
+        "edf",
         choices=ORDERS,
         help="who goes first: fcfs, sjf/ljf (shortest/longest job), edf (earliest TTFT deadline)",
     )
@@ -65,8 +65,9 @@ class OrderConfig:
     )
     reject_late: bool = option(
         False,
-        help="answer 429 at once to a request that cannot meet its TTFT target even if run next "
-        "(by the online cost model; such requests are counted either way)",
+        help="answer 429 at once to a request that cannot meet its TTFT target however fast the "
+        "steps go: the prompts the order runs before it and its own, in full-budget steps, end "
+        "after its deadline (by the online cost model; such requests are counted either way)",
     )
 
     def __post_init__(self) -> None:

@@ -155,7 +155,8 @@ class Scheduler(abc.ABC):
         self.num_preemptions = 0
         # What steps cost, learnt from the steps the executor reports (``observe_step``).
         self.cost_fit = OnlineCostFit()
-        self.num_late = 0  # requests that could not meet their TTFT target even if run next
+        self.last_step_s = 0.0  # how long the last step took (the next chance to schedule is as far)
+        self.num_late = 0  # requests that on arrival could not meet their TTFT target (misses_deadline)
 
     # -- admission ---------------------------------------------------------------------
     def check_admissible(self, seq: Sequence) -> None:
@@ -187,13 +188,14 @@ class Scheduler(abc.ABC):
         self.check_admissible(seq)
         if seq.seq_id in self.seqs:
             raise InvalidRequestError(f"request id {seq.seq_id!r} is already queued", "request_id")
-        if self.is_late(seq, seq.arrival_time):
+        if self.misses_deadline(seq, seq.arrival_time):
             self.num_late += 1
             if self.config.order.reject_late:
                 raise DeadlineUnreachableError(
-                    f"the prompt's {seq.prompt_len} tokens take longer to compute than the request's "
-                    f"TTFT target of {targets(seq, self.config.order)[0]:.3g} s; shorten the prompt or "
-                    "raise ttft_slo_ms"
+                    f"the request cannot get its first token within its TTFT target of "
+                    f"{targets(seq, self.config.order)[0]:.3g} s: its {seq.prompt_len} prompt tokens and "
+                    f"the {self.prompt_tokens_ahead(seq)} queued ahead of them take longer to compute; "
+                    "retry later, shorten the prompt or raise ttft_slo_ms"
                 )
         seq.status = SequenceStatus.WAITING
         self.seqs[seq.seq_id] = seq
@@ -204,6 +206,7 @@ class Scheduler(abc.ABC):
         """A step of this shape took ``seconds`` (measured by the engine, charged by the
         simulator): the online cost model learns from it."""
         self.cost_fit.observe(shape, seconds)
+        self.last_step_s = seconds
 
     def is_late(self, seq: Sequence, now: float) -> bool:
         """Whether ``seq`` would miss its TTFT target even if its whole prompt ran in the next
@@ -213,6 +216,37 @@ class Scheduler(abc.ABC):
             return False
         own = step_ms(profile, BatchShape(((seq.num_uncomputed_tokens, seq.num_computed_tokens),))) / 1e3
         return now + own > seq.arrival_time + targets(seq, self.config.order)[0]
+
+    def prompt_tokens_ahead(self, seq: Sequence) -> int:
+        """Prompt tokens still to compute that this policy runs before ``seq``'s: here every
+        queued or started prompt (first come, first served); a policy with urgency keys
+        counts the more urgent ones only."""
+        return sum(
+            s.num_uncomputed_tokens
+            for s in self.seqs.values()
+            if s is not seq and s.num_uncomputed_tokens > 1 and self._runs_before(s, seq)
+        )
+
+    def _runs_before(self, other: Sequence, seq: Sequence) -> bool:
+        return True
+
+    def misses_deadline(self, seq: Sequence, now: float) -> bool:
+        """Whether ``seq`` will miss its TTFT target however fast the steps go: the prompts
+        ahead of it (``prompt_tokens_ahead``) and its own, computed in full-budget chunks
+        (``max_num_batched_tokens`` a step, as fresh tokens) beside the running decodes, end
+        after its deadline. An optimistic estimate (later, more urgent arrivals and the
+        chunks' cached context only add time), so what it flags is late for sure, by the
+        online cost model; False while the model has seen too few steps."""
+        profile = self.cost_fit.profile()
+        if profile is None:
+            return False
+        decode = tuple(len(s) for s in self.running if s.num_uncomputed_tokens <= 1)
+        chunk = max(1, self.config.max_num_batched_tokens - len(decode))
+        steps, rest = divmod(self.prompt_tokens_ahead(seq) + seq.num_uncomputed_tokens, chunk)
+        ms = steps * step_ms(profile, BatchShape(((chunk, 0),), decode))
+        if rest:
+            ms += step_ms(profile, BatchShape(((rest, 0),), decode))
+        return now + ms / 1e3 > seq.arrival_time + targets(seq, self.config.order)[0]
 
     # -- policy ------------------------------------------------------------------------
     @abc.abstractmethod

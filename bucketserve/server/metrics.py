@@ -51,7 +51,8 @@ class _EngineCollector(Collector):
         yield c
         c = CounterMetricFamily(
             "bucketserve:num_requests_late",
-            "Requests that could not meet their TTFT target even if run next (by the online cost model).",
+            "Requests that on arrival could not meet their TTFT target behind the prompts ahead "
+            "(by the online cost model).",
             labels=labels,
         )
         c.add_metric(value, s.num_late)

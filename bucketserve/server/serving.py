@@ -147,7 +147,7 @@ class OpenAIServing:
     ) -> RequestStream:
         """Start the request on the engine: 400 if its parameters are refused, 429 with
         Retry-After when the waiting queue is full, 429 at once when it cannot meet its TTFT
-        target even if run next (``--reject-late``), 503 once the server is stopping."""
+        target behind the prompts ahead of it (``--reject-late``), 503 once the server is stopping."""
         try:
             return await self.engine.add_request(
                 request_id,

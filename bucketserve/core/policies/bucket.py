@@ -10,10 +10,12 @@ least urgent first, should a sequence outgrow its reservation while memory is sh
 
 How many prompt tokens a step takes (``step_budget``): "tokens", the paper's, takes whole
 prompts up to ``max_num_batched_tokens`` (one prompt may exceed it); "slo" takes as many as
-keep the step's predicted time under the tightest TPOT target among the running requests
-(``core/budget.py``; the cost model is fitted online from the steps the executor reports),
-chunking the bucket's prompts across steps, and lifts the limit for a step when one of the
-most urgent prompts, in urgency order, would otherwise miss a TTFT deadline it can still meet.
+keep every running request's time per output token over its reply within its TPOT target
+(what its faster steps banked, and the margin every step keeps, spent first) and the step
+under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; the cost
+model is fitted online from the steps the executor reports), chunking prompts across steps,
+most urgent first, and lifts the TPOT limit for a step when one of the most urgent prompts,
+in urgency order, would otherwise miss a TTFT deadline it can still meet.
 """
 
 from __future__ import annotations
@@ -75,13 +77,22 @@ class BucketConfig:
     )
     memory_safety: float = option(0.9, help="M_safe = this share of the free KV memory")
     step_budget: str = option(
-        "tokens",
+        "slo",
         choices=STEP_BUDGETS,
         help="prompt tokens per step: tokens = whole prompts up to --max-num-batched-tokens (paper); "
-        "slo = as many as keep the predicted step time under the running requests' tightest TPOT "
-        "target (chunking prompts; more when a TTFT deadline is in danger)",
+        "slo = as many as keep every running request within its TPOT target over its reply and "
+        "the step under --bucket-ttft-share of the tightest TTFT target (chunking prompts, most "
+        "urgent first; more when a TTFT deadline is in danger)",
     )
-    tpot_margin: float = option(0.9, help="slo: the step time limit as a share of the tightest TPOT target")
+    tpot_margin: float = option(
+        0.9, help="slo: every step is held to this share of the TPOT targets of the requests it decodes"
+    )
+    ttft_share: float = option(
+        0.25,
+        help="slo: no step runs longer than this share of the tightest TTFT target the server knows "
+        "(--slo-classes, --default-ttft-slo, the requests' own), so one that arrives mid-step can "
+        "still start in time",
+    )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
 
     def __post_init__(self) -> None:
@@ -93,6 +104,7 @@ class BucketConfig:
         check(all(b > 0 for b in self.initial_boundaries), "initial boundaries must be > 0")
         check(0 < self.memory_safety <= 1, f"memory_safety must be in (0, 1], got {self.memory_safety}")
         check(0 < self.tpot_margin <= 1, f"tpot_margin must be in (0, 1], got {self.tpot_margin}")
+        check(0 < self.ttft_share <= 1, f"ttft_share must be in (0, 1], got {self.ttft_share}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
 
@@ -105,10 +117,15 @@ class BucketScheduler(Scheduler):
         self.monitor = Monitor(max_model_len)
         self._keys: dict[str, float] = {}
         self.last_budget: StepBudget | None = None  # slo: the last step's budget (for tests)
+        order = config.order
+        self._known_ttft = min([order.default_ttft_slo_s, *(c.ttft_s for c in order.classes)])
+        self._own_ttfts: dict[str, float] = {}  # requests present with a TTFT target of their own
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
         self.monitor.on_arrival(seq.prompt_len)
+        if seq.ttft_slo is not None:
+            self._own_ttfts[seq.seq_id] = seq.ttft_slo
 
     # -- queue: the buckets ------------------------------------------------------------
     def _enqueue(self, seq: Sequence) -> None:
@@ -117,12 +134,20 @@ class BucketScheduler(Scheduler):
 
     _requeue = _enqueue  # a preempted sequence keeps its urgency, so it goes back ahead
 
+    def _runs_before(self, other: Sequence, seq: Sequence) -> bool:
+        theirs = self._keys.get(other.seq_id)  # none: reserved for a handover, not prefilled here
+        mine = self._keys.get(seq.seq_id)
+        if mine is None:  # not queued yet: admission asks
+            mine = urgency(seq, self.config.order)
+        return theirs is not None and theirs <= mine
+
     def _dequeue(self, seq: Sequence) -> None:
         self.buckets.remove(seq)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         super()._finish(seq, reason, now)
         self._keys.pop(seq.seq_id, None)
+        self._own_ttfts.pop(seq.seq_id, None)
 
     # A handed-over sequence keeps an urgency here too: running ones are decoded in its order.
     def attach(self, seq: Sequence, now: float) -> None:
@@ -131,6 +156,7 @@ class BucketScheduler(Scheduler):
 
     def detach(self, seq: Sequence) -> list[int]:
         self._keys.pop(seq.seq_id, None)
+        self._own_ttfts.pop(seq.seq_id, None)
         return super().detach(seq)
 
     @property
@@ -232,10 +258,66 @@ class BucketScheduler(Scheduler):
         # One prefill batch from the most urgent ready bucket.
         self._adapt()
         bucket = self._pick_bucket(now)
+        bounds = None if bucket is None else (bucket.lower, bucket.upper)
         if chunking:
             prefilling = [s for s in prefilling if s.status is SequenceStatus.RUNNING]
             budget = self.last_budget = self._step_budget(now, seqs, prefilling, bucket)
-            for seq in prefilling:  # the prompts already started go on first
+            self._take_chunks(now, budget, prefilling, bucket, seqs, counts, preempted)
+        elif bucket is not None:
+            safe = self.safe_free_blocks()
+            tokens = self.config.max_num_batched_tokens
+            for taken in range(self.batch_size(bucket, safe)):
+                seq = bucket.head()
+                if seq is None or seq in preempted:
+                    break
+                need = blocks_for(self.reserved_tokens(seq), bm.block_size)
+                n = seq.num_uncomputed_tokens
+                if need > safe or (n > tokens and taken > 0):  # one prompt may exceed the budget
+                    break
+                tokens -= n
+                self._start_prompt(seq, bucket, n, now, seqs, counts)
+                safe -= need
+
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+
+    def _start_prompt(
+        self, seq: Sequence, bucket: Bucket, n: int, now: float, seqs: list[Sequence], counts: list[int]
+    ) -> None:
+        """Take ``seq`` off ``bucket`` and into this step with its first ``n`` prompt tokens."""
+        self.buckets.pop(bucket)
+        self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+        self._start(seq, now)
+        seqs.append(seq)
+        counts.append(n)
+
+    def _take_chunks(
+        self,
+        now: float,
+        budget: StepBudget,
+        started: list[Sequence],
+        bucket: Bucket | None,
+        seqs: list[Sequence],
+        counts: list[int],
+        preempted: list[Sequence],
+    ) -> None:
+        """slo: the step's prompt chunks, most urgent first, from the prompts already started
+        and the picked bucket's batch (up to N_b new ones), until the budget is spent. A chunk
+        of a started prompt does not go ahead of a more urgent new one: a short request is not
+        kept waiting behind a long document's remaining chunks."""
+        bm = self.block_manager
+        safe = self.safe_free_blocks() if bucket is not None else 0
+        seats = self.batch_size(bucket, safe) if bucket is not None else 0
+        pending = list(reversed(started))  # most urgent last, to pop
+        while True:
+            head = bucket.head() if bucket is not None and seats > 0 else None
+            if head is not None and (
+                head in preempted or blocks_for(self.reserved_tokens(head), bm.block_size) > safe
+            ):
+                head = None  # the bucket's batch ends here
+            if pending and (head is None or self._keys[pending[-1].seq_id] <= self._keys[head.seq_id]):
+                seq = pending.pop()
                 n = budget.take(seq.num_uncomputed_tokens, seq.num_computed_tokens)
                 if not n:
                     continue
@@ -245,57 +327,43 @@ class BucketScheduler(Scheduler):
                 bm.allocate(seq, seq.num_computed_tokens + n)
                 seqs.append(seq)
                 counts.append(n)
-        bounds = None
-        if bucket is not None:
-            bounds = (bucket.lower, bucket.upper)
-            safe = self.safe_free_blocks()
-            tokens = self.config.max_num_batched_tokens
-            for taken in range(self.batch_size(bucket, safe)):
-                seq = bucket.head()
-                if seq is None or seq in preempted:
-                    break
-                need = blocks_for(self.reserved_tokens(seq), bm.block_size)
-                if need > safe:
-                    break
-                if chunking:
-                    n = budget.take(seq.num_uncomputed_tokens, seq.num_computed_tokens)
-                    if n == 0:
-                        break
-                else:
-                    n = seq.num_uncomputed_tokens
-                    if n > tokens and taken > 0:  # one prompt may exceed the budget
-                        break
-                    tokens -= n
-                self.buckets.pop(bucket)
-                bm.allocate(seq, seq.num_computed_tokens + n)
-                self._start(seq, now)
-                seqs.append(seq)
-                counts.append(n)
-                safe -= need
-
-        if not seqs:
-            return None
-        return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+            elif head is not None:
+                assert bucket is not None
+                n = budget.take(head.num_uncomputed_tokens, head.num_computed_tokens)
+                if n == 0:
+                    seats = 0  # the step is full: no more new prompts
+                    continue
+                safe -= blocks_for(self.reserved_tokens(head), bm.block_size)
+                seats -= 1
+                self._start_prompt(head, bucket, n, now, seqs, counts)
+            else:
+                return
 
     def _step_budget(
         self, now: float, decoding: list[Sequence], prefilling: list[Sequence], bucket: Bucket | None
     ) -> StepBudget:
-        """slo: this step's budget. The time limit is the tightest TPOT target among the
-        decoding requests (less the margin); none if they have none, or while the cost model
-        has seen too few steps. Lifted for this step if, at that limit, one of the most urgent
-        prompts (started, or queued in the picked bucket), taken in urgency order, would finish
-        its prefill after its TTFT deadline when it could still meet it."""
+        """slo: this step's budget. The time limit keeps every decoding request within its
+        TPOT target (``_tpot_limit``), capped at ``ttft_share`` of the tightest TTFT
+        target the server knows; none while the cost model has seen too few steps. Lifted to
+        the cap for this step if, at the TPOT limit, one of the most urgent prompts (started,
+        or queued in the picked bucket), taken in urgency order, would finish its prefill
+        after its TTFT deadline when it could still meet it."""
         order = self.config.order
         profile = self.cost_fit.profile()
-        tpots = [t for t in (targets(s, order)[1] for s in decoding) if t is not None]
-        limit = self.cfg.tpot_margin * min(tpots) if tpots and profile is not None else math.inf
+        tpot_limit = self._tpot_limit(decoding, now) if profile is not None else math.inf
+        # A request that arrives while this step runs waits for its end: the step keeps a share
+        # of the tightest TTFT target the server knows (its classes and default, and the
+        # requests present that brought their own).
+        own = min(self._own_ttfts.values(), default=math.inf)
+        cap = self.cfg.ttft_share * min(self._known_ttft, own) if profile is not None else math.inf
+        limit = min(tpot_limit, cap)
         contexts = [len(s) for s in decoding]
 
         def budget(limit_s: float) -> StepBudget:
             tokens = self.config.max_num_batched_tokens
             return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
 
-        if not math.isfinite(limit):  # no TPOT target to keep: the token budget alone
+        if tpot_limit >= cap:  # no TPOT target tighter than the cap: nothing to lift
             return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
         candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
@@ -316,20 +384,45 @@ class BucketScheduler(Scheduler):
                     continue
                 deadline = seq.arrival_time + targets(seq, order)[0]
                 if now + math.ceil(ahead / rate) * limit > deadline:
-                    limit = math.inf  # a TTFT deadline in danger: this step takes what the tokens allow
+                    limit = cap  # a TTFT deadline in danger: this step takes what the cap allows
                     break
         return budget(limit)
 
+    def _tpot_limit(self, decoding: list[Sequence], now: float) -> float:
+        """slo: the longest this step may run with every decoding request's time per output
+        token over its whole reply still within its TPOT target. Every step is held to the
+        target x the margin, so a request of N tokens (its predicted output, else max_tokens)
+        that has n out since its first at f may have this step end as late as
+        f + (N - 1) x target - (N - n - 1) x target x margin: what its faster steps banked and
+        the margin of the steps to come. At least target x margin, so a request already
+        behind still decodes in steps of that."""
+        limit = math.inf
+        for seq in decoding:
+            target = targets(seq, self.config.order)[1]
+            if target is None:
+                continue
+            held = target * self.cfg.tpot_margin
+            end = -math.inf
+            if seq.first_token_time is not None:
+                n, total = seq.num_output_tokens, seq.params.max_tokens
+                if seq.predicted_output_len is not None:
+                    total = min(total, max(n + 1, seq.predicted_output_len))
+                end = seq.first_token_time + (total - 1) * target - max(0, total - n - 1) * held
+            limit = min(limit, max(held, end - now))
+        return limit
+
     def _pick_bucket(self, now: float) -> Bucket | None:
-        """The most urgent bucket that is full (N_b queued), whose most urgent request has
-        waited a window, or that would otherwise leave the executor idle."""
+        """The most urgent bucket that is full (N_b queued), whose most urgent request will
+        have waited a window by the next chance to dispatch it (a step from now: a window
+        shorter than a step must not cost a whole step), or that would otherwise leave the
+        executor idle."""
         safe = self.safe_free_blocks()
         idle = not self.running
         for bucket in sorted((b for b in self.buckets.buckets if len(b)), key=Bucket.head_key):
             n_b = self.batch_size(bucket, safe)
             if n_b == 0:
                 continue
-            waited = now - bucket.head_arrival() >= self.cfg.dispatch_window_s
+            waited = now + self.last_step_s - bucket.head_arrival() >= self.cfg.dispatch_window_s
             if idle or waited or len(bucket) >= n_b:
                 return bucket
         return None
