@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def _report_options(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument(
         "--goodput",
         nargs="+",
-        type=_goodput_item,
+        type=_checked(lambda item: SLO.parse([item])),  # SLO.parse reads the whole list
         default=[],
         metavar="KEY:MS",
         help="SLO targets for goodput and attainment, e.g. --goodput ttft:2000 tpot:200 (default: none; "
@@ -120,7 +121,7 @@ def add_bench_parser(sub: Any) -> None:
     t.add_argument(
         "--url",
         action="append",
-        type=_checked_url,
+        type=_checked(Target.from_url_arg),
         default=[],
         metavar="NAME=URL",
         help="a running server to measure, named NAME (repeatable; default: none)",
@@ -128,7 +129,7 @@ def add_bench_parser(sub: Any) -> None:
     t.add_argument(
         "--server",
         action="append",
-        type=_checked_server,
+        type=_checked(Target.from_server_arg),
         default=[],
         metavar="NAME='ARGS'",
         help="start `bucketserve serve ARGS` (after --server-args) and measure it as NAME, e.g. "
@@ -141,31 +142,18 @@ def add_bench_parser(sub: Any) -> None:
     cmp.set_defaults(func=cmd_compare)
 
 
-def _checked_url(text: str) -> str:
-    """One --url, checked as it is read (kept as given, for the result file's config)."""
-    try:
-        Target.from_url_arg(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse ``type=`` that checks one value with ``parse`` as it is read (its ValueError
+    shown as argparse's one-line error) and keeps the text as given, for the result file."""
 
+    def read(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
 
-def _checked_server(text: str) -> str:
-    """One --server, checked as it is read."""
-    try:
-        Target.from_server_arg(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def _goodput_item(text: str) -> str:
-    """One ``KEY:MS`` item of --goodput, checked as it is read (SLO.parse reads the list)."""
-    try:
-        SLO.parse([text])
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return read
 
 
 # -- commands ------------------------------------------------------------------------------
