@@ -119,7 +119,9 @@ class BucketScheduler(Scheduler):
         self.last_budget: StepBudget | None = None  # slo: the last step's budget (for tests)
         order = config.order
         self._known_ttft = min([order.default_ttft_slo_s, *(c.ttft_s for c in order.classes)])
-        self._own_ttfts: dict[str, float] = {}  # requests present with a TTFT target of their own
+        # The requests present with a TTFT target of their own (few, usually none), kept as they
+        # come and go so that a step need not scan every request for the tightest target.
+        self._own_ttfts: dict[str, float] = {}
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -350,19 +352,21 @@ class BucketScheduler(Scheduler):
         after its TTFT deadline when it could still meet it."""
         order = self.config.order
         profile = self.cost_fit.profile()
-        tpot_limit = self._tpot_limit(decoding, now) if profile is not None else math.inf
-        # A request that arrives while this step runs waits for its end: the step keeps a share
-        # of the tightest TTFT target the server knows (its classes and default, and the
-        # requests present that brought their own).
-        own = min(self._own_ttfts.values(), default=math.inf)
-        cap = self.cfg.ttft_share * min(self._known_ttft, own) if profile is not None else math.inf
-        limit = min(tpot_limit, cap)
         contexts = [len(s) for s in decoding]
 
         def budget(limit_s: float) -> StepBudget:
             tokens = self.config.max_num_batched_tokens
             return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
 
+        if profile is None:  # too few steps seen to predict one: the token budget alone
+            return budget(math.inf)
+        tpot_limit = self._tpot_limit(decoding, now)
+        # A request that arrives while this step runs waits for its end: the step keeps a share
+        # of the tightest TTFT target the server knows (its classes and default, and the
+        # requests present that brought their own).
+        own = min(self._own_ttfts.values(), default=math.inf)
+        cap = self.cfg.ttft_share * min(self._known_ttft, own)
+        limit = min(tpot_limit, cap)
         if tpot_limit >= cap:  # no TPOT target tighter than the cap: nothing to lift
             return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
