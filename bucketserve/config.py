@@ -168,7 +168,7 @@ class ServerConfig:
         "SmolLM2-135M-Instruct", help="the model name clients send (the --model path is accepted too)"
     )
     max_waiting_requests: int = option(
-        256, help="answer 429 (with Retry-After) beyond this many waiting requests"
+        256, help="answer 429 (with Retry-After) beyond this many requests waiting for a free batch seat"
     )
     api_key: str | None = option(
         None, help="require 'Authorization: Bearer KEY' on /v1/* (default: $BUCKETSERVE_API_KEY, else none)"

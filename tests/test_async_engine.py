@@ -126,6 +126,27 @@ def test_a_full_waiting_queue_refuses_with_queue_full(make_engine) -> None:
     asyncio.run(run())
 
 
+def test_requests_that_reach_an_idle_engine_together_take_its_free_seats_before_the_queue(
+    make_engine,
+) -> None:
+    """Admission bounds the requests no free seat will take: of three sent at once to an
+    idle engine with one seat and room for one waiting, one runs, one waits and one is
+    refused, whether or not the engine steps between their arrivals."""
+    engine = make_engine(max_waiting_requests=1, max_num_seqs=1)
+
+    async def run() -> None:
+        added = await asyncio.gather(
+            *(engine.add_request(rid, "Hello", LONG) for rid in "abc"), return_exceptions=True
+        )
+        refused = [r for r in added if isinstance(r, QueueFullError)]
+        assert len(refused) == 1, added
+        for rid, r in zip("abc", added, strict=True):
+            if not isinstance(r, BaseException):
+                engine.abort(rid)
+
+    asyncio.run(run())
+
+
 def test_a_factory_builds_the_engine_on_the_engine_thread_and_its_errors_reach_the_caller(
     tiny_model_dir: Path,
 ) -> None:

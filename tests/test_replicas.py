@@ -21,6 +21,7 @@ from server_process import MODEL, Server
 
 from bucketserve.cluster.gateway import request_length
 from bucketserve.cluster.metrics_merge import merge_expositions
+from bucketserve.cluster.router import InFlight
 
 KEY = {"Authorization": "Bearer s3cret"}
 
@@ -32,6 +33,38 @@ def test_merged_metrics_label_every_sample_with_its_replica_and_name_each_family
     assert text.count("# HELP x_total") == 1
     (family,) = text_string_to_metric_families(text)
     assert [(s.labels["replica"], s.value) for s in family.samples] == [("r1", 3.0), ("r2", 5.0)]
+
+
+def test_the_in_flight_count_follows_routed_and_completed_requests_per_replica() -> None:
+    counts = InFlight()
+    counts.routed("r1", "A")
+    counts.routed("r2", "A")
+    counts.routed("r3", "B")
+    assert (counts.load("A"), counts.load("B")) == (2, 1)
+    counts.completed("r1", "A")
+    counts.forget("B")  # B died: nothing is in flight there
+    assert (counts.load("A"), counts.load("B")) == (1, 0)
+
+
+def test_a_reply_that_completes_before_ray_reports_it_routed_leaves_no_load_behind() -> None:
+    """A fast 429 or 400 can complete before Ray calls on_request_routed; counting the
+    routing then would leave the replica looking busy for ever."""
+    counts = InFlight()
+    counts.completed("fast", "A")
+    counts.routed("fast", "A")
+    assert counts.load("A") == 0
+    counts.routed("next", "A")  # later requests are counted as usual
+    assert counts.load("A") == 1
+
+
+def test_a_rejected_attempt_does_not_uncount_its_retry_on_another_replica() -> None:
+    counts = InFlight(memory=2)
+    counts.completed("r", "A")  # A rejected it (Ray completes the cancelled attempt)
+    counts.routed("r", "B")  # B accepted it
+    assert counts.load("B") == 1
+    for i in range(5):  # the memory of early completions stays bounded
+        counts.completed(f"x{i}", "A")
+    assert len(counts.done_early) == 2
 
 
 class _Words:

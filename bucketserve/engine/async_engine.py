@@ -481,7 +481,7 @@ class AsyncEngine:
         if self._stopping:
             stream.put(EngineStoppedError("the server is shutting down; retry on another instance"))
             return
-        waiting = engine.num_waiting
+        waiting = engine.num_queued
         if waiting >= self.max_waiting_requests:
             wait_s = retry_after(waiting, self._finish_times)
             stream.put(

@@ -279,6 +279,14 @@ class LLMEngine:
             1 for r in self._awaiting_kv.values() if not r.seq.block_table
         )
 
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests that no free seat of the batch will take at the next step: the
+        queue that admission bounds (two requests that reach an idle engine together are
+        both waiting until it steps, but only one more than the free seats will wait)."""
+        free_seats = max(0, self.scheduler_config.max_num_seqs - self.scheduler.num_running)
+        return max(0, self.num_waiting - free_seats)
+
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its KV blocks are free when this returns."""
         req = self._requests.pop(request_id, None)
