@@ -193,14 +193,14 @@ def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
     """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit it would
     take longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a
     target it cannot meet even alone (1 s), lifting would only stall the decodes: it is
-    chunked."""
-    for ttft, whole in ((3.0, True), (1.0, False)):
-        sched = _slo_bucket(ttft_share=1.0)
+    chunked. With --no-bucket-ttft-lift the running requests' TPOT comes first: chunked."""
+    for ttft, lift, whole in ((3.0, True, True), (1.0, True, False), (3.0, False, False)):
+        sched = _slo_bucket(ttft_share=1.0, ttft_lift=lift)
         ex = _four_decoding(sched)
         sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=ttft))
         batch = sched.schedule(ex.now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
         assert batch is not None
-        assert (max(n for n, _ in batch.shape().prefill) == 1500) is whole, ttft
+        assert (max(n for n, _ in batch.shape().prefill) == 1500) is whole, (ttft, lift)
         assert len(batch.shape().decode) == 4  # the decodes run either way
 
 

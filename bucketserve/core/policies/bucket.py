@@ -14,8 +14,8 @@ keep every running request's time per output token over its reply within its TPO
 (what its faster steps banked, and the margin every step keeps, spent first) and the step
 under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; the cost
 model is fitted online from the steps the executor reports), chunking prompts across steps,
-most urgent first, and lifts the TPOT limit for a step when one of the most urgent prompts,
-in urgency order, would otherwise miss a TTFT deadline it can still meet.
+most urgent first, and (``ttft_lift``) lifts the TPOT limit for a step when one of the most
+urgent prompts, in urgency order, would otherwise miss a TTFT deadline it can still meet.
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ class BucketConfig:
         "still start in time",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
+    ttft_lift: bool = option(
+        True,
+        help="slo: a step runs up to the TTFT cap, past the running requests' TPOT limit, when a "
+        "queued prompt would otherwise miss its TTFT deadline (a queued request's TTFT before the "
+        "running ones' TPOT); --no-bucket-ttft-lift keeps the running requests' TPOT first",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -346,10 +352,10 @@ class BucketScheduler(Scheduler):
     ) -> StepBudget:
         """slo: this step's budget. The time limit keeps every decoding request within its
         TPOT target (``_tpot_limit``), capped at ``ttft_share`` of the tightest TTFT
-        target the server knows; none while the cost model has seen too few steps. Lifted to
-        the cap for this step if, at the TPOT limit, one of the most urgent prompts (started,
-        or queued in the picked bucket), taken in urgency order, would finish its prefill
-        after its TTFT deadline when it could still meet it."""
+        target the server knows; none while the cost model has seen too few steps. With
+        ``ttft_lift``, lifted to the cap for this step if, at the TPOT limit, one of the most
+        urgent prompts (started, or queued in the picked bucket), taken in urgency order,
+        would finish its prefill after its TTFT deadline when it could still meet it."""
         order = self.config.order
         profile = self.cost_fit.profile()
         contexts = [len(s) for s in decoding]
@@ -367,7 +373,7 @@ class BucketScheduler(Scheduler):
         own = min(self._own_ttfts.values(), default=math.inf)
         cap = self.cfg.ttft_share * min(self._known_ttft, own)
         limit = min(tpot_limit, cap)
-        if tpot_limit >= cap:  # no TPOT target tighter than the cap: nothing to lift
+        if tpot_limit >= cap or not self.cfg.ttft_lift:  # nothing to lift, or not to be lifted
             return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
         candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
