@@ -17,6 +17,10 @@ What it measures
       that takes no time from the others)
     - ``bucket-slo-optimal``: ``bucket-slo`` with ``--bucket-split-mode optimal`` (boundaries
       fitted to the observed lengths instead of bisection)
+    - ``bucket-slo-lift``: ``bucket-slo`` with ``--bucket-ttft-lift`` (a queued prompt's TTFT
+      deadline in danger lifts a step past the running requests' TPOT limit, to the TTFT cap)
+    - ``bucket-slo-share1``: ``bucket-slo`` with ``--bucket-ttft-share 1`` (steps up to the
+      tightest TTFT target, not a quarter of it)
     - ``continuous-B``: vLLM-style, chunked prefill, token budget B for each of
       ``--continuous-budgets`` (its best setting is the baseline); ``continuous-B-late`` the
       same with ``--reject-late`` (behind every queued prompt, first come first served)
@@ -60,6 +64,8 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo": {"policy": "bucket"},  # the defaults: the slo step budget, EDF
         "bucket-slo-late": {"policy": "bucket", "order": {"reject_late": True}},
         "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
+        "bucket-slo-lift": {"policy": "bucket", "policy_config": {"ttft_lift": True}},
+        "bucket-slo-share1": {"policy": "bucket", "policy_config": {"ttft_share": 1.0}},
     }
     for b in continuous_budgets:
         out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}

@@ -193,7 +193,8 @@ def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
     """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit it would
     take longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a
     target it cannot meet even alone (1 s), lifting would only stall the decodes: it is
-    chunked. With --no-bucket-ttft-lift the running requests' TPOT comes first: chunked."""
+    chunked. Without --bucket-ttft-lift (the default) the running requests' TPOT comes
+    first: chunked."""
     for ttft, lift, whole in ((3.0, True, True), (1.0, True, False), (3.0, False, False)):
         sched = _slo_bucket(ttft_share=1.0, ttft_lift=lift)
         ex = _four_decoding(sched)

@@ -95,10 +95,10 @@ class BucketConfig:
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     ttft_lift: bool = option(
-        True,
-        help="slo: a step runs up to the TTFT cap, past the running requests' TPOT limit, when a "
-        "queued prompt would otherwise miss its TTFT deadline (a queued request's TTFT before the "
-        "running ones' TPOT); --no-bucket-ttft-lift keeps the running requests' TPOT first",
+        False,
+        help="slo: let a step run up to the TTFT cap, past the running requests' TPOT limit, when "
+        "a queued prompt would otherwise miss its TTFT deadline (a queued request's TTFT before "
+        "the running ones' TPOT; default: the running requests' TPOT first)",
     )
 
     def __post_init__(self) -> None:
