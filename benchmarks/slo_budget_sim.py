@@ -66,6 +66,8 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
         "bucket-slo-lift": {"policy": "bucket", "policy_config": {"ttft_lift": True}},
         "bucket-slo-share1": {"policy": "bucket", "policy_config": {"ttft_share": 1.0}},
+        "bucket-slo-danger25": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.25}},
+        "bucket-slo-danger1": {"policy": "bucket", "policy_config": {"danger_ttft_share": 1.0}},
     }
     for b in continuous_budgets:
         out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}

@@ -238,6 +238,26 @@ def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
         step()
 
 
+def test_slo_bucket_steps_grow_while_the_queue_is_behind_its_ttft_deadlines() -> None:
+    """Twenty chats at once, 1-s class: each alone is on time, but at a quarter-second per
+    step the last would start seconds late. While that is so a step may grow to half the
+    tightest target (more prompt tokens per second); with --bucket-danger-ttft-share 0.25
+    it stays at a quarter."""
+    for share, longest in ((0.5, 0.5), (0.25, 0.25)):
+        sched = make(
+            "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+            policy_config={"step_budget": "slo", "min_chunk": 16, "danger_ttft_share": share},
+            order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
+        )  # fmt: skip
+        sched.cost_fit = OnlineCostFit(prior=KNOWN)
+        for i in range(20):
+            sched.add(seq(i, 200, 8))
+        batch = sched.schedule(0.06)
+        assert batch is not None
+        took = step_ms(KNOWN, batch.shape()) / 1e3
+        assert longest - 0.1 < took <= longest + 1e-9, (share, took)
+
+
 def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refused() -> None:
     sched = make("bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048)
     sched.cost_fit = OnlineCostFit(prior=KNOWN)  # a 1,500-token prefill: ~2.3 s
@@ -349,12 +369,15 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
             if (t := targets(s, sched.config.order)[1]) is not None and (n := s.params.max_tokens)
         ]
         # The limit: the least allowance of the decoding requests, capped at a quarter of
-        # the tightest TTFT target present (the 10-s default or a request's own); the cap alone
-        # when a deadline lifts it.
+        # the tightest TTFT target present (the 10-s default or a request's own); capped at
+        # half of it instead while a deadline is in danger.
         present = [s.ttft_slo for s in arrivals if s.ttft_slo is not None and s.seq_id in sched.seqs]
-        cap_ms = 0.25 * min([10.0, *present]) * 1e3
+        tightest_ms = min([10.0, *present]) * 1e3
         tpot_ms = min(allowances) * 1e3 if allowances else math.inf
-        assert budget.limit_ms in (pytest.approx(min(tpot_ms, cap_ms)), pytest.approx(cap_ms))
+        assert budget.limit_ms in (
+            pytest.approx(min(tpot_ms, 0.25 * tightest_ms)),
+            pytest.approx(min(tpot_ms, 0.5 * tightest_ms)),
+        )
         if took * 1e3 > budget.limit_ms + 1e-6:
             # over its limit only by the one chunk of progress (or by the decodes alone)
             assert len(shape.prefill) <= 1 and all(n <= min_chunk for n, _ in shape.prefill)

@@ -93,6 +93,12 @@ class BucketConfig:
         "(--slo-classes, --default-ttft-slo, the requests' own), so one that arrives mid-step can "
         "still start in time",
     )
+    danger_ttft_share: float = option(
+        0.5,
+        help="slo: while a queued prompt's TTFT deadline is in danger, a step may run up to this "
+        "share of the tightest TTFT target (larger steps prefill more per second; never less than "
+        "--bucket-ttft-share), still within the running requests' TPOT limit unless --bucket-ttft-lift",
+    )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     ttft_lift: bool = option(
         False,
@@ -111,6 +117,10 @@ class BucketConfig:
         check(0 < self.memory_safety <= 1, f"memory_safety must be in (0, 1], got {self.memory_safety}")
         check(0 < self.tpot_margin <= 1, f"tpot_margin must be in (0, 1], got {self.tpot_margin}")
         check(0 < self.ttft_share <= 1, f"ttft_share must be in (0, 1], got {self.ttft_share}")
+        check(
+            0 < self.danger_ttft_share <= 1,
+            f"danger_ttft_share must be in (0, 1], got {self.danger_ttft_share}",
+        )
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
 
@@ -352,10 +362,11 @@ class BucketScheduler(Scheduler):
     ) -> StepBudget:
         """slo: this step's budget. The time limit keeps every decoding request within its
         TPOT target (``_tpot_limit``), capped at ``ttft_share`` of the tightest TTFT
-        target the server knows; none while the cost model has seen too few steps. With
-        ``ttft_lift``, lifted to the cap for this step if, at the TPOT limit, one of the most
-        urgent prompts (started, or queued in the picked bucket), taken in urgency order,
-        would finish its prefill after its TTFT deadline when it could still meet it."""
+        target the server knows; none while the cost model has seen too few steps. Grown to
+        ``danger_ttft_share`` of that target (within the TPOT limit, unless ``ttft_lift``)
+        for this step if, at the limit, one of the most urgent prompts (started, or queued in
+        the picked bucket), taken in urgency order, would finish its prefill after its TTFT
+        deadline when it could still meet it."""
         order = self.config.order
         profile = self.cost_fit.profile()
         contexts = [len(s) for s in decoding]
@@ -371,9 +382,16 @@ class BucketScheduler(Scheduler):
         # of the tightest TTFT target the server knows (its classes and default, and the
         # requests present that brought their own).
         own = min(self._own_ttfts.values(), default=math.inf)
-        cap = self.cfg.ttft_share * min(self._known_ttft, own)
+        tightest = min(self._known_ttft, own)
+        cap = self.cfg.ttft_share * tightest
         limit = min(tpot_limit, cap)
-        if tpot_limit >= cap or not self.cfg.ttft_lift:  # nothing to lift, or not to be lifted
+        # What the step may grow to while a TTFT deadline is in danger: a queue that is behind
+        # already keeps a new arrival waiting longer than a step, and larger steps prefill more
+        # per second. Past the running requests' TPOT limit only with ttft_lift.
+        grown = max(self.cfg.danger_ttft_share, self.cfg.ttft_share) * tightest
+        if not self.cfg.ttft_lift:
+            grown = min(grown, tpot_limit)
+        if grown <= limit:  # nothing to grow
             return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
         candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
@@ -394,7 +412,7 @@ class BucketScheduler(Scheduler):
                     continue
                 deadline = seq.arrival_time + targets(seq, order)[0]
                 if now + math.ceil(ahead / rate) * limit > deadline:
-                    limit = cap  # a TTFT deadline in danger: this step takes what the cap allows
+                    limit = grown  # a TTFT deadline in danger
                     break
         return budget(limit)
 
