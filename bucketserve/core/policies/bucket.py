@@ -14,8 +14,9 @@ keep every running request's time per output token over its reply within its TPO
 (what its faster steps banked, and the margin every step keeps, spent first) and the step
 under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; the cost
 model is fitted online from the steps the executor reports), chunking prompts across steps,
-most urgent first, and (``ttft_lift``) lifts the TPOT limit for a step when one of the most
-urgent prompts, in urgency order, would otherwise miss a TTFT deadline it can still meet.
+most urgent first, and lets a step grow (to ``danger_ttft_share`` of the tightest TTFT
+target, within the TPOT limit unless ``ttft_lift``) when one of the most urgent prompts, in
+urgency order, would otherwise miss a TTFT deadline it can still meet.
 """
 
 from __future__ import annotations
@@ -418,24 +419,29 @@ class BucketScheduler(Scheduler):
 
     def _tpot_limit(self, decoding: list[Sequence], now: float) -> float:
         """slo: the longest this step may run with every decoding request's time per output
-        token over its whole reply still within its TPOT target. Every step is held to the
-        target x the margin, so a request of N tokens (its predicted output, else max_tokens)
-        that has n out since its first at f may have this step end as late as
-        f + (N - 1) x target - (N - n - 1) x target x margin: what its faster steps banked and
-        the margin of the steps to come. At least target x margin, so a request already
+        token over its whole reply still within its TPOT target t. Every step to come is
+        planned at t x margin, and the reply as a whole aims at t x (1 + margin) / 2: the
+        steps that spend what was banked end on that line, and the last of them, which no
+        later step can make up for, keep half the margin for a step that runs over its
+        prediction. So a request of N tokens (its predicted output, else max_tokens) that
+        has n out since its first at f may have this step end as late as
+        f + (N - 1) x t x (1 + margin) / 2 - (N - n - 1) x t x margin: what its faster steps
+        banked and the margin of the steps to come. At least t x margin, so a request already
         behind still decodes in steps of that."""
         limit = math.inf
+        margin = self.cfg.tpot_margin
         for seq in decoding:
             target = targets(seq, self.config.order)[1]
             if target is None:
                 continue
-            held = target * self.cfg.tpot_margin
+            held = target * margin
             end = -math.inf
             if seq.first_token_time is not None:
                 n, total = seq.num_output_tokens, seq.params.max_tokens
                 if seq.predicted_output_len is not None:
                     total = min(total, max(n + 1, seq.predicted_output_len))
-                end = seq.first_token_time + (total - 1) * target - max(0, total - n - 1) * held
+                aim = target * (1 + margin) / 2
+                end = seq.first_token_time + (total - 1) * aim - max(0, total - n - 1) * held
             limit = min(limit, max(held, end - now))
         return limit
 
