@@ -21,6 +21,9 @@ What it measures
       deadline in danger lifts a step past the running requests' TPOT limit, to the TTFT cap)
     - ``bucket-slo-share1``: ``bucket-slo`` with ``--bucket-ttft-share 1`` (steps up to the
       tightest TTFT target, not a quarter of it)
+    - ``bucket-slo-danger50``, ``-danger1``: ``bucket-slo`` whose steps may grow to half (all)
+      of the tightest TTFT target while a TTFT deadline is in danger
+      (``--bucket-danger-ttft-share``; the default 0.25 is ``--bucket-ttft-share``'s: no growth)
     - ``continuous-B``: vLLM-style, chunked prefill, token budget B for each of
       ``--continuous-budgets`` (its best setting is the baseline); ``continuous-B-late`` the
       same with ``--reject-late`` (behind every queued prompt, first come first served)
@@ -66,7 +69,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
         "bucket-slo-lift": {"policy": "bucket", "policy_config": {"ttft_lift": True}},
         "bucket-slo-share1": {"policy": "bucket", "policy_config": {"ttft_share": 1.0}},
-        "bucket-slo-danger25": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.25}},
+        "bucket-slo-danger50": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.5}},
         "bucket-slo-danger1": {"policy": "bucket", "policy_config": {"danger_ttft_share": 1.0}},
     }
     for b in continuous_budgets:

@@ -95,7 +95,7 @@ class BucketConfig:
         "still start in time",
     )
     danger_ttft_share: float = option(
-        0.5,
+        0.25,
         help="slo: while a queued prompt's TTFT deadline is in danger, a step may run up to this "
         "share of the tightest TTFT target (larger steps prefill more per second; never less than "
         "--bucket-ttft-share), still within the running requests' TPOT limit unless --bucket-ttft-lift",
