@@ -67,6 +67,34 @@ def test_a_rejected_attempt_does_not_uncount_its_retry_on_another_replica() -> N
     assert len(counts.done_early) == 2
 
 
+def test_with_port_0_the_proxy_tries_another_free_port_when_its_first_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray's own processes can take the free port picked for the proxy before it binds;
+    with --port 0 another is picked, with a fixed port the error stands."""
+    from ray import serve
+    from ray.exceptions import RayError
+
+    from bucketserve.cluster import replicas
+
+    ports: list[int] = []
+    shutdowns: list[bool] = []
+
+    def start(http_options: dict, **kwargs: object) -> None:
+        ports.append(http_options["port"])
+        if len(ports) == 1:
+            raise RayError("Failed to bind to address")
+
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "shutdown", lambda: shutdowns.append(True))
+    assert replicas._start_proxy("127.0.0.1", 0, {}) == ports[-1]
+    assert len(ports) == 2 and all(p > 0 for p in ports) and shutdowns == [True]
+    ports.clear()
+    with pytest.raises(RayError):
+        replicas._start_proxy("127.0.0.1", 8123, {})
+    assert ports == [8123]
+
+
 class _Words:
     """A tokenizer stand-in: one token per word."""
 

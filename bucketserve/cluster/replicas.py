@@ -295,6 +295,37 @@ def num_engines(server: ServerConfig) -> int:
     return server.replicas
 
 
+PROXY_BIND_TRIES = 3  # --port 0: free ports tried for the proxy
+
+
+def _start_proxy(host: str, port: int, logs: dict[str, Any]) -> int:
+    """Start Ray Serve's HTTP proxy on ``port`` and return the port; for 0, on a free port
+    picked now, after Ray's own processes took theirs (one picked before ``ray.init`` was
+    sometimes taken by them), and on another if the proxy still cannot bind it."""
+    from ray import serve
+    from ray.exceptions import RayError
+
+    from bucketserve.server.launch import bind
+
+    tries = PROXY_BIND_TRIES if port == 0 else 1
+    for attempt in range(1, tries + 1):
+        chosen = port
+        if port == 0:
+            with bind(host, 0) as sock:
+                chosen = sock.getsockname()[1]
+        try:
+            serve.start(
+                http_options={"host": host, "port": chosen}, proxy_location="HeadOnly", logging_config=logs
+            )
+            return chosen
+        except RayError:
+            if attempt == tries:
+                raise
+            log.warning("the HTTP proxy could not bind port %d; trying another", chosen)
+            serve.shutdown()
+    raise AssertionError("unreachable")
+
+
 def serve_replicas(
     engine_config: EngineConfig,
     scheduler_config: SchedulerConfig,
@@ -326,8 +357,9 @@ def serve_replicas(
         log.warning(
             "%d replicas x %d threads ask for %d CPUs on a machine with %d", engines, threads, cpus, have
         )
-    with bind(server.host, server.port) as sock:  # a free port for 0, a one-line error if taken
-        port = sock.getsockname()[1]
+    if server.port:
+        with bind(server.host, server.port):  # a one-line error if taken, before Ray starts
+            pass
     if server.ray_address is None:
         ray.init(num_cpus=max(cpus, have), include_dashboard=False, logging_level=log_level.upper())
     else:  # its nodes bring their own CPUs; the replicas go where Ray finds them
@@ -338,9 +370,7 @@ def serve_replicas(
         # One endpoint: one proxy, on the head node (Ray's default puts one on every node).
         # A line per request from every deployment only when debugging, as the single server does.
         logs = {"log_level": log_level.upper(), "enable_access_log": log_level == "debug"}
-        serve.start(
-            http_options={"host": server.host, "port": port}, proxy_location="HeadOnly", logging_config=logs
-        )
+        port = _start_proxy(server.host, server.port, logs)
         serve.run(
             application(engine_config, scheduler_config, server, threads),
             name=APP_NAME,
