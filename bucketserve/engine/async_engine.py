@@ -481,12 +481,12 @@ class AsyncEngine:
         if self._stopping:
             stream.put(EngineStoppedError("the server is shutting down; retry on another instance"))
             return
-        waiting = engine.num_queued
-        if waiting >= self.max_waiting_requests:
-            wait_s = retry_after(waiting, self._finish_times)
+        queued = engine.num_queued
+        if queued >= self.max_waiting_requests:
+            wait_s = retry_after(queued, self._finish_times)
             stream.put(
                 QueueFullError(
-                    f"the server is overloaded: {waiting} requests are already waiting "
+                    f"the server is overloaded: {queued} requests are already waiting for a seat "
                     f"(max_waiting_requests={self.max_waiting_requests}); retry in {wait_s} s",
                     retry_after_s=wait_s,
                 )

@@ -228,8 +228,7 @@ class LLMEngine:
         the copy always has a place to land."""
         reserved: list[Sequence] = []
         waiting = [r.seq for r in self._awaiting_kv.values()]
-        seats = self.scheduler_config.max_num_seqs - self.scheduler.num_running
-        seats -= sum(1 for s in waiting if s.block_table)
+        seats = self.free_seats - sum(1 for s in waiting if s.block_table)
         now = time.monotonic()
         for seq in waiting:
             if seq.block_table:
@@ -284,8 +283,12 @@ class LLMEngine:
         """Waiting requests that no free seat of the batch will take at the next step: the
         queue that admission bounds (two requests that reach an idle engine together are
         both waiting until it steps, but only one more than the free seats will wait)."""
-        free_seats = max(0, self.scheduler_config.max_num_seqs - self.scheduler.num_running)
-        return max(0, self.num_waiting - free_seats)
+        return max(0, self.num_waiting - self.free_seats)
+
+    @property
+    def free_seats(self) -> int:
+        """Batch seats (``max_num_seqs``) no running request holds."""
+        return max(0, self.scheduler_config.max_num_seqs - self.scheduler.num_running)
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its KV blocks are free when this returns."""

@@ -103,9 +103,10 @@ class BucketConfig:
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     ttft_lift: bool = option(
         False,
-        help="slo: let a step run up to the TTFT cap, past the running requests' TPOT limit, when "
-        "a queued prompt would otherwise miss its TTFT deadline (a queued request's TTFT before "
-        "the running ones' TPOT; default: the running requests' TPOT first)",
+        help="slo: let a step run up to --bucket-danger-ttft-share of the tightest TTFT target, past "
+        "the running requests' TPOT limit, when a queued prompt would otherwise miss its TTFT "
+        "deadline (a queued request's TTFT before the running ones' TPOT; default: the running "
+        "requests' TPOT first)",
     )
 
     def __post_init__(self) -> None:
@@ -430,6 +431,7 @@ class BucketScheduler(Scheduler):
         behind still decodes in steps of that."""
         limit = math.inf
         margin = self.cfg.tpot_margin
+        aim = (1 + margin) / 2  # the reply's share of its target
         for seq in decoding:
             target = targets(seq, self.config.order)[1]
             if target is None:
@@ -440,8 +442,7 @@ class BucketScheduler(Scheduler):
                 n, total = seq.num_output_tokens, seq.params.max_tokens
                 if seq.predicted_output_len is not None:
                     total = min(total, max(n + 1, seq.predicted_output_len))
-                aim = target * (1 + margin) / 2
-                end = seq.first_token_time + (total - 1) * aim - max(0, total - n - 1) * held
+                end = seq.first_token_time + (total - 1) * target * aim - max(0, total - n - 1) * held
             limit = min(limit, max(held, end - now))
         return limit
 
