@@ -24,6 +24,9 @@ What it measures
     - ``bucket-slo-danger50``, ``-danger1``: ``bucket-slo`` whose steps may grow to half (all)
       of the tightest TTFT target while a TTFT deadline is in danger
       (``--bucket-danger-ttft-share``; the default 0.25 is ``--bucket-ttft-share``'s: no growth)
+    - ``bucket-slo-nodemote``: ``bucket-slo`` with ``--bucket-late-demotion 0`` (a prompt that
+      will miss its TTFT target keeps its place in the deadline order instead of going behind
+      the ones still on time)
     - ``continuous-B``: vLLM-style, chunked prefill, token budget B for each of
       ``--continuous-budgets`` (its best setting is the baseline); ``continuous-B-late`` the
       same with ``--reject-late`` (behind every queued prompt, first come first served)
@@ -71,6 +74,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo-share1": {"policy": "bucket", "policy_config": {"ttft_share": 1.0}},
         "bucket-slo-danger50": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.5}},
         "bucket-slo-danger1": {"policy": "bucket", "policy_config": {"danger_ttft_share": 1.0}},
+        "bucket-slo-nodemote": {"policy": "bucket", "policy_config": {"late_demotion_s": 0.0}},
     }
     for b in continuous_budgets:
         out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}

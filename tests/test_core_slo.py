@@ -279,6 +279,32 @@ def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refuse
     strict.add(seq(1, 100, 4, ttft_slo=0.5))  # one that can be on time is served
 
 
+@pytest.mark.parametrize("demotion", [0.0, 1.0])
+def test_a_late_prompt_goes_behind_the_on_time_ones_for_a_bounded_time(demotion: float) -> None:
+    """At 0.6 s a chat whose 0.5-s TTFT deadline has passed and one with a 1-s target (alone
+    ~0.1 s: still on time) wait; one prompt fits a step. Earliest deadline first alone runs
+    the late one first and makes the other late too; demoted by 1 s, the late one goes after
+    the on-time one but before a chat that arrives more than that second after it would be due."""
+    sched = make(
+        "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
+        policy_config={"step_budget": "slo", "late_demotion_s": demotion},
+        order={"order": "edf"},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    late, on_time = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=1.0)
+    sched.add(late)
+    sched.add(on_time)
+    first = sched.schedule(0.6)
+    assert first is not None and first.seqs == ([on_time] if demotion else [late])
+    sched.update(first, [7], 0.72)
+    later = seq(2, 100, 4, arrival=0.72, ttft_slo=1.0)  # due at 1.72, after the late one's 0.5 + 1
+    sched.add(later)
+    second = sched.schedule(0.72)
+    assert second is not None
+    prompts = [s for s, n in zip(second.seqs, second.num_new_tokens, strict=True) if n > 1]
+    assert prompts == ([late] if demotion else [on_time])
+
+
 @pytest.mark.parametrize(
     ("policy", "order", "refused"),
     [("continuous", {}, True), ("bucket", {"order": "fcfs"}, True), ("bucket", {"order": "edf"}, False)],

@@ -16,7 +16,8 @@ under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; t
 model is fitted online from the steps the executor reports), chunking prompts across steps,
 most urgent first, and lets a step grow (to ``danger_ttft_share`` of the tightest TTFT
 target, within the TPOT limit unless ``ttft_lift``) when one of the most urgent prompts, in
-urgency order, would otherwise miss a TTFT deadline it can still meet.
+urgency order, would otherwise miss a TTFT deadline it can still meet. A prompt that will
+miss its TTFT deadline anyway goes behind the ones still on time (``late_demotion_s``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ class BucketConfig:
         "--bucket-ttft-share), still within the running requests' TPOT limit unless --bucket-ttft-lift",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
+    late_demotion_s: float = option(
+        30.0,
+        name="late-demotion",
+        metavar="SECONDS",
+        help="a prompt that can no longer meet its TTFT target (not even run whole in the next "
+        "step) moves this much later in the urgency order, behind the prompts that still can; it "
+        "still runs, overtaken by at most this many seconds of later arrivals (0: off)",
+    )
     ttft_lift: bool = option(
         False,
         help="slo: let a step run up to --bucket-danger-ttft-share of the tightest TTFT target, past "
@@ -123,6 +132,7 @@ class BucketConfig:
             0 < self.danger_ttft_share <= 1,
             f"danger_ttft_share must be in (0, 1], got {self.danger_ttft_share}",
         )
+        check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
 
@@ -140,6 +150,7 @@ class BucketScheduler(Scheduler):
         # The requests present with a TTFT target of their own (few, usually none), kept as they
         # come and go so that a step need not scan every request for the tightest target.
         self._own_ttfts: dict[str, float] = {}
+        self._demoted: set[str] = set()  # late prompts whose key moved (_demote_late)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -168,6 +179,7 @@ class BucketScheduler(Scheduler):
         super()._finish(seq, reason, now)
         self._keys.pop(seq.seq_id, None)
         self._own_ttfts.pop(seq.seq_id, None)
+        self._demoted.discard(seq.seq_id)
 
     # A handed-over sequence keeps an urgency here too: running ones are decoded in its order.
     def attach(self, seq: Sequence, now: float) -> None:
@@ -177,6 +189,7 @@ class BucketScheduler(Scheduler):
     def detach(self, seq: Sequence) -> list[int]:
         self._keys.pop(seq.seq_id, None)
         self._own_ttfts.pop(seq.seq_id, None)
+        self._demoted.discard(seq.seq_id)
         return super().detach(seq)
 
     @property
@@ -277,6 +290,8 @@ class BucketScheduler(Scheduler):
 
         # One prefill batch from the most urgent ready bucket.
         self._adapt()
+        if self.cfg.late_demotion_s > 0:
+            self._demote_late(now, prefilling)
         bucket = self._pick_bucket(now)
         bounds = None if bucket is None else (bucket.lower, bucket.upper)
         if chunking:
@@ -301,6 +316,31 @@ class BucketScheduler(Scheduler):
         if not seqs:
             return None
         return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+
+    def _demote_late(self, now: float, prefilling: list[Sequence]) -> None:
+        """Move the prompts that will miss their TTFT deadline anyway (``is_late``) behind the
+        ones that still can meet theirs: their urgency key grows by ``late_demotion_s``, once.
+
+        Earliest-deadline-first alone runs the most overdue prompt first, so under overload
+        every request ends up late (EDF's domino effect); run after the ones still on time, a
+        late one costs no one else their deadline. Only the started prompts and each bucket's
+        head are checked, before the step picks its prompts: a queued prompt is checked when
+        it comes to its bucket's head. Keys stay finite, so every wait stays bounded
+        (OrderConfig's aging argument, with this much more)."""
+        penalty = self.cfg.late_demotion_s
+        for seq in prefilling:
+            if seq.seq_id not in self._demoted and seq.first_token_time is None and self.is_late(seq, now):
+                self._demoted.add(seq.seq_id)
+                self._keys[seq.seq_id] += penalty
+        for bucket in self.buckets.buckets:
+            while bucket.heap:
+                seq = bucket.head()
+                if seq.seq_id in self._demoted or not self.is_late(seq, now):
+                    break
+                self.buckets.pop(bucket)
+                self._demoted.add(seq.seq_id)
+                self._keys[seq.seq_id] += penalty
+                self.buckets.push(seq, self._keys[seq.seq_id])
 
     def _start_prompt(
         self, seq: Sequence, bucket: Bucket, n: int, now: float, seqs: list[Sequence], counts: list[int]
