@@ -90,6 +90,54 @@ def test_the_online_fit_follows_a_machine_that_slows_down() -> None:
     assert step_ms(profile, shape) == pytest.approx(2 * step_ms(KNOWN, shape), rel=0.02)
 
 
+def test_the_fit_reports_how_far_its_steps_run_over_their_prediction() -> None:
+    """Steps that alternate between their predicted time and 1.3x it: the fit's prediction
+    settles between the two, the 75th percentile of measured / predicted is above 1 by about
+    the spread, and the median below it; with no scatter it is 1."""
+    rng = random.Random(3)
+    noisy, exact = OnlineCostFit(prior=KNOWN), OnlineCostFit(prior=KNOWN)
+    for i in range(400):
+        shape = random_shape(rng)
+        t = step_ms(KNOWN, shape) / 1e3
+        noisy.observe(shape, t * (1.3 if i % 2 else 1.0))
+        exact.observe(shape, t)
+    assert 1.08 < noisy.error_quantile(0.75) < 1.3
+    assert noisy.error_quantile(0.25) < 1.0
+    assert exact.error_quantile(0.75) == pytest.approx(1.0, abs=1e-6)
+    assert noisy.error_quantile(0) == 1.0
+
+
+def test_slo_bucket_plans_its_steps_at_the_quantile_of_their_overrun() -> None:
+    """A document waits beside ten decoding chats (TPOT target 0.1 s). Where recent steps
+    scattered (every other one 1.6x the other), the step is planned at its limit over the 75th
+    percentile of measured / predicted time; where they ran as predicted, at the limit."""
+    limits, quantiles = [], []
+    for overrun in (1.0, 1.6):
+        sched = make(
+            "bucket", num_blocks=800, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+            policy_config={"step_budget": "slo"}, order={"default_tpot_slo_s": 0.1},
+        )  # fmt: skip
+        sched.cost_fit = OnlineCostFit(prior=KNOWN)
+        rng = random.Random(4)
+        for i in range(300):
+            shape = random_shape(rng)
+            sched.cost_fit.observe(shape, step_ms(KNOWN, shape) / 1e3 * (overrun if i % 2 else 1.0))
+        quantiles.append(sched.cost_fit.error_quantile(0.75))
+        for i in range(10):
+            sched.add(seq(i, 50, 64))
+        first = sched.schedule(0.0)
+        assert first is not None
+        sched.update(first, [7] * len(first), 0.05)
+        sched.add(seq(99, 1500, 4, arrival=0.05))
+        assert sched.schedule(0.05) is not None
+        budget = sched.last_budget
+        assert budget is not None
+        limits.append(budget.limit_ms)
+        assert budget.predicted_s() * 1e3 <= budget.limit_ms + 1e-6
+    assert quantiles[0] == pytest.approx(1.0, abs=1e-6) and quantiles[1] > 1.1
+    assert limits[0] / limits[1] == pytest.approx(quantiles[1], rel=0.02)
+
+
 def test_the_fit_answers_only_once_it_saw_both_kinds_of_step_or_has_a_prior() -> None:
     fit = OnlineCostFit(min_steps=4)
     for _ in range(10):

@@ -101,6 +101,12 @@ class BucketConfig:
         "share of the tightest TTFT target (larger steps prefill more per second; never less than "
         "--bucket-ttft-share), still within the running requests' TPOT limit unless --bucket-ttft-lift",
     )
+    plan_quantile: float = option(
+        0.75,
+        help="slo: plan each step's time at this quantile of the recent steps' measured / "
+        "predicted time, so that most steps end within their limit on a machine whose step "
+        "times scatter (0: at the cost model's prediction)",
+    )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     late_demotion_s: float = option(
         30.0,
@@ -132,6 +138,7 @@ class BucketConfig:
             0 < self.danger_ttft_share <= 1,
             f"danger_ttft_share must be in (0, 1], got {self.danger_ttft_share}",
         )
+        check(0 <= self.plan_quantile < 1, f"plan_quantile must be in [0, 1), got {self.plan_quantile}")
         check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
@@ -413,9 +420,13 @@ class BucketScheduler(Scheduler):
         profile = self.cost_fit.profile()
         contexts = [len(s) for s in decoding]
 
+        # Steps run over their prediction as often as under it: the budget plans each step's
+        # time at a quantile of how far recent ones ran over (1 where the model is exact).
+        slack = self.cost_fit.error_quantile(self.cfg.plan_quantile)
+
         def budget(limit_s: float) -> StepBudget:
             tokens = self.config.max_num_batched_tokens
-            return StepBudget(profile, contexts, limit_s, tokens, self.cfg.min_chunk)
+            return StepBudget(profile, contexts, limit_s / slack, tokens, self.cfg.min_chunk)
 
         if profile is None:  # too few steps seen to predict one: the token budget alone
             return budget(math.inf)
