@@ -11,13 +11,6 @@ Progress: while the token budget has room, the first chunk of a step may always 
 ``min_chunk`` tokens (or the rest of its prompt), even over the limit, so a step exceeds its
 limit by at most one such chunk and a tight target never starves a waiting prompt. Decode
 rows count against the token budget here (as in ``continuous``), one token each.
-
-Efficiency: a chunk that does not end its prompt is taken only if at least
-``efficient_chunk`` tokens fit; a smaller one waits (``progress=False``: nor is the progress
-chunk taken) while the running requests bank time for a larger one. A step pays a fixed
-cost whatever it carries, and on the CPU engine steps sized to the TPOT target with a queue
-behind carried 60-90-token chunks at ~2 ms a prompt token, against ~0.8 ms in
-``continuous``'s 400-token chunks.
 """
 
 from __future__ import annotations
@@ -38,16 +31,12 @@ class StepBudget:
         limit_s: float,
         max_tokens: int,
         min_chunk: int,
-        efficient_chunk: int = 0,
-        progress: bool = True,
     ) -> None:
         self.profile = profile
         self.decode = tuple(decode_contexts)
         self.limit_ms = limit_s * 1e3
         self.tokens_left = max_tokens - len(decode_contexts)  # decodes count against the tokens
         self.min_chunk = min_chunk
-        self.efficient_chunk = min(efficient_chunk, max_tokens // 2)
-        self.progress = progress
         self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
 
     @property
@@ -72,8 +61,7 @@ class StepBudget:
     def take(self, want: int, cached: int) -> int:
         """How many of a prompt's ``want`` remaining tokens (after ``cached`` computed ones)
         this step takes; records them. 0 when the step is full: a chunk shorter than
-        ``efficient_chunk`` is taken only to end a prompt, one shorter than ``min_chunk``
-        also as the step's first (progress), unless ``progress`` is off."""
+        ``min_chunk`` is taken only to end a prompt, or as the step's first (progress)."""
         length = cached + want
         hi = min(want, self.tokens_left)
         if hi <= 0:
@@ -88,10 +76,8 @@ class StepBudget:
                 else:
                     hi = mid - 1
             n = lo
-        if n < min(want, self.efficient_chunk):
-            n = 0  # too small to pay for a step's fixed cost: bank time for a larger one
         if n < min(want, self.min_chunk):
-            n = min(want, self.tokens_left, self.min_chunk) if not self.rows and self.progress else 0
+            n = min(want, self.tokens_left, self.min_chunk) if not self.rows else 0
         if n > 0:
             self.rows.append((n, cached, length))
             self.tokens_left -= n

@@ -18,6 +18,8 @@ most urgent first, and lets a step grow (to ``danger_ttft_share`` of the tightes
 target, within the TPOT limit unless ``ttft_lift``) when one of the most urgent prompts, in
 urgency order, would otherwise miss a TTFT deadline it can still meet. A prompt that will
 miss its TTFT deadline anyway goes behind the ones still on time (``late_demotion_s``).
+The slo budget plans each step at a quantile of how far recent steps ran over their
+prediction (``plan_quantile``).
 """
 
 from __future__ import annotations
@@ -108,17 +110,6 @@ class BucketConfig:
         "times scatter (0: at the cost model's prediction)",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
-    efficient_chunk: int = option(
-        256,
-        help="slo: a chunk that does not end its prompt is taken only if at least this many tokens "
-        "fit; a smaller one waits while the running requests bank time for a larger one (every "
-        "step pays a fixed cost), for at most --bucket-defer-steps steps (0: off)",
-    )
-    defer_steps: int = option(
-        4,
-        help="slo: after this many steps in a row without prompt tokens while prompts wait, a step "
-        "takes at least --bucket-min-chunk",
-    )
     late_demotion_s: float = option(
         30.0,
         name="late-demotion",
@@ -151,8 +142,6 @@ class BucketConfig:
         )
         check(0 <= self.plan_quantile < 1, f"plan_quantile must be in [0, 1), got {self.plan_quantile}")
         check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
-        check(self.efficient_chunk >= 0, f"efficient_chunk must be >= 0, got {self.efficient_chunk}")
-        check(self.defer_steps >= 0, f"defer_steps must be >= 0, got {self.defer_steps}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
 
 
@@ -171,7 +160,6 @@ class BucketScheduler(Scheduler):
         # come and go so that a step need not scan every request for the tightest target.
         self._own_ttfts: dict[str, float] = {}
         self._demoted: set[str] = set()  # late prompts whose key moved (_demote_late)
-        self._deferred_steps = 0  # slo: steps in a row that took no prompt tokens while some waited
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -319,8 +307,6 @@ class BucketScheduler(Scheduler):
             prefilling = [s for s in prefilling if s.status is SequenceStatus.RUNNING]
             budget = self.last_budget = self._step_budget(now, seqs, prefilling, bucket)
             self._take_chunks(now, budget, prefilling, bucket, seqs, counts, preempted)
-            waiting = bool(prefilling) or bucket is not None
-            self._deferred_steps = self._deferred_steps + 1 if waiting and not budget.rows else 0
         elif bucket is not None:
             safe = self.safe_free_blocks()
             tokens = self.config.max_num_batched_tokens
@@ -440,11 +426,9 @@ class BucketScheduler(Scheduler):
         # time at a quantile of how far recent ones ran over (1 where the model is exact).
         slack = self.cost_fit.error_quantile(self.cfg.plan_quantile)
 
-        tokens = self.config.max_num_batched_tokens
-        chunk, progress = 0, True
-
         def budget(limit_s: float) -> StepBudget:
-            return StepBudget(profile, contexts, limit_s / slack, tokens, self.cfg.min_chunk, chunk, progress)
+            tokens = self.config.max_num_batched_tokens
+            return StepBudget(profile, contexts, limit_s / slack, tokens, self.cfg.min_chunk)
 
         if profile is None:  # too few steps seen to predict one: the token budget alone
             return budget(math.inf)
@@ -456,13 +440,6 @@ class BucketScheduler(Scheduler):
         tightest = min(self._known_ttft, own)
         cap = self.cfg.ttft_share * tightest
         limit = min(tpot_limit, cap)
-        # Small chunks wait for larger ones, while decodes run to bank time (none: an empty
-        # step), for at most defer_steps steps in a row, and only where the cap would let an
-        # efficient chunk through (banking raises the TPOT limit, never the cap).
-        eff = self.cfg.efficient_chunk
-        if eff and contexts and budget(cap).take(eff, 0) >= eff:
-            chunk = eff
-            progress = self._deferred_steps >= self.cfg.defer_steps
         # What the step may grow to while a TTFT deadline is in danger: a queue that is behind
         # already keeps a new arrival waiting longer than a step, and larger steps prefill more
         # per second. Past the running requests' TPOT limit only with ttft_lift.
