@@ -307,23 +307,21 @@ def _start_proxy(host: str, port: int, logs: dict[str, Any]) -> int:
 
     from bucketserve.server.launch import bind
 
-    tries = PROXY_BIND_TRIES if port == 0 else 1
-    for attempt in range(1, tries + 1):
-        chosen = port
-        if port == 0:
+    def start(chosen: int) -> int:
+        if chosen == 0:
             with bind(host, 0) as sock:
                 chosen = sock.getsockname()[1]
+        http = {"host": host, "port": chosen}
+        serve.start(http_options=http, proxy_location="HeadOnly", logging_config=logs)
+        return chosen
+
+    for _ in range(PROXY_BIND_TRIES - 1 if port == 0 else 0):
         try:
-            serve.start(
-                http_options={"host": host, "port": chosen}, proxy_location="HeadOnly", logging_config=logs
-            )
-            return chosen
+            return start(0)
         except RayError:
-            if attempt == tries:
-                raise
-            log.warning("the HTTP proxy could not bind port %d; trying another", chosen)
+            log.warning("the HTTP proxy could not bind a free port; trying another")
             serve.shutdown()
-    raise AssertionError("unreachable")
+    return start(port)  # the last try (a fixed port's only one) raises what it meets
 
 
 def serve_replicas(

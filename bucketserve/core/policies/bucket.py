@@ -336,20 +336,21 @@ class BucketScheduler(Scheduler):
         head are checked, before the step picks its prompts: a queued prompt is checked when
         it comes to its bucket's head. Keys stay finite, so every wait stays bounded
         (OrderConfig's aging argument, with this much more)."""
-        penalty = self.cfg.late_demotion_s
+
+        def demote(seq: Sequence) -> bool:
+            """Move ``seq``'s key if it is late and was not moved before; whether it moved."""
+            if seq.seq_id in self._demoted or seq.first_token_time is not None or not self.is_late(seq, now):
+                return False
+            self._demoted.add(seq.seq_id)
+            self._keys[seq.seq_id] += self.cfg.late_demotion_s
+            return True
+
         for seq in prefilling:
-            if seq.seq_id not in self._demoted and seq.first_token_time is None and self.is_late(seq, now):
-                self._demoted.add(seq.seq_id)
-                self._keys[seq.seq_id] += penalty
+            demote(seq)
         for bucket in self.buckets.buckets:
-            while bucket.heap:
-                seq = bucket.head()
-                if seq.seq_id in self._demoted or not self.is_late(seq, now):
-                    break
-                self.buckets.pop(bucket)
-                self._demoted.add(seq.seq_id)
-                self._keys[seq.seq_id] += penalty
-                self.buckets.push(seq, self._keys[seq.seq_id])
+            while (head := bucket.head()) is not None and demote(head):
+                self.buckets.pop(bucket)  # back in at its new key
+                self.buckets.push(head, self._keys[head.seq_id])
 
     def _start_prompt(
         self, seq: Sequence, bucket: Bucket, n: int, now: float, seqs: list[Sequence], counts: list[int]
