@@ -530,3 +530,75 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: 
     for ref, got in zip(logits["torch"], logits["native"], strict=True):
         scale = ref.abs().max().item()
         torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_does(
+    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:  # type: ignore[no-untyped-def]
+    """With every decoder linear in w4a8 for decode rows, a decode-only step runs all layers
+    in ``decode_layers_w4a8``: the same kernels in the same order as the Python loop, so the
+    same logits to the bit, step after step; prompt steps keep the loop."""
+    if not native.has_w4a8:
+        pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
+    from bucketserve.core.block_manager import BlockManager
+    from bucketserve.core.scheduler import ScheduledBatch
+    from bucketserve.core.sequence import Sequence
+    from bucketserve.engine.kv_cache import allocate_kv_cache
+    from bucketserve.engine.model_runner import ModelRunner
+    from tests.conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    args = ModelArgs.from_hf_config(read_config(path))
+    model = LlamaModel(args)
+    model.load_hf_state_dict(load_state_dict(path))
+    model = model.to(dtype).eval()
+    model.rotary.to(torch.float32)
+    model.use_kernels(native)
+    with torch.inference_mode():
+        for lin in (lin for layer in model.linears() for lin in layer):
+            w = lin.weight.detach()
+            formats = {"fp32": (w.float().contiguous(),), "w4a8": quantize_w4a8(w)}
+            lin.pack(FormatPlan.single("fp32"), formats, FormatPlan((4, 8), ("w4a8", "fp32")))
+
+    fused_steps = []
+    real_table = LlamaModel.fused_decode_table
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        def table(self, meta, kv_cache):  # type: ignore[no-untyped-def]
+            t = real_table(self, meta, kv_cache) if fused else None
+            fused_steps.append(t is not None)
+            return t
+
+        monkeypatch.setattr(LlamaModel, "fused_decode_table", table)
+        cache = allocate_kv_cache(args, 33, 16, dtype, torch.device("cpu"))
+        out: list[torch.Tensor] = []
+
+        def capture(lg, ids, params, banned):  # type: ignore[no-untyped-def]
+            out.append(lg.clone())
+            return lg.argmax(-1).tolist()
+
+        runner = ModelRunner(model, cache, 16, capture)  # type: ignore[arg-type]
+        bm = BlockManager(32, 16)
+        seqs = [
+            Sequence(f"s{i}", list(range(3 + 20 * i, 30 + 25 * i)), SamplingParams(max_tokens=40))
+            for i in range(3)
+        ]
+        plan = [[(s, len(s)) for s in seqs]] + [[(s, 1) for s in seqs]] * 20
+        for step in plan:
+            for s, n in step:
+                bm.allocate(s, s.num_computed_tokens + n)
+            result = runner.execute(ScheduledBatch([s for s, _ in step], [n for _, n in step]))
+            for (s, n), tok in zip(step, result.tokens, strict=True):
+                s.num_computed_tokens += n
+                if tok is not None:
+                    s.append_token(tok)
+        return out
+
+    layer_by_layer = run(fused=False)
+    fused_steps.clear()
+    one_call = run(fused=True)
+    assert fused_steps == [False] + [True] * 20  # the prompt step loops; every decode step is one call
+    assert len(one_call) == len(layer_by_layer) == 21
+    for got, want in zip(one_call, layer_by_layer, strict=True):
+        assert torch.equal(got, want)

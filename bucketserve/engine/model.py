@@ -407,6 +407,47 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, meta.num_prefill_tokens), residual
 
 
+@dataclass
+class _FusedDecode:
+    """What ``LlamaModel.fused_decode_table`` keeps: the table, and what it was built from."""
+
+    kv_cache: torch.Tensor
+    packed: list[dict[str, tuple[torch.Tensor, ...]]]  # each linear's formats, by identity
+    table: torch.Tensor | None  # int64 [layers, 12]; None: some linear has no w4a8 or a bias
+    rows_ok: dict[int, bool]  # row count -> every linear's decode plan says w4a8 there
+
+    @classmethod
+    def build(
+        cls, model: LlamaModel, linears: list[MultiFormatLinear], kv_cache: torch.Tensor
+    ) -> _FusedDecode:
+        packed = [lin._packed for lin in linears]
+        fused = cls(kv_cache, packed, None, {})
+        if any(lin.bias is not None or "w4a8" not in p for lin, p in zip(linears, packed, strict=True)):
+            return fused
+        rows = []
+        for i, layer in enumerate(model.layers):
+            lins = (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(not w.is_contiguous() or w.dtype != kv_cache.dtype for w in norms):
+                return fused
+            codes_scales = [t.data_ptr() for lin in lins for t in lin._packed["w4a8"]]
+            rows.append(
+                [
+                    *codes_scales,
+                    *(w.data_ptr() for w in norms),
+                    kv_cache[i, 0].data_ptr(),
+                    kv_cache[i, 1].data_ptr(),
+                ]
+            )
+        fused.table = torch.tensor(rows, dtype=torch.int64)
+        return fused
+
+
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, max_positions: int | None = None) -> None:
         super().__init__()
@@ -420,6 +461,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(args, max_positions or args.max_position_embeddings)
         self.kernels: NativeKernels | None = None
         self._cache_views: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._fused: _FusedDecode | None = None
 
     def use_kernels(self, kernels: NativeKernels | None) -> None:
         """Run attention, rope with the KV write, the residual norms, SwiGLU and w8a8 linears
@@ -447,6 +489,34 @@ class LlamaModel(nn.Module):
             self._cache_views = (kv_cache, [(c[0], c[1]) for c in kv_cache])
         return self._cache_views[1]
 
+    def fused_decode_table(self, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor | None:
+        """The address table for ``NativeKernels.decode_layers_w4a8`` where this step can run
+        every decoder layer in that one native call: decode rows only, and every decoder
+        linear runs w4a8 at this row count (the tuning's choice at small batches on CPUs with
+        AVX512-VNNI) without a bias. None where the step goes layer by layer.
+
+        The table holds raw addresses, so it is rebuilt whenever a linear is packed anew or
+        the cache changes, and kept beside the tensors it points into."""
+        if self.kernels is None or not self.kernels.has_w4a8 or meta.prefill or meta.decode is None:
+            return None
+        linears = [lin for layer in self.linears() for lin in layer]
+        fused = self._fused
+        if (
+            fused is None
+            or fused.kv_cache is not kv_cache
+            or any(a is not b for a, b in zip(fused.packed, (lin._packed for lin in linears), strict=True))
+        ):
+            fused = self._fused = _FusedDecode.build(self, linears, kv_cache)
+        if fused.table is None:
+            return None
+        rows = meta.decode.context_lens.shape[0]
+        ok = fused.rows_ok.get(rows)
+        if ok is None:
+            ok = fused.rows_ok[rows] = all(
+                lin.decode_plan is not None and lin.decode_plan.format_for(rows) == "w4a8" for lin in linears
+            )
+        return fused.table if ok else None
+
     def linears(self) -> list[list[MultiFormatLinear]]:
         """Each decoder layer's linears, in the order they run."""
         return [
@@ -465,11 +535,35 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits (fp32) of the tokens at ``logits_index``, after writing every token's KV."""
         h = self.embed_tokens(input_ids)
-        # The reference rope's cos and sin (the native one reads the fp32 tables itself).
-        cos, sin = self.rotary(positions, h.dtype) if self.kernels is None else (None, None)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
-            h, residual = layer(h, residual, cos, sin, k_cache, v_cache, meta)
+        table = self.fused_decode_table(meta, kv_cache)
+        if table is not None:
+            assert self.kernels is not None and meta.decode is not None  # by fused_decode_table
+            first = self.layers[0]
+            h, residual = first.input_layernorm(h), h
+            attn = first.self_attn
+            self.kernels.decode_layers_w4a8(
+                h,
+                residual,
+                table,
+                meta.positions,
+                *attn.rope_tables,
+                meta.slot_mapping,
+                meta.decode.block_tables,
+                meta.decode.context_lens,
+                heads=attn.num_heads,
+                kv_heads=attn.num_kv_heads,
+                head_dim=attn.head_dim,
+                inter=first.mlp.inter,
+                num_blocks=kv_cache.shape[3],
+                block_size=kv_cache.shape[4],
+                eps=first.input_layernorm.eps,
+            )
+        else:
+            # The reference rope's cos and sin (the native one reads the fp32 tables itself).
+            cos, sin = self.rotary(positions, h.dtype) if self.kernels is None else (None, None)
+            residual = None
+            for layer, (k_cache, v_cache) in zip(self.layers, self._layer_caches(kv_cache), strict=True):
+                h, residual = layer(h, residual, cos, sin, k_cache, v_cache, meta)
         h, _ = self.norm(h[logits_index], residual[logits_index])
         return self.lm_head(h).float()  # one plan for its prompt and decode rows (autotune)
 

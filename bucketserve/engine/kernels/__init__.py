@@ -98,6 +98,23 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
         self._w4a8_matmul = fn
+        fn = lib.bucketserve_decode_layers_w4a8
+        fn.restype = ctypes.c_int
+        # dtype, h, residual, layer table, layers, rows, positions, cos, sin, slots, tables,
+        # width, lens, hidden, heads, kv_heads, head_dim, inter, blocks, block_size, eps, scale
+        fn.argtypes = [
+            ctypes.c_int,
+            *[_ptr] * 3,
+            _i64,
+            _i64,
+            *[_ptr] * 5,
+            _i64,
+            _ptr,
+            *[_i64] * 7,
+            ctypes.c_float,
+            ctypes.c_float,
+        ]
+        self._decode_layers_w4a8 = fn
         # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
         self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
 
@@ -191,6 +208,56 @@ class NativeKernels:
         if err:
             raise ValueError(f"w4a8_matmul rejected its arguments (code {err})")
         return out
+
+    def decode_layers_w4a8(
+        self,
+        h: torch.Tensor,  # [rows, hidden]: layer 0's normalised input; the last layer's output after
+        residual: torch.Tensor,  # [rows, hidden]: the embeddings; the residual stream after
+        layer_ptrs: torch.Tensor,  # int64 [layers, 12] (cpu_kernels.cpp lists them)
+        positions: torch.Tensor,  # [rows] int64
+        cos: torch.Tensor,  # [max_positions, head_dim] float32
+        sin: torch.Tensor,
+        slots: torch.Tensor,  # [rows] int64
+        block_tables: torch.Tensor,  # [rows, width] int64
+        context_lens: torch.Tensor,  # [rows] int64
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        inter: int,
+        num_blocks: int,
+        block_size: int,
+        eps: float,
+    ) -> None:
+        """Every decoder layer of a decode-only step, each linear in w4a8, in one call (the
+        model's ``fused_decode``, which builds ``layer_ptrs`` from tensors it keeps alive and
+        guarantees every shape: there is no checked form)."""
+        err = self._decode_layers_w4a8(
+            _DTYPE_CODES[h.dtype],
+            h.data_ptr(),
+            residual.data_ptr(),
+            layer_ptrs.data_ptr(),
+            layer_ptrs.shape[0],
+            h.shape[0],
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            block_tables.data_ptr(),
+            block_tables.shape[1],
+            context_lens.data_ptr(),
+            h.shape[1],
+            heads,
+            kv_heads,
+            head_dim,
+            inter,
+            num_blocks,
+            block_size,
+            eps,
+            head_dim**-0.5,
+        )
+        if err:
+            raise ValueError(f"decode_layers_w4a8 rejected its arguments (code {err})")
 
     def add_rms_norm(
         self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False
