@@ -77,6 +77,46 @@ def test_a_chunk_over_cached_context_equals_one_masked_attention(
     torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bf16_attention", [False, True])
+def test_a_bf16_chunk_over_cached_context_attends_in_the_dtype_its_cpu_runs_fastest(
+    monkeypatch: pytest.MonkeyPatch, bf16_attention: bool
+) -> None:
+    """A bf16 model's chunk over cached context attends in bf16 where the CPU has AMX and in
+    fp32 elsewhere (model._BF16_CHUNK_ATTENTION); either way it is the masked attention of
+    the same bf16 inputs, within bf16's rounding of the probabilities."""
+    import bucketserve.engine.model as model_module
+
+    monkeypatch.setattr(model_module, "_BF16_CHUNK_ATTENTION", bf16_attention)
+    torch.manual_seed(0)
+    heads, kv_heads, d, block, cached, n = 9, 3, 64, 16, 70, 24
+    attn = _attention(heads, kv_heads, d)
+    blocks = (cached + block - 1) // block
+    k_cache = torch.randn(kv_heads, blocks + 2, block, d, dtype=torch.bfloat16)
+    v_cache = torch.randn(kv_heads, blocks + 2, block, d, dtype=torch.bfloat16)
+    ctx = CachedContext(torch.tensor([3, 0, 4, 1, 2][:blocks]), cached)
+    q = torch.randn(1, heads, n, d, dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(n, kv_heads, d, dtype=torch.bfloat16),
+        torch.randn(n, kv_heads, d, dtype=torch.bfloat16),
+    )
+    dtypes = []
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    class Recording:  # records the dtype each flash attention ran in
+        def __call__(self, q, *args, **kwargs):  # type: ignore[no-untyped-def]
+            dtypes.append(q.dtype)
+            return flash(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", Recording())
+    fast = attn._chunk_over_cache(q, k, v, k_cache, v_cache, ctx)
+    exact = attn._chunk_over_cache_masked(
+        q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), ctx
+    )
+    assert dtypes == [torch.bfloat16 if bf16_attention else torch.float32] * 2
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), exact, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 2, 16, 4), (8, 8, 128, 16)]

@@ -43,6 +43,13 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16 " in flags or " amx_bf16 " in flags
 
 
+def cpu_has_amx() -> bool:
+    """AMX (amx_bf16): there torch's CPU flash attention ran a bfloat16 chunk over cached
+    context about twice as fast as in fp32, where on AVX-512 Xeons without it fp32 ran 1.5x
+    faster (both measured, docs/RESULTS.md)."""
+    return " amx_bf16 " in f" {cpu_flags()} "
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         dtype = _DTYPES[name]
