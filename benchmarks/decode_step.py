@@ -6,14 +6,16 @@ What it measures
     ``engine.step()`` are timed, three times, and the best and median kept. Each batch size
     runs on the default engine (native kernels, tuned weight formats), with ``--w8a8`` on one
     with ``--quantization w8a8``, and, with ``--eager``, on an ``--enforce-eager`` engine (the
-    torch reference paths in the model's dtype), in turns so that the machine's drift falls on
-    all. ``--profile`` adds torch.profiler's table of the fast engine's ops at the first batch
-    size.
+    torch reference paths in the model's dtype), and, with ``--layer-by-layer``, on the default
+    engine with its decode steps run layer by layer instead of in one native call
+    (``LlamaModel.fuse_decode``), in turns so that the machine's drift falls on all.
+    ``--profile`` adds torch.profiler's table of the fast engine's ops at the first batch size.
 
 How to run
     .venv/bin/python benchmarks/decode_step.py                 # B = 1, 8, 32
     .venv/bin/python benchmarks/decode_step.py --eager --batches 1,8
     .venv/bin/python benchmarks/decode_step.py --w8a8          # beside --quantization w8a8
+    .venv/bin/python benchmarks/decode_step.py --layer-by-layer --batches 1,4,8
 """
 
 from __future__ import annotations
@@ -50,9 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eager", action="store_true", help="also time an --enforce-eager engine")
     ap.add_argument("--w8a8", action="store_true", help="also time a --quantization w8a8 engine")
+    ap.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="also time the default engine with its decode steps layer by layer (not in one native call)",
+    )
     ap.add_argument("--profile", action="store_true", help="torch.profiler table at the first batch size")
     a = ap.parse_args(argv)
     engines = {"fast": LLM(kv_cache_memory=2**30, max_model_len=2048)}
+    if a.layer_by_layer:
+        engines["layers"] = engines["fast"]  # the same engine, its model told not to fuse
     if a.w8a8:
         engines["w8a8"] = LLM(kv_cache_memory=2**30, max_model_len=2048, quantization="w8a8")
     if a.eager:
@@ -60,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'engine':<6} {'batch':>5} {'best ms':>8} {'median ms':>9} {'tok/s':>7}")
     for b in (int(x) for x in a.batches.split(",")):
         for name, llm in engines.items():
+            llm.engine.model.fuse_decode = name != "layers"
             runs = time_steps(llm, b, a.steps)
             best = min(runs)
             print(

@@ -606,11 +606,12 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
 
     def run(fused: bool) -> list[torch.Tensor]:
         def table(self, meta, kv_cache):  # type: ignore[no-untyped-def]
-            t = real_table(self, meta, kv_cache) if fused else None
+            t = real_table(self, meta, kv_cache)
             fused_steps.append(t is not None)
             return t
 
         monkeypatch.setattr(LlamaModel, "fused_decode_table", table)
+        model.fuse_decode = fused
         cache = allocate_kv_cache(args, 33, 16, dtype, torch.device("cpu"))
         out: list[torch.Tensor] = []
 
@@ -636,6 +637,7 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
         return out
 
     layer_by_layer = run(fused=False)
+    assert not any(fused_steps)
     fused_steps.clear()
     one_call = run(fused=True)
     assert fused_steps == [False] + [True] * 20  # the prompt step loops; every decode step is one call

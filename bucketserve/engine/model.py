@@ -467,6 +467,7 @@ class LlamaModel(nn.Module):
         self.kernels: NativeKernels | None = None
         self._cache_views: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._fused: _FusedDecode | None = None
+        self.fuse_decode = True  # False: decode steps go layer by layer (benchmarks/decode_step.py)
 
     def use_kernels(self, kernels: NativeKernels | None) -> None:
         """Run attention, rope with the KV write, the residual norms, SwiGLU and w8a8 linears
@@ -502,7 +503,9 @@ class LlamaModel(nn.Module):
 
         The table holds raw addresses, so it is rebuilt whenever a linear is packed anew or
         the cache changes, and kept beside the tensors it points into."""
-        if self.kernels is None or not self.kernels.has_w4a8 or meta.prefill or meta.decode is None:
+        if not self.fuse_decode or self.kernels is None or not self.kernels.has_w4a8:
+            return None
+        if meta.prefill or meta.decode is None:
             return None
         linears = [lin for layer in self.linears() for lin in layer]
         fused = self._fused
