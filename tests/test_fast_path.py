@@ -5,6 +5,7 @@ engine on the fast path against one with ``enforce_eager``."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -644,3 +645,27 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
     assert len(one_call) == len(layer_by_layer) == 21
     for got, want in zip(one_call, layer_by_layer, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_the_kv_cache_asks_for_huge_pages_where_it_spans_them_and_starts_zeroed() -> None:
+    """The KV pool is advised MADV_HUGEPAGE over its 2-MiB-aligned span (a decode row's blocks
+    lie anywhere in it); a tensor smaller than one aligned huge page is left alone."""
+    from bucketserve.engine.kv_cache import advise_huge_pages, allocate_kv_cache
+
+    assert advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8))
+    assert not advise_huge_pages(torch.empty(16, dtype=torch.uint8))
+    args = ModelArgs.from_hf_config(
+        {
+            "vocab_size": 16,
+            "hidden_size": 64,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+        }
+    )
+    cache = allocate_kv_cache(args, 300, 16, torch.bfloat16, torch.device("cpu"))
+    assert cache.shape == (2, 2, 2, 300, 16, 16)
+    assert not cache.any()
