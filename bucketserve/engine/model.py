@@ -425,7 +425,7 @@ class _FusedDecode:
     def build(
         cls, model: LlamaModel, linears: list[MultiFormatLinear], kv_cache: torch.Tensor
     ) -> _FusedDecode:
-        packed = [lin._packed for lin in linears]
+        packed = [lin.packed for lin in linears]
         fused = cls(kv_cache, packed, None, {})
         if any(lin.bias is not None or "w4a8" not in p for lin, p in zip(linears, packed, strict=True)):
             return fused
@@ -440,7 +440,7 @@ class _FusedDecode:
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(not w.is_contiguous() or w.dtype != kv_cache.dtype for w in norms):
                 return fused
-            codes_scales = [t.data_ptr() for lin in lins for t in lin._packed["w4a8"]]
+            codes_scales = [t.data_ptr() for lin in lins for t in lin.packed["w4a8"]]
             rows.append(
                 [
                     *codes_scales,
@@ -512,7 +512,7 @@ class LlamaModel(nn.Module):
         if (
             fused is None
             or fused.kv_cache is not kv_cache
-            or any(a is not b for a, b in zip(fused.packed, (lin._packed for lin in linears), strict=True))
+            or any(a is not b for a, b in zip(fused.packed, (lin.packed for lin in linears), strict=True))
         ):
             fused = self._fused = _FusedDecode.build(self, linears, kv_cache)
         if fused.table is None:

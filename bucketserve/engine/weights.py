@@ -299,6 +299,12 @@ class MultiFormatLinear(nn.Module):
         self.plan, self.decode_plan = plan, decode_plan
         self._packed = {f: formats[f] for f in used}
 
+    @property
+    def packed(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The formats the plans use, by name ({} while unpacked); a new dict at every
+        ``pack``, so its identity tells whether the weights moved."""
+        return self._packed
+
     def unpack(self) -> None:
         """Drop the packed formats: back to an ``nn.Linear`` on ``weight``."""
         self.plan = self.decode_plan = None
