@@ -95,3 +95,23 @@ def test_quick_profile_of_the_tiny_model_loads_into_the_simulator(tiny_model_dir
     assert len(profile.step_overhead) == 2 and min(profile.step_overhead) >= 0
     threshold = profile.large_batch_threshold
     assert threshold == NO_SPLIT or threshold in {b for b, _, _ in data["meta"]["decode_points"]}
+
+
+def test_a_timed_prompt_step_follows_an_untimed_decode_step_and_frees_both(make_llm, monkeypatch) -> None:
+    """Served, a prompt step follows decode steps in other weight formats: time_rows runs
+    ``between`` (untimed) before each timed run of the batch, and gives back every block."""
+    from bucketserve.sim.profile import time_rows
+
+    engine = make_llm().engine
+    ran: list[tuple[int, ...]] = []
+    execute = engine.runner.execute
+
+    def recording(batch):  # type: ignore[no-untyped-def]
+        ran.append(tuple(batch.num_new_tokens))
+        return execute(batch)
+
+    monkeypatch.setattr(engine.runner, "execute", recording)
+    ms = time_rows(engine, [(20, False)], repeats=2, between=[(16, True)] * 3)
+    assert ms > 0
+    assert ran == [(1, 1, 1), (20,)] * 3  # the warm-up and two timed runs, each after the decode batch
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
