@@ -229,9 +229,9 @@ class NativeKernels:
         block_size: int,
         eps: float,
     ) -> None:
-        """Every decoder layer of a decode-only step, each linear in w4a8, in one call (the
-        model's ``fused_decode``, which builds ``layer_ptrs`` from tensors it keeps alive and
-        guarantees every shape: there is no checked form)."""
+        """Every decoder layer of a decode-only step, each linear in w4a8, in one call.
+        ``LlamaModel.fused_decode_table`` builds ``layer_ptrs`` from tensors it keeps alive and
+        the model guarantees every shape, so there is no checked form."""
         err = self._decode_layers_w4a8(
             _DTYPE_CODES[h.dtype],
             h.data_ptr(),
