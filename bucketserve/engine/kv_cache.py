@@ -90,7 +90,8 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     the memory is touched). A decode row's KV blocks lie anywhere in a pool of gigabytes, so
     with 4-KiB pages nearly every block read missed the TLB: decode attention at 128 rows x
     300 tokens took 2.6-2.9 ms a layer on 4-KiB pages and 2.0-2.4 on huge ones (measured,
-    docs/RESULTS.md). Where THP is off or the call fails, nothing changes (False)."""
+    docs/RESULTS.md). False where the call fails (a kernel without THP) or spans no huge page;
+    with THP set to ``never`` it succeeds and changes nothing."""
     if not sys.platform.startswith("linux"):
         return False
     start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
