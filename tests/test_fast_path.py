@@ -15,7 +15,14 @@ import torch
 from bucketserve.engine import autotune, kernels
 from bucketserve.engine.calibration import record_input_ranges
 from bucketserve.engine.loader import load_state_dict, read_config
-from bucketserve.engine.model import Attention, CachedContext, DecodeRows, LlamaModel, ModelArgs
+from bucketserve.engine.model import (
+    Attention,
+    AttentionMetadata,
+    CachedContext,
+    DecodeRows,
+    LlamaModel,
+    ModelArgs,
+)
 from bucketserve.engine.weights import (
     PROMPT_W8A8_TOLERANCE,
     FormatPlan,
@@ -645,6 +652,25 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
     assert len(one_call) == len(layer_by_layer) == 21
     for got, want in zip(one_call, layer_by_layer, strict=True):
         assert torch.equal(got, want)
+
+    # The table holds raw addresses: a linear packed anew (new tensors) must not be read at
+    # the old ones.
+    monkeypatch.setattr(LlamaModel, "fused_decode_table", real_table)
+    meta = AttentionMetadata(
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+        [],
+        0,
+        DecodeRows(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)),
+    )
+    cache = allocate_kv_cache(args, 33, 16, dtype, torch.device("cpu"))
+    before = model.fused_decode_table(meta, cache)
+    qkv = model.layers[0].self_attn.qkv_proj
+    fresh = quantize_w4a8(qkv.weight.detach())
+    qkv.pack(qkv.plan, {**qkv.packed, "w4a8": fresh}, qkv.decode_plan)
+    after = model.fused_decode_table(meta, cache)
+    assert before is not None and after is not None
+    assert int(before[0, 0]) != fresh[0].data_ptr() and int(after[0, 0]) == fresh[0].data_ptr()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")

@@ -207,6 +207,10 @@ class MultiFormatLinear(nn.Module):
     built from by ``pack``; until then this is an ``nn.Linear``.
     """
 
+    # Bumped by every pack and unpack of any linear: whoever keeps the packed tensors' raw
+    # addresses (LlamaModel's one-call decode) rebuilds them when it moves.
+    packings = 0
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -298,17 +302,18 @@ class MultiFormatLinear(nn.Module):
             raise ValueError(f"no {sorted(missing)} weights for this layer")
         self.plan, self.decode_plan = plan, decode_plan
         self._packed = {f: formats[f] for f in used}
+        MultiFormatLinear.packings += 1
 
     @property
     def packed(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        """The formats the plans use, by name ({} while unpacked); a new dict at every
-        ``pack``, so its identity tells whether the weights moved."""
+        """The formats the plans use, by name ({} while unpacked)."""
         return self._packed
 
     def unpack(self) -> None:
         """Drop the packed formats: back to an ``nn.Linear`` on ``weight``."""
         self.plan = self.decode_plan = None
         self._packed = {}
+        MultiFormatLinear.packings += 1
 
     def forward_format(self, x: torch.Tensor, fmt: str) -> torch.Tensor:
         w = self._packed[fmt]

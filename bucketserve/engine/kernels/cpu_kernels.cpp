@@ -703,7 +703,8 @@ void silu_and_mul(T* out, const T* gate_up, int64_t tokens, int64_t inter) {
 // kernels in the same order as the model's Python forward (so the same numbers), without
 // its ~10 calls a layer across ctypes, their tensors and the modules around them. At batch
 // 1 a step is ~120 w4a8 products of 10-30 us each over weights that sit in L3, and the
-// per-call cost (about 7 us each, measured) was a third of the step.
+// per-call cost (about 7 us each, measured) was a quarter of the step (11.7 against 8.6 ms
+// in one call, benchmarks/decode_step.py --layer-by-layer).
 //
 // ``layer_ptrs``: 12 addresses per layer: the codes and scales of qkv, o, gate_up and down,
 // the two norms' weights, then the layer's K and V caches. ``h`` holds layer 0's normalised
