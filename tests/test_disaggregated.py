@@ -102,23 +102,34 @@ def test_a_decode_engine_reserves_a_requests_blocks_before_its_prompt_runs_and_w
     decode = engines(kv=2**17, prefill=Watching())  # 16 blocks of 16 tokens
     params = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)  # 10 blocks each
 
-    async def two() -> list[Any]:
-        async def one(rid: str) -> Any:
-            async for out in decode.generate(rid, "hello", params):
-                last = out
-            return last
+    async def one(rid: str) -> Any:
+        async for out in decode.generate(rid, "hello", params):
+            last = out
+        return last
 
+    async def two() -> tuple[Any, Any, bool]:
+        # The second arrives while the first's prompt is still running elsewhere, so the first
+        # cannot have finished; then watch (not sleep a fixed time: CI machines vary) until the
+        # second is counted as waiting, and note whether the first was still running then.
         first = asyncio.ensure_future(one("a"))
-        await asyncio.sleep(0.05)
+        while not reserved_at_prefill:
+            await asyncio.sleep(0.001)
         second = asyncio.ensure_future(one("b"))
-        await asyncio.sleep(0.05)
-        waiting = decode.stats().num_waiting
-        return [await first, await second, waiting]
+        waited_beside_first = False
+        while not first.done():
+            if decode.stats().num_waiting == 1:
+                waited_beside_first = True
+                break
+            await asyncio.sleep(0.001)
+        return await first, await second, waited_beside_first
 
-    a, b, waiting = asyncio.run(two())
-    assert waiting == 1
+    a, b, waited_beside_first = asyncio.run(two())
+    assert waited_beside_first
     assert a.outputs[0].token_ids and b.outputs[0].token_ids
     assert all(used > 0 for used in reserved_at_prefill)  # its own blocks were held already
+    # The second's prompt ran with only its own blocks held: the first had finished and freed its.
+    first_held, second_held = reserved_at_prefill
+    assert second_held == first_held
 
 
 def test_an_abort_while_the_prompt_runs_elsewhere_frees_the_reservation(engines: Any) -> None:
