@@ -171,6 +171,21 @@ def test_native_decode_attention_refuses_a_context_longer_than_its_table(
         )
 
 
+@pytest.mark.parametrize("rows", [1, 3, 130])
+def test_native_argmax_answers_as_torch_argmax_does_ties_and_nans_included(native, rows: int) -> None:  # type: ignore[no-untyped-def]
+    vocab = 49_152 + 7  # not a multiple of the kernel's 64-value scan
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+    logits[0, 100] = logits[0, vocab - 1] = logits[0].max() + 1  # a tie: the first wins
+    if rows > 1:
+        logits[1, :] = float("-inf")  # nothing finite: index 0
+    if rows > 2:
+        logits[2, 5000] = float("nan")  # a NaN is torch's largest
+        logits[2, 9] = float("inf")
+    assert native.argmax_rows(logits) == logits.argmax(-1).tolist()
+    assert native.argmax_rows(logits[:, :50]) == logits[:, :50].argmax(-1).tolist()  # a strided view
+    assert native.argmax_rows(logits)[0] == 100
+
+
 def test_kernels_fall_back_to_none_without_a_compiler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -462,6 +477,7 @@ def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) 
     prompts = ["The quick brown fox", "What is the capital of France?", "Hello"] * 3
     fast = make_llm(max_num_batched_tokens=16)  # chunked prefill over cached context too
     assert fast.engine.model.kernels is not None
+    assert fast.engine.sampler.argmax_rows == fast.engine.model.kernels.argmax_rows  # greedy rows too
     eager = make_llm(max_num_batched_tokens=16, enforce_eager=True)
     assert eager.engine.model.kernels is None and eager.engine.weight_plans is None
     got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]

@@ -125,7 +125,8 @@ class LLMEngine:
         kv_cache = allocate_kv_cache(self.args, num_blocks + 1, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = make_scheduler(scheduler_config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(self.device, config.seed)
+        kernels = self.model.kernels
+        self.sampler = Sampler(self.device, config.seed, kernels.argmax_rows if kernels else None)
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, self.sampler)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.stats = EngineStats()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bucketserve.outputs import TokenLogprobs
@@ -36,8 +38,16 @@ class Sampler:
     not depend on what else shares its batches.
     """
 
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        seed: int = 0,
+        argmax_rows: Callable[[torch.Tensor], list[int]] | None = None,
+    ) -> None:
+        """``argmax_rows``: the greedy rows' argmax (the native one, where the kernels load);
+        torch's otherwise."""
         self.device = device
+        self.argmax_rows = argmax_rows or (lambda logits: logits.argmax(-1).tolist())
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -68,7 +78,7 @@ class Sampler:
         out = [0] * len(params)
         if greedy:
             chosen = logits if not rows else logits[greedy]
-            for i, tok in zip(greedy, chosen.argmax(-1).tolist(), strict=True):
+            for i, tok in zip(greedy, self.argmax_rows(chosen), strict=True):
                 out[i] = tok
         if not rows:
             return out

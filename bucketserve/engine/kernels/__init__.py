@@ -115,8 +115,24 @@ class NativeKernels:
             ctypes.c_float,
         ]
         self._decode_layers_w4a8 = fn
+        fn = lib.bucketserve_argmax_rows
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_ptr, _ptr, _i64, _i64]
+        self._argmax_rows = fn
         # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
         self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
+
+    def argmax_rows(self, logits: torch.Tensor) -> list[int]:
+        """Each row's ``argmax`` of ``logits`` [rows, vocab] float32, as ``torch.argmax``
+        answers it (the first of ties, the first NaN where there is one)."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.device.type != "cpu":
+            raise ValueError("argmax_rows needs float32 CPU logits of [rows, vocab]")
+        logits = logits.contiguous()
+        rows, n = logits.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        if rows and self._argmax_rows(out.data_ptr(), logits.data_ptr(), rows, n):
+            raise ValueError("argmax_rows rejected its arguments")
+        return out.tolist()
 
     def silu_and_mul(self, gate_up: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """SwiGLU's ``silu(gate) * up`` of ``gate_up`` [T, 2I] (gate first): [T, I]."""

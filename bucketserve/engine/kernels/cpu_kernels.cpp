@@ -24,6 +24,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -748,6 +749,41 @@ void decode_layers_w4a8(T* h, T* residual, const int64_t* layer_ptrs, int64_t la
   }
 }
 
+// Each row's index of its largest logit, the first where several tie and the first NaN where
+// there is one (torch.argmax's answer). torch's CPU argmax ran 5.5 ms over 128 rows of the
+// 49,152-token vocabulary where its amax ran 0.5 (measured): a row is one vectorized max, then
+// a scan for where it is, 64 values at a time.
+void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) if (rows * n > (1 << 18))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * n;
+    float m = -std::numeric_limits<float>::infinity();
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = row[i];
+      m = m > v ? m : v;  // not std::max: its NaN rule kept the loop scalar (17x slower)
+      nan |= v != v;
+    }
+    int64_t at = 0;
+    if (nan) {
+      while (row[at] == row[at]) ++at;
+    } else {
+      for (int64_t base = 0; base < n; base += 64) {
+        const int64_t end = std::min(n, base + 64);
+        int hit = 0;
+#pragma omp simd reduction(| : hit)
+        for (int64_t i = base; i < end; ++i) hit |= row[i] == m;
+        if (!hit) continue;
+        for (at = base; row[at] != m; ++at) {
+        }
+        break;
+      }
+    }
+    out[r] = at;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -829,6 +865,12 @@ int bucketserve_rescale_int32(int dtype, void* out, const int32_t* acc, const fl
   } else {
     return 2;
   }
+  return 0;
+}
+
+int bucketserve_argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t n) {
+  if (n < 1) return 1;
+  argmax_rows(out, x, rows, n);
   return 0;
 }
 
