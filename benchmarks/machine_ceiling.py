@@ -36,6 +36,10 @@ class Ceiling:
     def tokens_per_s(self, dtype: str) -> float:
         return self.gflops[dtype] * 1e9 / self.flops_per_token
 
+    def higher(self, other: Ceiling) -> Ceiling:
+        """Each dtype's faster reading of the two (the stricter ceiling)."""
+        return Ceiling(self.flops_per_token, {d: max(g, other.gflops[d]) for d, g in self.gflops.items()})
+
     @property
     def best(self) -> tuple[str, float]:
         dtype = max(self.gflops, key=lambda d: self.gflops[d])
