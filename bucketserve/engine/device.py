@@ -39,15 +39,18 @@ def cpu_has_fast_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls ran 2-3x faster than fp32 on an EPYC with
     AVX512-BF16 (on a Xeon without AMX, large ones ran slower: the CPU fast path then keeps
     fp32 weights for large steps; the bf16 KV cache still halves attention's reads)."""
-    flags = f" {cpu_flags()} "
-    return " avx512_bf16 " in flags or " amx_bf16 " in flags
+    return _cpu_has("avx512_bf16") or _cpu_has("amx_bf16")
 
 
 def cpu_has_amx() -> bool:
     """AMX (amx_bf16): there torch's CPU flash attention ran a bfloat16 chunk over cached
     context about twice as fast as in fp32, where on AVX-512 Xeons without it fp32 ran 1.5x
     faster (both measured, docs/RESULTS.md)."""
-    return " amx_bf16 " in f" {cpu_flags()} "
+    return _cpu_has("amx_bf16")
+
+
+def _cpu_has(flag: str) -> bool:
+    return f" {flag} " in f" {cpu_flags()} "
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

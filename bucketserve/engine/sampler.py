@@ -31,6 +31,10 @@ def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.T
     return values, ids
 
 
+def _torch_argmax_rows(logits: torch.Tensor) -> list[int]:
+    return logits.argmax(-1).tolist()
+
+
 class Sampler:
     """Greedy, temperature, top-k and top-p sampling with a generator per seeded request.
 
@@ -47,7 +51,7 @@ class Sampler:
         """``argmax_rows``: the greedy rows' argmax (the native one, where the kernels load);
         torch's otherwise."""
         self.device = device
-        self.argmax_rows = argmax_rows or (lambda logits: logits.argmax(-1).tolist())
+        self.argmax_rows = argmax_rows or _torch_argmax_rows
         self.default_generator = torch.Generator(device=device).manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
