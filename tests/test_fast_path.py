@@ -405,24 +405,32 @@ def test_auto_runs_prompt_tokens_in_w8a8_only_where_the_calibration_text_allows(
     assert [lin.prompt_w8a8_error for layer in model.linears() for lin in layer] == errors
 
 
-def test_a_linear_runs_prompt_rows_and_decode_rows_by_their_own_plans() -> None:
+def test_a_linear_runs_each_kind_of_row_by_its_plan_and_a_mixed_step_in_one_matmul() -> None:
+    """Rows of one kind run in their plan's format for their count; a step with both kinds
+    runs one matmul: in the format both plans give where they agree, else in the prompt
+    plan's format at the step's row count (the prompt plan's formats keep prompt tokens
+    accurate; decode rows lose nothing by them)."""
     lin = MultiFormatLinear(128, 64)
     with torch.no_grad():
         lin.weight.copy_(_grid_weight(64, 128))
-    lin.pack(FormatPlan.single("fp32"), lin.candidate_formats("auto"), FormatPlan((2, 512), ("int8", "int4")))
+    prompt_plan, decode_plan = FormatPlan((4, 512), ("int4", "fp32")), FormatPlan((2, 512), ("int8", "int4"))
+    lin.pack(prompt_plan, lin.candidate_formats("auto"), decode_plan)
     ran: list[tuple[int, str]] = []
     original = lin.forward_format
     lin.forward_format = lambda x, fmt: ran.append((x.shape[0], fmt)) or original(x, fmt)  # type: ignore[method-assign]
-    x = torch.randn(6, 128)
-    whole = lin(x)  # prompt rows only, the default
-    assert ran == [(6, "fp32")]
-    ran.clear()
-    assert lin(x, prompt_rows=0).shape == (6, 64) and ran == [(6, "int4")]
-    ran.clear()
-    mixed = lin(x, prompt_rows=4)  # 4 prompt tokens, then 2 decode rows: int8 by their count
-    assert ran == [(4, "fp32"), (2, "int8")]
-    torch.testing.assert_close(mixed[:4], whole[:4])
-    torch.testing.assert_close(mixed[4:], x[4:] @ lin.weight.detach().T, atol=0.05, rtol=0.05)
+    x = torch.randn(8, 128)
+
+    def runs(rows: int, prompt_rows: int | None) -> list[tuple[int, str]]:
+        ran.clear()
+        assert lin(x[:rows], prompt_rows).shape == (rows, 64)
+        return list(ran)
+
+    assert runs(6, None) == [(6, "fp32")]  # prompt rows only, the default
+    assert runs(6, 0) == [(6, "int4")]  # decode rows only
+    assert runs(8, 4) == [(8, "int4")]  # 4 prompt rows (int4) and 4 decode rows (int4): they agree
+    assert runs(6, 4) == [(6, "fp32")]  # int4 for 4 prompt rows, int8 for 2 decode rows: the prompt plan at 6
+    assert runs(3, 1) == [(3, "int4")]  # int4 for 1 prompt row, int8 for 2 decode rows: the prompt plan at 3
+    torch.testing.assert_close(lin(x[:6], 4), lin(x[:6]))
 
 
 def test_auto_quantization_offers_only_formats_that_reproduce_the_weight() -> None:
@@ -594,6 +602,70 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: 
     for ref, got in zip(logits["torch"], logits["native"], strict=True):
         scale = ref.abs().max().item()
         torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0)
+
+
+def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
+    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A short prompt chunk, fresh or over cached context, attends one token at a time
+    through the native paged kernel (each token a row over its sequence up to itself) and
+    gives the logits that flash attention gives the same chunk; a long one keeps flash."""
+    from bucketserve.core.block_manager import BlockManager
+    from bucketserve.core.scheduler import ScheduledBatch
+    from bucketserve.core.sequence import Sequence
+    from bucketserve.engine import model_runner
+    from bucketserve.engine.kv_cache import allocate_kv_cache
+    from tests.conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    args = ModelArgs.from_hf_config(read_config(path))
+    model = LlamaModel(args)
+    model.load_hf_state_dict(load_state_dict(path))
+    model = model.eval()
+    model.use_kernels(native)
+    flash_rows: list[list[int]] = []  # per step: the chunk lengths flash attention ran
+    real_forward = LlamaModel.forward
+
+    def forward(self, ids, positions, kv_cache, meta, logits_index):  # type: ignore[no-untyped-def]
+        flash_rows.append([row.length for row in meta.prefill])
+        return real_forward(self, ids, positions, kv_cache, meta, logits_index)
+
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+
+    def run(row_by_row: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(model_runner, "PAGED_CHUNK_TOKENS", 16 if row_by_row else 0)
+        cache = allocate_kv_cache(args, 33, 16, torch.float32, torch.device("cpu"))
+        out: list[torch.Tensor] = []
+
+        def capture(lg, ids, params, banned):  # type: ignore[no-untyped-def]
+            out.append(lg.clone())
+            return lg.argmax(-1).tolist()
+
+        runner = model_runner.ModelRunner(model, cache, 16, capture)  # type: ignore[arg-type]
+        bm = BlockManager(32, 16)
+        a = Sequence("a", list(range(3, 43)), SamplingParams(max_tokens=8))
+        b = Sequence("b", list(range(50, 90)), SamplingParams(max_tokens=8))
+        # Fresh chunks of 30 (flash either way) and 12; chunks of 16 over 12 cached and of 10
+        # over 30 (a's last: it samples); a decode row beside b's last 12; two decode rows.
+        steps = [((a, 30), (b, 12)), ((b, 16), (a, 10)), ((a, 1), (b, 12)), ((a, 1), (b, 1))]
+        for step in steps:
+            for s, n in step:
+                bm.allocate(s, s.num_computed_tokens + n)
+            result = runner.execute(ScheduledBatch([s for s, _ in step], [n for _, n in step]))
+            for (s, n), tok in zip(step, result.tokens, strict=True):
+                s.num_computed_tokens += n
+                if tok is not None:
+                    s.append_token(tok)
+        return out
+
+    flash = run(row_by_row=False)
+    assert flash_rows == [[30, 12], [16, 10], [12], []]
+    flash_rows.clear()
+    paged = run(row_by_row=True)
+    assert flash_rows == [[30], [], [], []]  # chunks of up to 16 tokens went row by row
+    assert len(paged) == len(flash) == 3  # the first step ends no prompt: it samples nothing
+    for got, want in zip(paged, flash, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

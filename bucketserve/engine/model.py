@@ -163,7 +163,9 @@ class PrefillRow:
 
 @dataclass
 class DecodeRows:
-    """The decode rows' block tables and context lengths (their new token included)."""
+    """The paged rows' block tables and context lengths (their own token included): one row
+    per decode token, and one per token of a short prompt chunk that attends row by row
+    (``AttentionMetadata.paged_start``)."""
 
     block_tables: torch.Tensor  # [B, W] int64, padded with any valid block
     context_lens: torch.Tensor  # [B] int64
@@ -174,15 +176,23 @@ class DecodeRows:
 class AttentionMetadata:
     """Where this step's tokens go in the paged KV cache and what each query may see.
 
-    The step's tokens are packed without padding: the prefill rows' chunks first, then one
-    token per decode row. Built once per step by the model runner, shared by all layers.
+    The step's tokens are packed without padding: the prompt chunks first, then one token
+    per decode row. The tokens from ``paged_start`` on attend one query each through the
+    paged kernel (``decode``): the decode rows and, before them, the tokens of short prompt
+    chunks, whose K/V are in the cache by then (the model runner's ``paged_chunk_tokens``
+    says why). Built once per step by the model runner, shared by all layers.
     """
 
     slot_mapping: torch.Tensor  # [T] KV slot of each token
     positions: torch.Tensor  # [T] position of each token
-    prefill: list[PrefillRow]
-    num_prefill_tokens: int
+    prefill: list[PrefillRow]  # the chunks that attend as a whole (flash attention)
+    num_prefill_tokens: int  # prompt tokens, first in the step: the linears' prompt rows
     decode: DecodeRows | None
+    paged_start: int = -1  # the first token that attends through ``decode``; -1: num_prefill_tokens
+
+    def __post_init__(self) -> None:
+        if self.paged_start < 0:
+            self.paged_start = self.num_prefill_tokens
 
     @classmethod
     def one_prefill(cls, num_tokens: int) -> AttentionMetadata:
@@ -237,8 +247,8 @@ class Attention(nn.Module):
                 self.num_heads,
                 checked=True,
             )
-            if not meta.prefill:  # decode rows only: attention reads q inside qkv's rows
-                return self.o_proj(self._native_decode(qkv, k_cache, v_cache, meta.decode), 0)
+            if not meta.prefill:  # paged rows only: attention reads q inside qkv's rows
+                return self.o_proj(self._native_decode(qkv, k_cache, v_cache, meta.decode), prompt_rows)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -271,10 +281,10 @@ class Attention(nn.Module):
             outs.append(o[0].transpose(0, 1).reshape(-1, self.q_size))  # [n, H * D]
         if meta.decode is not None:
             if native:
-                rows = qkv[meta.num_prefill_tokens :]
+                rows = qkv[meta.paged_start :]
                 outs.append(self._native_decode(rows, k_cache, v_cache, meta.decode))
             else:
-                qd = q[meta.num_prefill_tokens :].unsqueeze(2)
+                qd = q[meta.paged_start :].unsqueeze(2)
                 outs.append(self._paged_attention(qd, k_cache, v_cache, meta.decode).reshape(-1, self.q_size))
         return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs), prompt_rows)
 
@@ -504,7 +514,7 @@ class LlamaModel(nn.Module):
         the cache changes, and kept beside the tensors it points into."""
         if not self.fuse_decode or self.kernels is None or not self.kernels.has_w4a8:
             return None
-        if meta.prefill or meta.decode is None:
+        if meta.num_prefill_tokens or meta.decode is None:
             return None
         fused = self._fused
         # Checked in O(1) a step: walking the 120 linears for their packed tensors each step

@@ -13,6 +13,18 @@ from bucketserve.engine.model import AttentionMetadata, CachedContext, DecodeRow
 from bucketserve.engine.sampler import Sampler, token_logprobs
 from bucketserve.outputs import TokenLogprobs
 
+# A prompt chunk of at most PAGED_CHUNK_TOKENS tokens, whose queries see at most
+# PAGED_CHUNK_PAIRS keys in all (n x (cached + n / 2)), attends one token at a time through the
+# native paged kernel, each token a row over its sequence's cache up to itself, as a decode
+# row does, instead of by flash attention. A short chunk then skips the per-layer gather of its
+# cached context and the two flash calls; a long one over a long context is faster by flash
+# (bf16 on AMX). ``benchmarks/mixed_step.py`` measures both beside 32 decode rows; on a
+# 2-core Xeon with AMX, ms added to the step by flash / row by row: fresh 8 tokens 18.0 / 11.5,
+# 64: 39.6 / 31.7, 128: even; over 352 cached 8: 21.7 / 14.3, 64: 43.4 / 41.1; over 1,400
+# cached 16: 36.1 / 28.8, 32: 49.3 / 57.2, 64: 61.1 / 110.0 (docs/RESULTS.md).
+PAGED_CHUNK_TOKENS = 64
+PAGED_CHUNK_PAIRS = 24_576
+
 
 class StepResult(NamedTuple):
     """Per batch row: the sampled token (None for a row that does not sample yet) and, where
@@ -44,8 +56,10 @@ class ModelRunner:
         block that no sequence owns, and causal attention keeps them out of real tokens' way.
         """
 
-        # Prefill rows first, then decode rows, each in batch order.
-        order = sorted(range(len(batch)), key=lambda i: not batch.is_prefill[i])
+        # Prompt chunks first (those that attend as a whole, then the short ones that attend
+        # row by row), then decode rows, each in batch order.
+        paged = [self._attends_row_by_row(batch, i) for i in range(len(batch))]
+        order = sorted(range(len(batch)), key=lambda i: 2 if not batch.is_prefill[i] else int(paged[i]))
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         num_prefill = batch.num_prefill_rows
@@ -57,47 +71,51 @@ class ModelRunner:
         rows: list[PrefillRow] = []
         logits_index: list[int] = []
         sampled_rows: list[int] = []
+        # The paged rows': each token of a chunk that attends row by row, each decode row.
+        paged_tables: list[list[int]] = []
+        paged_lens: list[int] = []
         bs = self.block_size
         pad_to = max(counts[:num_prefill], default=0) if batch.padded else 0
-        num_prefill_tokens = 0
+        num_prefill_tokens = paged_start = 0
         for r, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
             offset = len(ids)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if r < num_prefill:
+            if r < num_prefill and not paged[order[r]]:
                 cached = self._cached_context(seq, start) if start > 0 else None
                 pad = max(0, pad_to - n) if cached is None else 0
                 ids.extend([0] * pad)
                 positions.extend(min(p, self.max_position) for p in range(n, n + pad))
                 slots.extend([self.scratch_slot] * pad)
                 rows.append(PrefillRow(offset, n + pad, cached))
+                paged_start = len(ids)
+            else:  # each token sees its sequence up to itself
+                paged_lens.extend(range(start + 1, start + n + 1))
+                paged_tables.extend(table[: blocks_for(p, bs)] for p in range(start + 1, start + n + 1))
+            if r < num_prefill:
                 num_prefill_tokens = len(ids)
             if batch.samples[order[r]]:
                 logits_index.append(offset + n - 1)
                 sampled_rows.append(r)
 
-        decode_lens = [s + 1 for s in starts[num_prefill:]]
-        decode_tables = [
-            seq.block_table[: blocks_for(n, bs)]
-            for seq, n in zip(seqs[num_prefill:], decode_lens, strict=True)
-        ]
         if batch.num_ghost_rows:
             # Rows of finished static-batch members: computed on the scratch block, thrown away.
             g = batch.num_ghost_rows
             ids.extend([0] * g)
             positions.extend([0] * g)
             slots.extend([self.scratch_slot] * g)
-            decode_tables.extend([[self.scratch_slot // bs]] * g)
-            decode_lens.extend([1] * g)
+            paged_tables.extend([[self.scratch_slot // bs]] * g)
+            paged_lens.extend([1] * g)
         positions_t = torch.tensor(positions, device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device),
             positions=positions_t,
             prefill=rows,
             num_prefill_tokens=num_prefill_tokens,
-            decode=self._decode_rows(decode_tables, decode_lens) if decode_lens else None,
+            decode=self._decode_rows(paged_tables, paged_lens) if paged_lens else None,
+            paged_start=paged_start,
         )
         logits = self.model(
             torch.tensor(ids, device=self.device),
@@ -127,6 +145,15 @@ class ModelRunner:
             for j, lp in zip(wants, lps, strict=True):
                 result.logprobs[order[sampled_rows[j]]] = lp
         return result
+
+    def _attends_row_by_row(self, batch: ScheduledBatch, i: int) -> bool:
+        """Whether row ``i``, a prompt chunk, attends one token at a time through the native
+        paged kernel, as decode rows do (a short chunk over a short context: see
+        ``PAGED_CHUNK_TOKENS``)."""
+        if not batch.is_prefill[i] or batch.padded or self.model.kernels is None:
+            return False
+        n, cached = batch.num_new_tokens[i], batch.seqs[i].num_computed_tokens
+        return n <= PAGED_CHUNK_TOKENS and n * (2 * cached + n) <= 2 * PAGED_CHUNK_PAIRS
 
     def _cached_context(self, seq: Sequence, start: int) -> CachedContext:
         """What a chunk at position ``start`` sees of its sequence: the first ``start`` tokens."""
