@@ -7,10 +7,13 @@ keeps every running request within its TPOT target over its reply, and a share o
 tightest TTFT target), chunking a prompt where it would not fit whole. Without a limit the
 token budget alone applies (``max_num_batched_tokens``).
 
-Progress: while the token budget has room, the first chunk of a step may always take
-``min_chunk`` tokens (or the rest of its prompt), even over the limit, so a step exceeds its
-limit by at most one such chunk and a tight target never starves a waiting prompt. Decode
-rows count against the token budget here (as in ``continuous``), one token each.
+A chunk that does not end its prompt takes at least ``min_chunk`` tokens: a step with prompt
+tokens costs a fixed overhead beside its decode rows, so a sliver of a prompt is not worth a
+step. Progress: while the token budget has room and the caller allows it (``progress``), the
+first chunk of a step may always take ``min_chunk`` tokens (or the rest of its prompt), even
+over the limit, so a step exceeds its limit by at most one such chunk and a tight target
+never starves a waiting prompt. Decode rows count against the token budget here (as in
+``continuous``), one token each.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ class StepBudget:
         limit_s: float,
         max_tokens: int,
         min_chunk: int,
+        progress: bool = True,
     ) -> None:
         self.profile = profile
         self.decode = tuple(decode_contexts)
         self.limit_ms = limit_s * 1e3
         self.tokens_left = max_tokens - len(decode_contexts)  # decodes count against the tokens
         self.min_chunk = min_chunk
+        self.progress = progress  # whether the first chunk may take min_chunk over the limit
         self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
 
     @property
@@ -61,7 +66,7 @@ class StepBudget:
     def take(self, want: int, cached: int) -> int:
         """How many of a prompt's ``want`` remaining tokens (after ``cached`` computed ones)
         this step takes; records them. 0 when the step is full: a chunk shorter than
-        ``min_chunk`` is taken only to end a prompt, or as the step's first (progress)."""
+        ``min_chunk`` is taken only to end a prompt, or as the step's first (``progress``)."""
         length = cached + want
         hi = min(want, self.tokens_left)
         if hi <= 0:
@@ -77,7 +82,7 @@ class StepBudget:
                     hi = mid - 1
             n = lo
         if n < min(want, self.min_chunk):
-            n = min(want, self.tokens_left, self.min_chunk) if not self.rows else 0
+            n = min(want, self.tokens_left, self.min_chunk) if self.progress and not self.rows else 0
         if n > 0:
             self.rows.append((n, cached, length))
             self.tokens_left -= n

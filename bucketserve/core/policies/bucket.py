@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from bucketserve.core.budget import StepBudget
 from bucketserve.core.monitor import Monitor
 from bucketserve.core.ordering import targets, urgency
 from bucketserve.core.policies.registry import register_policy
-from bucketserve.core.scheduler import ScheduledBatch, Scheduler
+from bucketserve.core.scheduler import BatchShape, ScheduledBatch, Scheduler
 from bucketserve.core.sequence import FinishReason, Sequence, SequenceStatus
 from bucketserve.options import check, check_fields, option
 
@@ -110,6 +111,21 @@ class BucketConfig:
         "times scatter (0: at the cost model's prediction)",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
+    tpot_window: int = option(
+        8,
+        metavar="STEPS",
+        help="slo: a step may also run as long as keeps the mean time of the last STEPS steps "
+        "(measured: one that ran over shortens the next) within the running requests' tightest "
+        "TPOT target x --bucket-tpot-margin, so that decode-only steps bank time for fewer, larger "
+        "prompt chunks (0 or 1: every step on its own)",
+    )
+    window_chunk: int = option(
+        128,
+        help="slo, while the TPOT window applies: the fewest prompt tokens a chunk takes unless it "
+        "ends its prompt (a step with prompt tokens costs a fixed overhead beside its decode rows); "
+        "a waiting prompt is forced through with this many, over the limit, only after "
+        "--bucket-tpot-window - 1 steps without prompt tokens",
+    )
     late_demotion_s: float = option(
         30.0,
         name="late-demotion",
@@ -143,6 +159,8 @@ class BucketConfig:
         check(0 <= self.plan_quantile < 1, f"plan_quantile must be in [0, 1), got {self.plan_quantile}")
         check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
+        check(self.tpot_window >= 0, f"tpot_window must be >= 0, got {self.tpot_window}")
+        check(self.window_chunk >= 1, f"window_chunk must be >= 1, got {self.window_chunk}")
 
 
 class BucketScheduler(Scheduler):
@@ -160,12 +178,21 @@ class BucketScheduler(Scheduler):
         # come and go so that a step need not scan every request for the tightest target.
         self._own_ttfts: dict[str, float] = {}
         self._demoted: set[str] = set()  # late prompts whose key moved (_demote_late)
+        # slo: the last tpot_window - 1 steps' measured times, and how many steps in a row ran
+        # without prompt tokens (_step_budget's window and progress).
+        self._recent_steps: deque[float] = deque(maxlen=max(0, self.cfg.tpot_window - 1))
+        self._steps_without_prompt = 0
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
         self.monitor.on_arrival(seq.prompt_len)
         if seq.ttft_slo is not None:
             self._own_ttfts[seq.seq_id] = seq.ttft_slo
+
+    def observe_step(self, shape: BatchShape, seconds: float) -> None:
+        super().observe_step(shape, seconds)
+        if self._recent_steps.maxlen:
+            self._recent_steps.append(seconds)
 
     # -- queue: the buckets ------------------------------------------------------------
     def _enqueue(self, seq: Sequence) -> None:
@@ -324,7 +351,9 @@ class BucketScheduler(Scheduler):
 
         if not seqs:
             return None
-        return ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+        batch = ScheduledBatch(seqs, counts, preempted, bucket=bounds)
+        self._steps_without_prompt = 0 if batch.num_prefill_rows else self._steps_without_prompt + 1
+        return batch
 
     def _demote_late(self, now: float, prefilling: list[Sequence]) -> None:
         """Move the prompts that will miss their TTFT deadline anyway (``is_late``) behind the
@@ -426,20 +455,29 @@ class BucketScheduler(Scheduler):
         # Steps run over their prediction as often as under it: the budget plans each step's
         # time at a quantile of how far recent ones ran over (1 where the model is exact).
         slack = self.cost_fit.error_quantile(self.cfg.plan_quantile)
-
-        def budget(limit_s: float) -> StepBudget:
-            tokens = self.config.max_num_batched_tokens
-            return StepBudget(profile, contexts, limit_s / slack, tokens, self.cfg.min_chunk)
-
-        if profile is None:  # too few steps seen to predict one: the token budget alone
-            return budget(math.inf)
-        tpot_limit = self._tpot_limit(decoding, now)
         # A request that arrives while this step runs waits for its end: the step keeps a share
         # of the tightest TTFT target the server knows (its classes and default, and the
         # requests present that brought their own).
         own = min(self._own_ttfts.values(), default=math.inf)
         tightest = min(self._known_ttft, own)
         cap = self.cfg.ttft_share * tightest
+        # The TPOT window (``_window_limit``): while it applies, prompt work comes in chunks of
+        # at least window_chunk, and a waiting prompt is forced through only after a window of
+        # steps without prompt tokens (the decode-only steps bank the time for it).
+        window = self._window_limit(decoding, cap)
+        chunk, progress = self.cfg.min_chunk, True
+        if window is not None:
+            chunk = max(chunk, self.cfg.window_chunk)
+            progress = self._steps_without_prompt >= self.cfg.tpot_window - 1
+
+        def budget(limit_s: float) -> StepBudget:
+            tokens = self.config.max_num_batched_tokens
+            planned = limit_s / slack if window is None else max(limit_s / slack, window)
+            return StepBudget(profile, contexts, planned, tokens, chunk, progress)
+
+        if profile is None:  # too few steps seen to predict one: the token budget alone
+            return budget(math.inf)
+        tpot_limit = self._tpot_limit(decoding, now)
         limit = min(tpot_limit, cap)
         # What the step may grow to while a TTFT deadline is in danger: a queue that is behind
         # already keeps a new arrival waiting longer than a step, and larger steps prefill more
@@ -471,6 +509,24 @@ class BucketScheduler(Scheduler):
                     limit = grown  # a TTFT deadline in danger
                     break
         return budget(limit)
+
+    def _window_limit(self, decoding: list[Sequence], cap: float) -> float | None:
+        """slo: how long this step may run with the mean of the last ``tpot_window`` steps
+        (the ones before it as measured) at most the tightest TPOT target x margin among the
+        decoding requests, and at most ``cap``; None (the window does not apply) until that
+        many steps were measured, or while no decoding request has a TPOT target. Every
+        running request decodes in every step, so this bounds each one's time per output
+        token over the window; measured times correct a step that ran over its prediction in
+        the steps after it, so the window plans at the prediction, not at a quantile."""
+        recent = self._recent_steps
+        if not recent.maxlen or len(recent) < recent.maxlen:
+            return None
+        order = self.config.order
+        tpots = [t for s in decoding if (t := targets(s, order)[1]) is not None]
+        if not tpots:
+            return None
+        held = min(tpots) * self.cfg.tpot_margin
+        return max(0.0, min(cap, (len(recent) + 1) * held - sum(recent)))
 
     def _tpot_limit(self, decoding: list[Sequence], now: float) -> float:
         """slo: the longest this step may run with every decoding request's time per output
