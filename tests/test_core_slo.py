@@ -3,6 +3,7 @@ chunked prefill inside a bucket's batch, SLO classes and requests that cannot be
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -235,6 +236,63 @@ def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> No
     for s in decoding:
         assert s.finished_time is not None and s.first_token_time is not None
         assert (s.finished_time - s.first_token_time) / (s.num_output_tokens - 1) <= 0.1
+
+
+def _decode_beside_a_document(sched, chats: list, document) -> list[tuple[int, float]]:  # type: ignore[no-untyped-def]
+    """Run ``chats`` three steps, then with ``document`` queued until the chats finish, in
+    virtual time at the known costs; each step's (prompt tokens, seconds) after the arrival."""
+    ex = FakeExecutor(sched, profile=KNOWN)
+    for s in chats:
+        sched.add(s)
+    for _ in range(3):
+        ex.step()
+    document.arrival_time = ex.now
+    sched.add(document)
+    steps = []
+    while any(not s.is_finished for s in chats):
+        batch = sched.schedule(ex.now)
+        assert batch is not None
+        shape = batch.shape()
+        took = step_ms(KNOWN, shape) / 1e3
+        steps.append((sum(n for n, _ in shape.prefill), took))
+        ex.now += took
+        sched.observe_step(shape, took)
+        sched.update(batch, [7] * len(batch), ex.now)
+    return steps
+
+
+def test_slo_bucket_banks_decode_only_steps_for_fewer_larger_chunks() -> None:
+    """Four chats decode with a 100-ms TPOT target (90 ms with the margin) beside a
+    1,500-token document. After a first chunk from what the chats' replies allow at their
+    start, each step on its own takes what fits its limit, a sliver every step; with a window
+    of 4 steps a step may run as long as keeps the four steps' mean within 90 ms, so
+    decode-only steps bank the time for chunks of at least the window chunk (bar the prompt's
+    last), in fewer steps, and every chat stays within its target either way."""
+    runs = {}
+    for window in (0, 4):
+        sched = _slo_bucket(tpot_window=window, window_chunk=128)
+        chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
+        steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8))
+        runs[window] = [n for n, _ in steps if n]
+        for s in chats:
+            assert s.finished_time is not None and s.first_token_time is not None
+            assert (s.finished_time - s.first_token_time) / (s.num_output_tokens - 1) <= 0.1
+    assert sum(runs[4]) == sum(runs[0]) == 1500
+    assert len(runs[4]) < len(runs[0])
+    assert all(n >= 128 for n in runs[4][:-1]) and min(runs[0][:-1]) < 128
+
+
+def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_prompt_work() -> None:
+    """Where no window-chunk fits in the window (400 tokens take longer than four steps'
+    allowance), the document still moves: after three steps without prompt tokens its next
+    400 go through over the limit, so prompt work runs every fourth step, none waits longer."""
+    sched = _slo_bucket(tpot_window=4, window_chunk=400)
+    chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
+    # its 1-s TTFT target caps every step at a quarter second: no 400 tokens fit in one
+    steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8, ttft_slo=1.0))
+    carried = [i for i, (n, _) in enumerate(steps) if n]
+    assert [steps[i][0] for i in carried] == [400, 400, 400, 300]
+    assert all(b - a == 4 for a, b in itertools.pairwise(carried))
 
 
 def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
