@@ -295,6 +295,27 @@ def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_promp
     assert all(b - a == 4 for a, b in itertools.pairwise(carried))
 
 
+def test_slo_bucket_does_not_keep_a_chat_waiting_out_the_window_past_its_ttft_deadline() -> None:
+    """Right after a forced chunk of a late document, a 150-token chat with a 0.5-s TTFT
+    target arrives; the steps' quarter-second cap leaves no room for it, and the window would
+    hold prompt work back for three more steps: it goes through in the next step instead,
+    since waiting out the window would cost it its deadline."""
+    sched = _slo_bucket(tpot_window=4, window_chunk=400)
+    ex = FakeExecutor(sched, profile=KNOWN)
+    for i in range(4):
+        sched.add(seq(i, 40, 120, tpot_slo=0.1))
+    for _ in range(3):
+        ex.step()
+    sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=1.0))  # late from the start
+    while not ex.batches[-1].shape().prefill or "r9" not in [s.seq_id for s in ex.batches[-1].seqs]:
+        ex.step()  # until the document's first forced chunk
+    chat = seq(20, 150, 4, arrival=ex.now, ttft_slo=0.5)
+    sched.add(chat)
+    ex.step()
+    assert chat in ex.batches[-1].seqs
+    assert chat.first_token_time is not None and chat.first_token_time - chat.arrival_time <= 0.5
+
+
 def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
     """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit it would
     take longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a

@@ -121,6 +121,7 @@ class BucketConfig:
     )
     window_chunk: int = option(
         128,
+        metavar="TOKENS",
         help="slo, while the TPOT window applies: the fewest prompt tokens a chunk takes unless it "
         "ends its prompt (a step with prompt tokens costs a fixed overhead beside its decode rows); "
         "a waiting prompt is forced through with this many, over the limit, only after "
@@ -468,7 +469,9 @@ class BucketScheduler(Scheduler):
         chunk, progress = self.cfg.min_chunk, True
         if window is not None:
             chunk = max(chunk, self.cfg.window_chunk)
-            progress = self._steps_without_prompt >= self.cfg.tpot_window - 1
+            progress = self._steps_without_prompt >= self.cfg.tpot_window - 1 or self._cannot_wait(
+                now, prefilling, bucket
+            )
 
         def budget(limit_s: float) -> StepBudget:
             tokens = self.config.max_num_batched_tokens
@@ -509,6 +512,19 @@ class BucketScheduler(Scheduler):
                     limit = grown  # a TTFT deadline in danger
                     break
         return budget(limit)
+
+    def _cannot_wait(self, now: float, prefilling: list[Sequence], bucket: Bucket | None) -> bool:
+        """slo, while the TPOT window applies: whether the most urgent prompt (started, or its
+        bucket's head), still able to meet its TTFT deadline, would pass it while the window
+        banks time for it (a window of steps as long as the last): then it is forced through
+        now, as a chat with a tight TTFT target must not wait out a window."""
+        head = bucket.head() if bucket is not None else None
+        waiting = [*prefilling, *([head] if head is not None else [])]
+        first = min(waiting, key=lambda s: self._keys[s.seq_id], default=None)
+        if first is None or first.first_token_time is not None or self.is_late(first, now):
+            return False  # a recomputed prompt, or one late even if run whole now: it can wait
+        deadline = first.arrival_time + targets(first, self.config.order)[0]
+        return deadline - now < self.cfg.tpot_window * self.last_step_s
 
     def _window_limit(self, decoding: list[Sequence], cap: float) -> float | None:
         """slo: how long this step may run with the mean of the last ``tpot_window`` steps
