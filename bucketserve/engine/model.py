@@ -179,7 +179,7 @@ class AttentionMetadata:
     The step's tokens are packed without padding: the prompt chunks first, then one token
     per decode row. The tokens from ``paged_start`` on attend one query each through the
     paged kernel (``decode``): the decode rows and, before them, the tokens of short prompt
-    chunks, whose K/V are in the cache by then (the model runner's ``paged_chunk_tokens``
+    chunks, whose K/V are in the cache by then (``model_runner.PAGED_CHUNK_TOKENS``
     says why). Built once per step by the model runner, shared by all layers.
     """
 

@@ -19,7 +19,10 @@ target, within the TPOT limit unless ``ttft_lift``) when one of the most urgent 
 urgency order, would otherwise miss a TTFT deadline it can still meet. A prompt that will
 miss its TTFT deadline anyway goes behind the ones still on time (``late_demotion_s``).
 The slo budget plans each step at a quantile of how far recent steps ran over their
-prediction (``plan_quantile``).
+prediction (``plan_quantile``); with ``tpot_window`` it may also run a step as long as keeps
+the mean of the last that many measured steps within the tightest TPOT target
+(``_window_limit``), so that decode-only steps bank time for fewer, larger chunks (each step
+with prompt tokens pays a fixed overhead beside its decode rows).
 """
 
 from __future__ import annotations
@@ -112,12 +115,13 @@ class BucketConfig:
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     tpot_window: int = option(
-        8,
+        0,
         metavar="STEPS",
         help="slo: a step may also run as long as keeps the mean time of the last STEPS steps "
         "(measured: one that ran over shortens the next) within the running requests' tightest "
         "TPOT target x --bucket-tpot-margin, so that decode-only steps bank time for fewer, larger "
-        "prompt chunks (0 or 1: every step on its own)",
+        "prompt chunks (0 or 1: every step on its own; off by default: on the CPU engine it saved "
+        "step time but not SLO attainment, docs/RESULTS.md)",
     )
     window_chunk: int = option(
         128,
