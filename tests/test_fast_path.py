@@ -65,6 +65,21 @@ def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
     return Attention(args)
 
 
+def _execute_steps(runner, bm, steps) -> None:  # type: ignore[no-untyped-def]
+    """Run each step, a sequence of (sequence, new tokens) rows, through ``runner`` as the
+    engine would: KV blocks allocated first, then the computed and sampled tokens recorded."""
+    from bucketserve.core.scheduler import ScheduledBatch
+
+    for step in steps:
+        for s, n in step:
+            bm.allocate(s, s.num_computed_tokens + n)
+        result = runner.execute(ScheduledBatch([s for s, _ in step], [n for _, n in step]))
+        for (s, n), tok in zip(step, result.tokens, strict=True):
+            s.num_computed_tokens += n
+            if tok is not None:
+                s.append_token(tok)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "cached", "n"), [(9, 3, 37, 20), (4, 2, 16, 1), (8, 8, 5, 64)])
 def test_a_chunk_over_cached_context_equals_one_masked_attention(
     heads: int, kv_heads: int, cached: int, n: int
@@ -560,7 +575,6 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: 
     """head_dim 64 and blocks of 16: the AVX-512 decode path, the bf16 rope/KV write and the
     bf16 residual norm, step by step (a prefill, a chunk over cached context, decodes)."""
     from bucketserve.core.block_manager import BlockManager
-    from bucketserve.core.scheduler import ScheduledBatch
     from bucketserve.core.sequence import Sequence
     from bucketserve.engine.kv_cache import allocate_kv_cache
     from bucketserve.engine.loader import load_state_dict, read_config
@@ -588,16 +602,9 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: 
         bm = BlockManager(32, 16)
         a = Sequence("a", list(range(3, 43)), SamplingParams(max_tokens=8))
         b = Sequence("b", list(range(50, 120)), SamplingParams(max_tokens=8))
-        for step in [((a, 40), (b, 30)), ((a, 1), (b, 40)), ((a, 1), (b, 1)), ((a, 1), (b, 1))]:
-            seqs = [s for s, _ in step]
-            counts = [n for _, n in step]
-            for s, n in step:
-                bm.allocate(s, s.num_computed_tokens + n)
-            result = runner.execute(ScheduledBatch(seqs, counts))
-            for s, n, tok in zip(seqs, counts, result.tokens, strict=True):
-                s.num_computed_tokens += n
-                if tok is not None:
-                    s.append_token(tok)
+        _execute_steps(
+            runner, bm, [((a, 40), (b, 30)), ((a, 1), (b, 40)), ((a, 1), (b, 1)), ((a, 1), (b, 1))]
+        )
     assert len(logits["torch"]) == len(logits["native"]) == 4
     for ref, got in zip(logits["torch"], logits["native"], strict=True):
         scale = ref.abs().max().item()
@@ -611,7 +618,6 @@ def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
     through the native paged kernel (each token a row over its sequence up to itself) and
     gives the logits that flash attention gives the same chunk; a long one keeps flash."""
     from bucketserve.core.block_manager import BlockManager
-    from bucketserve.core.scheduler import ScheduledBatch
     from bucketserve.core.sequence import Sequence
     from bucketserve.engine import model_runner
     from bucketserve.engine.kv_cache import allocate_kv_cache
@@ -648,14 +654,7 @@ def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
         # Fresh chunks of 30 (flash either way) and 12; chunks of 16 over 12 cached and of 10
         # over 30 (a's last: it samples); a decode row beside b's last 12; two decode rows.
         steps = [((a, 30), (b, 12)), ((b, 16), (a, 10)), ((a, 1), (b, 12)), ((a, 1), (b, 1))]
-        for step in steps:
-            for s, n in step:
-                bm.allocate(s, s.num_computed_tokens + n)
-            result = runner.execute(ScheduledBatch([s for s, _ in step], [n for _, n in step]))
-            for (s, n), tok in zip(step, result.tokens, strict=True):
-                s.num_computed_tokens += n
-                if tok is not None:
-                    s.append_token(tok)
+        _execute_steps(runner, bm, steps)
         return out
 
     flash = run(row_by_row=False)
@@ -678,7 +677,6 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
     if not native.has_w4a8:
         pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
     from bucketserve.core.block_manager import BlockManager
-    from bucketserve.core.scheduler import ScheduledBatch
     from bucketserve.core.sequence import Sequence
     from bucketserve.engine.kv_cache import allocate_kv_cache
     from bucketserve.engine.model_runner import ModelRunner
@@ -722,14 +720,7 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
             for i in range(3)
         ]
         plan = [[(s, len(s)) for s in seqs]] + [[(s, 1) for s in seqs]] * 20
-        for step in plan:
-            for s, n in step:
-                bm.allocate(s, s.num_computed_tokens + n)
-            result = runner.execute(ScheduledBatch([s for s, _ in step], [n for _, n in step]))
-            for (s, n), tok in zip(step, result.tokens, strict=True):
-                s.num_computed_tokens += n
-                if tok is not None:
-                    s.append_token(tok)
+        _execute_steps(runner, bm, plan)
         return out
 
     layer_by_layer = run(fused=False)
