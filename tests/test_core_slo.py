@@ -208,9 +208,9 @@ def _four_decoding(sched) -> FakeExecutor:  # type: ignore[no-untyped-def]
     return ex
 
 
-def _decode_beside_a_document(sched, chats: list, document) -> list[tuple[int, float]]:  # type: ignore[no-untyped-def]
+def _decode_beside_a_document(sched, chats: list, document) -> list[int]:  # type: ignore[no-untyped-def]
     """Run ``chats`` three steps, then with ``document`` queued until the chats finish, in
-    virtual time at the known costs; each step's (prompt tokens, seconds) after the arrival."""
+    virtual time at the known costs; each step's prompt tokens after the arrival."""
     ex = FakeExecutor(sched, profile=KNOWN)
     for s in chats:
         sched.add(s)
@@ -218,17 +218,10 @@ def _decode_beside_a_document(sched, chats: list, document) -> list[tuple[int, f
         ex.step()
     document.arrival_time = ex.now
     sched.add(document)
-    steps = []
+    first = len(ex.batches)
     while any(not s.is_finished for s in chats):
-        batch = sched.schedule(ex.now)
-        assert batch is not None
-        shape = batch.shape()
-        took = step_ms(KNOWN, shape) / 1e3
-        steps.append((sum(n for n, _ in shape.prefill), took))
-        ex.now += took
-        sched.observe_step(shape, took)
-        sched.update(batch, [7] * len(batch), ex.now)
-    return steps
+        ex.step()
+    return [sum(n for n, _ in batch.shape().prefill) for batch in ex.batches[first:]]
 
 
 def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> None:
@@ -238,8 +231,7 @@ def test_slo_bucket_chunks_a_long_prompt_instead_of_stalling_the_decodes() -> No
     banked in their fast steps allows, each of them within its target over its whole reply."""
     sched = _slo_bucket()
     decoding = [seq(i, 40, 24, tpot_slo=0.1) for i in range(4)]
-    steps = _decode_beside_a_document(sched, decoding, seq(9, 1500, 8))
-    chunks = [n for n, _ in steps if n]
+    chunks = [n for n in _decode_beside_a_document(sched, decoding, seq(9, 1500, 8)) if n]
     assert len(chunks) > 3 and max(chunks) < 1500
     for s in decoding:
         assert s.finished_time is not None and s.first_token_time is not None
@@ -257,8 +249,7 @@ def test_slo_bucket_banks_decode_only_steps_for_fewer_larger_chunks() -> None:
     for window in (0, 4):
         sched = _slo_bucket(tpot_window=window, window_chunk=128)
         chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
-        steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8))
-        runs[window] = [n for n, _ in steps if n]
+        runs[window] = [n for n in _decode_beside_a_document(sched, chats, seq(9, 1500, 8)) if n]
         for s in chats:
             assert s.finished_time is not None and s.first_token_time is not None
             assert (s.finished_time - s.first_token_time) / (s.num_output_tokens - 1) <= 0.1
@@ -275,8 +266,8 @@ def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_promp
     chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
     # its 1-s TTFT target caps every step at a quarter second: no 400 tokens fit in one
     steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8, ttft_slo=1.0))
-    carried = [i for i, (n, _) in enumerate(steps) if n]
-    assert [steps[i][0] for i in carried] == [400, 400, 400, 300]
+    carried = [i for i, n in enumerate(steps) if n]
+    assert [steps[i] for i in carried] == [400, 400, 400, 300]
     assert all(b - a == 4 for a, b in itertools.pairwise(carried))
 
 

@@ -188,11 +188,12 @@ class AttentionMetadata:
     prefill: list[PrefillRow]  # the chunks that attend as a whole (flash attention)
     num_prefill_tokens: int  # prompt tokens, first in the step: the linears' prompt rows
     decode: DecodeRows | None
-    paged_start: int = -1  # the first token that attends through ``decode``; -1: num_prefill_tokens
 
-    def __post_init__(self) -> None:
-        if self.paged_start < 0:
-            self.paged_start = self.num_prefill_tokens
+    @property
+    def paged_start(self) -> int:
+        """The first token that attends through ``decode``: the end of the flash chunks."""
+        last = self.prefill[-1] if self.prefill else None
+        return 0 if last is None else last.start + last.length
 
     @classmethod
     def one_prefill(cls, num_tokens: int) -> AttentionMetadata:

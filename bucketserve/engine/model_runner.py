@@ -19,9 +19,11 @@ from bucketserve.outputs import TokenLogprobs
 # row does, instead of by flash attention. A short chunk then skips the per-layer gather of its
 # cached context and the two flash calls; a long one over a long context is faster by flash
 # (bf16 on AMX). ``benchmarks/mixed_step.py`` measures both beside 32 decode rows; on a
-# 2-core Xeon with AMX, ms added to the step by flash / row by row: fresh 8 tokens 18.0 / 11.5,
-# 64: 39.6 / 31.7, 128: even; over 352 cached 8: 21.7 / 14.3, 64: 43.4 / 41.1; over 1,400
-# cached 16: 36.1 / 28.8, 32: 49.3 / 57.2, 64: 61.1 / 110.0 (docs/RESULTS.md).
+# 2-core Xeon with AMX, ms added to the step by flash / row by row (median of 6): fresh 16
+# tokens 19.2 / 10.5, 32: 20.2 / 17.4, 64: 35.7 / 27.8 (8: even); over 352 cached 8: 20.8 /
+# 11.8, 32: 40.1 / 30.7; over 1,400 cached 8: 34.3 / 23.5, 16: 40.2 / 34.4. Row by row lost
+# over 1,400 cached at 32 and 64 tokens (57.2 / 49.3 and 110.0 / 61.1 ms, a session script by
+# the same method), hence the bound on keys (docs/RESULTS.md).
 PAGED_CHUNK_TOKENS = 64
 PAGED_CHUNK_PAIRS = 24_576
 
@@ -76,7 +78,7 @@ class ModelRunner:
         paged_lens: list[int] = []
         bs = self.block_size
         pad_to = max(counts[:num_prefill], default=0) if batch.padded else 0
-        num_prefill_tokens = paged_start = 0
+        num_prefill_tokens = 0
         for r, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
             offset = len(ids)
             ids.extend(seq.token_ids[start : start + n])
@@ -90,7 +92,6 @@ class ModelRunner:
                 positions.extend(min(p, self.max_position) for p in range(n, n + pad))
                 slots.extend([self.scratch_slot] * pad)
                 rows.append(PrefillRow(offset, n + pad, cached))
-                paged_start = len(ids)
             else:  # each token sees its sequence up to itself
                 paged_lens.extend(range(start + 1, start + n + 1))
                 paged_tables.extend(table[: blocks_for(p, bs)] for p in range(start + 1, start + n + 1))
@@ -115,7 +116,6 @@ class ModelRunner:
             prefill=rows,
             num_prefill_tokens=num_prefill_tokens,
             decode=self._decode_rows(paged_tables, paged_lens) if paged_lens else None,
-            paged_start=paged_start,
         )
         logits = self.model(
             torch.tensor(ids, device=self.device),
