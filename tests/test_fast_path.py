@@ -236,6 +236,35 @@ def test_native_int8_matmul_equals_the_torch_reference(native, dtype: torch.dtyp
     torch.testing.assert_close(got.float(), exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_native_residual_norm_and_swiglu_round_where_the_torch_reference_does(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """Widths that leave a partial vector (72, 40), values up to ~40: the residual sum is
+    the reference's to the bit, the normalised and SwiGLU outputs to one unit of the last
+    place (the vector paths sum the squares and take the exponential in another order), and
+    in bfloat16 nearly all SwiGLU outputs to the bit."""
+    one_ulp = 2**-7 if dtype == torch.bfloat16 else 2e-6
+    residual = (torch.randn(rows, 72) * 8).to(dtype)
+    x = (torch.randn(rows, 72) * 8).to(dtype)
+    weight = torch.randn(72).to(dtype)
+    want_residual = residual + x
+    r = want_residual.float()
+    normed = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    want = weight * normed
+    got_residual = residual.clone()
+    got = native.add_rms_norm(got_residual, x, weight, 1e-5)
+    assert torch.equal(got_residual, want_residual)
+    torch.testing.assert_close(got, want, rtol=one_ulp, atol=1e-6)
+
+    gate_up = (torch.randn(rows, 80) * 10).to(dtype)
+    gate, up = gate_up[:, :40], gate_up[:, 40:]
+    want = torch.nn.functional.silu(gate.float()).to(dtype) * up
+    got = native.silu_and_mul(gate_up)
+    torch.testing.assert_close(got, want, rtol=2 * one_ulp, atol=1e-6)
+    if dtype == torch.bfloat16:  # silu rounded before the product, as torch rounds it
+        assert (got == want).float().mean() >= 0.95
+
+
 def test_w8a8_smoothing_keeps_an_outlier_channel_from_rounding_the_others_away() -> None:
     """One input channel 100x the others: one scale per token leaves the rest a few int8
     steps; smoothing by the calibrated ranges (SmoothQuant) brings the error back down."""
