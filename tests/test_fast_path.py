@@ -238,7 +238,7 @@ def test_native_int8_matmul_equals_the_torch_reference(native, dtype: torch.dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 33])
-def test_native_residual_norm_and_swiglu_round_where_the_torch_reference_does(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
+def test_native_norm_and_swiglu_round_where_torch_does(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
     """Widths that leave a partial vector (72, 40), values up to ~40: the residual sum is
     the reference's to the bit, the normalised and SwiGLU outputs to one unit of the last
     place (the vector paths sum the squares and take the exponential in another order), and
