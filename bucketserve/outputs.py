@@ -25,7 +25,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error", "late"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asked
 

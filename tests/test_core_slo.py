@@ -16,6 +16,7 @@ from bucketserve.core.budget import StepBudget
 from bucketserve.core.cost import OnlineCostFit, Profile, step_ms
 from bucketserve.core.ordering import targets
 from bucketserve.core.scheduler import BatchShape
+from bucketserve.core.sequence import FinishReason
 from bucketserve.errors import ConfigError, DeadlineUnreachableError
 from tests.core_helpers import FakeExecutor, make, seq
 
@@ -380,6 +381,34 @@ def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refuse
         strict.add(seq(0, 1500, 4, ttft_slo=0.5))
     assert not strict.has_unfinished()  # nothing of it queued
     strict.add(seq(1, 100, 4, ttft_slo=0.5))  # one that can be on time is served
+
+
+@pytest.mark.parametrize("reject_late", [False, True])
+def test_with_reject_late_a_queued_prompt_leaves_as_late_once_it_can_no_longer_be_on_time(
+    reject_late: bool,
+) -> None:
+    """Two 100-token chats (0.5-s targets, ~0.1 s each) arrive together: both can be on time,
+    so both are taken. One prompt fits a step; the first step ends at 0.6 s (a stall), when
+    the second could no longer get its first token by 0.5 s. With --reject-late it leaves the
+    queue at the end of that step, its blocks free, as late; without, it waits and runs late."""
+    sched = make(
+        "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
+        order={"order": "edf", "reject_late": reject_late},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    first, second = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5)
+    sched.add(first)
+    sched.add(second)
+    assert sched.num_late == 0
+    batch = sched.schedule(0.0)
+    assert batch is not None and batch.seqs == [first]
+    ended = sched.update(batch, [7], 0.6)
+    if reject_late:
+        assert ended == [second] and second.finish_reason is FinishReason.LATE
+        assert sched.num_late == 1 and sched.num_waiting == 0 and not second.block_table
+    else:
+        assert ended == [] and sched.num_late == 0 and sched.num_waiting == 1
+    assert not first.is_finished  # a started prompt is never dropped
 
 
 @pytest.mark.parametrize("demotion", [0.0, 1.0])

@@ -271,3 +271,24 @@ def test_a_finished_output_carries_the_slo_targets_it_was_scheduled_against(make
     assert len(short.prompt_token_ids) <= 4 < len(long_.prompt_token_ids)
     assert (short.metrics.ttft_slo, short.metrics.tpot_slo) == (1.0, 0.2)
     assert (long_.metrics.ttft_slo, long_.metrics.tpot_slo) == (7.0, None)
+
+
+def test_with_reject_late_a_request_dropped_from_the_queue_ends_late_with_no_token(make_llm) -> None:
+    """One seat, two requests with 1-ms TTFT targets, the cost model already knowing that a
+    prompt takes far longer: the one left waiting is ended at the end of the first step, and
+    the engine answers it (finish_reason "late", no token) while the other runs on."""
+    from bucketserve.config import OrderConfig
+    from bucketserve.core.cost import OnlineCostFit, Profile
+
+    llm = make_llm(max_num_seqs=1, order=OrderConfig(reject_late=True))
+    engine = llm.engine
+    engine.add_request("a", "Hello there", SamplingParams(max_tokens=4), ttft_slo=0.001)
+    engine.add_request("b", "Hello again", SamplingParams(max_tokens=4), ttft_slo=0.001)
+    slow = Profile(prefill=(50.0, 1.0, 0.0), decode_small=(20.0, 0.0, 1.0), decode_large=(20.0, 0.0, 1.0))
+    engine.scheduler.cost_fit = OnlineCostFit(prior=slow)
+    outputs = {o.request_id: o for o in engine.step()}
+    late = outputs["b"]
+    assert late.finished and late.outputs[0].finish_reason == "late" and late.outputs[0].token_ids == []
+    assert not outputs["a"].finished and engine.scheduler.num_late == 1
+    while engine.has_unfinished_requests():
+        engine.step()

@@ -361,6 +361,22 @@ def test_sigterm_lets_an_inflight_stream_finish_and_exits_0(guarded: Server) -> 
 
 
 # -- latency targets ---------------------------------------------------------------------------
+def test_a_request_dropped_from_the_queue_as_late_is_answered_429_deadline_unreachable() -> None:
+    """The engine ends such a request with finish_reason "late" and no token; the server
+    answers it as it answers a request refused late on arrival (the streaming path sends the
+    same body as an error event), and a finished one is no error."""
+    from bucketserve.outputs import CompletionOutput, RequestOutput
+    from bucketserve.server.errors import output_error
+
+    def ended(reason: str) -> RequestOutput:
+        return RequestOutput("r", "Hi", [1], [CompletionOutput(0, "", [], finish_reason=reason)], True)
+
+    err = output_error(ended("late"))
+    assert err is not None and err.status == 429
+    assert err.response_body()["error"]["code"] == "deadline_unreachable"
+    assert output_error(ended("length")) is None
+
+
 def test_reject_late_answers_429_to_a_request_that_cannot_meet_its_ttft_target(tiny_model_dir: Path) -> None:
     """Once the online cost model has seen enough steps, a request whose TTFT target is
     shorter than its own prefill gets 429 at once (nothing queued), and is counted; one with

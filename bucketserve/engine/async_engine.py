@@ -62,7 +62,7 @@ class EngineSnapshot:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     num_preemptions: int = 0
-    num_late: int = 0  # requests that on arrival could not meet their TTFT target
+    num_late: int = 0  # requests that could not meet their TTFT target (Scheduler.num_late)
     num_steps: int = 0
     padding_ratio: float = 0.0
     queues: tuple[tuple[str, int], ...] = ()  # (bucket or queue label, waiting requests)

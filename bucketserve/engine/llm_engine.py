@@ -341,6 +341,9 @@ class LLMEngine:
                 outputs.append(self._hand_over(req))
             else:
                 outputs.append(self._output(req))
+        # Prompts dropped from the queue as late (Scheduler.drop_late) end with no token.
+        late = (s for s in finished if s.finish_reason is FinishReason.LATE)
+        outputs += [self._output(self._requests[s.seq_id]) for s in late]
         for seq in finished:
             del self._requests[seq.seq_id]
             self.sampler.forget(seq.seq_id)

@@ -49,8 +49,18 @@ class APIError(Exception):
 
 
 def output_error(out: RequestOutput) -> APIError | None:
-    """A 500 for a request whose batch failed in the engine (which logged why and went on)."""
-    if out.outputs[0].finish_reason != "error":
+    """A 500 for a request whose batch failed in the engine (which logged why and went on); a
+    429 for one dropped from the queue as late (``--reject-late``)."""
+    reason = out.outputs[0].finish_reason
+    if reason == "late":
+        return APIError(
+            429,
+            "the request waited past the point where it could still get its first token within its "
+            "TTFT target (--reject-late); retry later or raise ttft_slo_ms",
+            type="rate_limit_error",
+            code="deadline_unreachable",
+        )
+    if reason != "error":
         return None
     return APIError(
         500,

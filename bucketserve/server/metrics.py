@@ -51,8 +51,8 @@ class _EngineCollector(Collector):
         yield c
         c = CounterMetricFamily(
             "bucketserve:num_requests_late",
-            "Requests that on arrival could not meet their TTFT target behind the prompts ahead "
-            "(by the online cost model).",
+            "Requests that could not meet their TTFT target (by the online cost model): on arrival, "
+            "behind the prompts ahead, and with --reject-late queued prompts dropped once late.",
             labels=labels,
         )
         c.add_metric(value, s.num_late)

@@ -22,7 +22,7 @@ from bucketserve.config import SchedulerConfig
 from bucketserve.core.block_manager import BlockManager
 from bucketserve.core.policies import make_scheduler
 from bucketserve.core.replica_bands import LengthBands
-from bucketserve.core.sequence import Sequence
+from bucketserve.core.sequence import FinishReason, Sequence
 from bucketserve.errors import DeadlineUnreachableError, InvalidRequestError
 from bucketserve.metrics import RequestRecord
 from bucketserve.sampling_params import SamplingParams
@@ -184,6 +184,8 @@ class Simulator:
                     prompt_tokens=seq.prompt_len,
                     output_tokens=seq.num_output_tokens,
                     queue_time=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time,
+                    # dropped from the queue as late (--reject-late): the server's 429
+                    error="rejected: late in the queue" if seq.finish_reason is FinishReason.LATE else None,
                 )
             if seqs and self.on_finish is not None:
                 self.on_finish(len(seqs))
