@@ -387,28 +387,48 @@ def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refuse
 def test_with_reject_late_a_queued_prompt_leaves_as_late_once_it_can_no_longer_be_on_time(
     reject_late: bool,
 ) -> None:
-    """Two 100-token chats (0.5-s targets, ~0.1 s each) arrive together: both can be on time,
-    so both are taken. One prompt fits a step; the first step ends at 0.6 s (a stall), when
-    the second could no longer get its first token by 0.5 s. With --reject-late it leaves the
-    queue at the end of that step, its blocks free, as late; without, it waits and runs late."""
+    """Two 100-token chats (0.5-s targets, ~0.1 s each) and a third with a 5-s target arrive
+    together: all can be on time, so all are taken. One prompt fits a step; the first step
+    ends at 0.6 s (a stall), when the second chat could no longer get its first token by
+    0.5 s. With --reject-late it leaves the queue at the end of that step, its blocks free,
+    as late; without, it waits and runs late. The chat that has its first token and the
+    request still on time stay either way."""
     sched = make(
         "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
         order={"order": "edf", "reject_late": reject_late},
     )  # fmt: skip
     sched.cost_fit = OnlineCostFit(prior=KNOWN)
-    first, second = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5)
-    sched.add(first)
-    sched.add(second)
+    first, second, patient = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5), seq(2, 100, 4, ttft_slo=5)
+    for s in (first, second, patient):
+        sched.add(s)
     assert sched.num_late == 0
     batch = sched.schedule(0.0)
     assert batch is not None and batch.seqs == [first]
     ended = sched.update(batch, [7], 0.6)
     if reject_late:
         assert ended == [second] and second.finish_reason is FinishReason.LATE
-        assert sched.num_late == 1 and sched.num_waiting == 0 and not second.block_table
+        assert sched.num_late == 1 and sched.num_waiting == 1 and not second.block_table
     else:
-        assert ended == [] and sched.num_late == 0 and sched.num_waiting == 1
-    assert not first.is_finished  # a started prompt is never dropped
+        assert ended == [] and sched.num_late == 0 and sched.num_waiting == 2
+    assert not first.is_finished and not patient.is_finished
+
+
+def test_with_reject_late_a_prompt_part_way_through_its_chunks_is_dropped_once_late() -> None:
+    """A 150-token chat (0.5-s target) alone, 100 tokens a step: its first chunk's step ends at
+    0.6 s, past the point where the other 50 could still bring its first token in time. It
+    ends as late and its blocks (the first chunk's KV) are free."""
+    sched = make(
+        "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
+        policy_config={"step_budget": "slo"}, order={"order": "edf", "reject_late": True},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    chat = seq(0, 150, 4, ttft_slo=0.5)
+    sched.add(chat)
+    batch = sched.schedule(0.0)
+    assert batch is not None and batch.num_new_tokens == [100]
+    assert sched.update(batch, [None], 0.6) == [chat]
+    assert chat.finish_reason is FinishReason.LATE and not chat.block_table
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("demotion", [0.0, 1.0])

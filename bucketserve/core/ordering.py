@@ -68,8 +68,8 @@ class OrderConfig:
         help="answer 429 at once to a request that cannot meet its TTFT target however fast the "
         "steps go: the prompts the order runs before it and its own, in full-budget steps, end "
         "after its deadline (by the online cost model; such requests are counted either way); "
-        "and end with a 429 (an error event if streaming) a queued prompt not yet started once "
-        "it could no longer meet its target, instead of running it late",
+        "and end with a 429 (an error event if streaming) a request still without its first token "
+        "once it could no longer meet its target, instead of running it late",
     )
 
     def __post_init__(self) -> None:

@@ -286,22 +286,16 @@ class Scheduler(abc.ABC):
         return finished + self.drop_late(now)
 
     def drop_late(self, now: float) -> list[Sequence]:
-        """With ``reject_late``, end (``FinishReason.LATE``) and return every waiting prompt not
-        yet started that would miss its TTFT target even if it ran whole in the next step
-        (``is_late``). It misses its target either way; run late, it would still hold a seat
+        """With ``reject_late``, end (``FinishReason.LATE``) and return every request still
+        without its first token (queued, or its prompt part-way through in chunks) that would
+        miss its TTFT target even if the rest of its prompt ran in the next step (``is_late``).
+        It misses its target either way; run late, it would still hold a seat (and its blocks)
         and slow every step for its whole output, at the cost of requests still on time (the
         queue ran away at 5 req/s on ShareGPT while 196 of 200 requests got in on arrival).
         ``update`` calls it at the end of every step."""
         if not self.config.order.reject_late:
             return []
-        late = [
-            s
-            for s in self.seqs.values()
-            if s.status is SequenceStatus.WAITING
-            and s.num_computed_tokens == 0
-            and s.first_token_time is None
-            and self.is_late(s, now)
-        ]
+        late = [s for s in self.seqs.values() if s.first_token_time is None and self.is_late(s, now)]
         for seq in late:
             self._finish(seq, FinishReason.LATE, now)
         self.num_late += len(late)
