@@ -398,7 +398,8 @@ def test_with_reject_late_a_queued_prompt_leaves_as_late_once_it_can_no_longer_b
         order={"order": "edf", "reject_late": reject_late},
     )  # fmt: skip
     sched.cost_fit = OnlineCostFit(prior=KNOWN)
-    first, second, patient = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5), seq(2, 100, 4, ttft_slo=5)
+    first, second = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5)
+    patient = seq(2, 100, 4, ttft_slo=5)
     for s in (first, second, patient):
         sched.add(s)
     assert sched.num_late == 0

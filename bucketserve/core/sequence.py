@@ -19,7 +19,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # cancelled by the client or the engine
     ERROR = "error"  # the batch it ran in failed
-    LATE = "late"  # dropped before its first token once it could no longer meet its TTFT target (--reject-late)
+    LATE = "late"  # dropped before its first token, its TTFT target out of reach (--reject-late)
 
 
 @dataclass(eq=False)
