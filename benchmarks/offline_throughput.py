@@ -25,6 +25,7 @@ How to run
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import resource
@@ -43,6 +44,7 @@ from bucketserve.workloads.sharegpt import SampledRequest, load_conversations, s
 
 TARGET_SPEEDUP = 3.0
 CEILING_TARGET = 0.40  # issue 11: share of the bf16 compute ceiling, prompt + output tokens
+CEILING_READINGS = 3  # on each side of the run
 MAX_PROMPT_LEN = 1024
 MAX_OUTPUT_LEN = 256
 
@@ -238,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-ceiling",
         action="store_true",
-        help="do not measure the machine's compute ceiling (before and after the run, the higher kept)",
+        help="do not measure the machine's compute ceiling (three times before and after the run, "
+        "the highest kept)",
     )
     sched = SchedulerConfig()
     p.add_argument(
@@ -299,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    # The ceiling is read before the run and after it, and the higher reading kept: on a
-    # shared VM one reading can land in a stretch where AMX runs at 60% (measured: 593 and
-    # 928 GFLOP/s minutes apart), and the lower one would flatter the share.
+    # The ceiling is read CEILING_READINGS times before the run and as many after it, and the
+    # highest reading kept: on a shared VM a reading can land in a stretch where AMX runs at
+    # 60% (measured: 593 and 928 GFLOP/s minutes apart; 934, 920 and 528 within 20 s), and a
+    # low one would flatter the share (one before and one after both read ~535 once).
     ceilings = []
     if not a.skip_ceiling:
-        from machine_ceiling import measure_ceiling  # beside this script
+        from machine_ceiling import Ceiling, measure_ceiling  # beside this script
 
-        ceilings.append(measure_ceiling())
+        ceilings += [measure_ceiling() for _ in range(CEILING_READINGS)]
     llm = build_llm(a)
     model_path, dtype = llm.engine.model_path, llm.engine.dtype
     conversations = load_conversations()
@@ -330,11 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     ceiling = None
     if not a.skip_ceiling:
-        ceilings.append(measure_ceiling())
-        ceiling = ceilings[0].higher(ceilings[1])
+        ceilings += [measure_ceiling() for _ in range(CEILING_READINGS)]
+        ceiling = functools.reduce(Ceiling.higher, ceilings)
         print("\n== share of this machine's compute ceiling (benchmarks/machine_ceiling.py) ==")
-        before, after = (c.gflops["bf16"] for c in ceilings)
-        print(f"  bf16 GEMM read {before:.0f} GFLOP/s before the run, {after:.0f} after: the higher kept")
+        before, after = (
+            ", ".join(f"{c.gflops['bf16']:.0f}" for c in part)
+            for part in (ceilings[:CEILING_READINGS], ceilings[CEILING_READINGS:])
+        )
+        print(f"  bf16 GEMM read {before} GFLOP/s before the run, {after} after: the highest kept")
         for kind in ceiling.gflops:  # not `dtype`: the report below names the model's
             tps = ceiling.tokens_per_s(kind)
             print(
