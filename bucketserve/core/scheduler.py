@@ -157,7 +157,7 @@ class Scheduler(abc.ABC):
         self.cost_fit = OnlineCostFit()
         self.last_step_s = 0.0  # how long the last step took (the next chance to schedule is as far)
         # Requests found unable to meet their TTFT target: on arrival (misses_deadline), and,
-        # with reject_late, waiting prompts dropped once they could no longer (drop_late).
+        # with reject_late, those dropped before their first token once late (drop_late).
         self.num_late = 0
 
     # -- admission ---------------------------------------------------------------------

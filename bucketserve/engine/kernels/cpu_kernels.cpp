@@ -73,9 +73,10 @@ inline void store(uint16_t* p, float x) {  // float -> bfloat16, round to neares
 }
 
 #ifdef __AVX512F__
-// The elementwise kernels 16 lanes at a time, with the scalar helpers' exact roundings: GCC
-// left their loops scalar (the NaN branch of store(), the norm's sum), and at 128 rows a
-// residual norm took 132 us and SwiGLU 147 us where the bytes they touch need ~10 (measured).
+// The elementwise kernels 16 lanes at a time, rounding where the scalar helpers round: GCC
+// left the residual norm's loops scalar (its sum of squares is a serial chain without
+// fast-math; the NaN branch of store()), 132 us at 128 rows, now 25-46 (measured; SwiGLU,
+// which the compiler had vectorized, and the w8a8 rescale gained little by it).
 inline __mmask16 tail_mask(int64_t left) {
   return static_cast<__mmask16>(left >= 16 ? 0xffff : (1u << left) - 1u);
 }
@@ -772,11 +773,8 @@ void silu_and_mul(T* out, const T* gate_up, int64_t tokens, int64_t inter) {
       const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
       const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), e);
       const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
-      // 1 / d by the 14-bit estimate and one Newton step (~1 ulp of fp32, far below the bf16
-      // rounding that follows): a division per vector made the loop divider-bound.
-      const __m512 r0 = _mm512_rcp14_ps(d);
-      const __m512 r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.f)));
-      const __m512 silu = _mm512_mul_ps(_mm512_mask_blend_ps(pos, _mm512_mul_ps(x, e), x), r);
+      // x / (1 + e) or x e / (1 + e), as the scalar loop: one division (the blend first).
+      const __m512 silu = _mm512_div_ps(_mm512_mask_blend_ps(pos, _mm512_mul_ps(x, e), x), d);
       store16(o + i, _mm512_mul_ps(round16(silu, o), load16(up + i, m)), m);
     }
 #else
