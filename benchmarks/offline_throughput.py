@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from bucketserve import LLM, SamplingParams
-from bucketserve.config import DTYPES, QUANTIZATIONS, EngineConfig, SchedulerConfig, parse_bytes
+from bucketserve.config import (
+    DTYPES,
+    KV_CACHE_DTYPES,
+    OFFLINE_SCHEDULER_DEFAULTS,
+    QUANTIZATIONS,
+    EngineConfig,
+    SchedulerConfig,
+    parse_bytes,
+)
 from bucketserve.core.policies import policy_names
 from bucketserve.errors import BucketServeError
 from bucketserve.wire import write_json
@@ -250,14 +258,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-num-seqs",
         type=int,
-        default=sched.max_num_seqs,
-        help="bucketserve: most sequences running at once",
+        default=OFFLINE_SCHEDULER_DEFAULTS["max_num_seqs"],
+        help="bucketserve: most sequences running at once (default: LLM's offline default)",
     )
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=sched.max_num_batched_tokens,
-        help="bucketserve: token budget per step (prefill chunks + decodes)",
+        default=OFFLINE_SCHEDULER_DEFAULTS["max_num_batched_tokens"],
+        help="bucketserve: token budget per step (prefill chunks + decodes) (default: LLM's offline default)",
     )
     p.add_argument(
         "--kv-cache-memory",
@@ -279,6 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bucketserve: the CPU weight formats the start-up tuning may pick (see `serve --help`)",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=EngineConfig().kv_cache_dtype,
+        help="bucketserve: the KV cache's element type (see `serve --help`)",
+    )
+    p.add_argument(
         "--output-json", type=Path, default=None, metavar="PATH", help="also write the figures here as JSON"
     )
     a = p.parse_args(argv)
@@ -293,6 +307,7 @@ def build_llm(a: argparse.Namespace) -> Any:
         kv_cache_memory=a.kv_cache_memory,
         dtype=a.dtype,
         quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
     )

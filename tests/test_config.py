@@ -17,6 +17,7 @@ import pytest
 from bucketserve.argparse_options import engine_configs, option_name, server_config
 from bucketserve.cli import build_parser, main
 from bucketserve.config import (
+    OFFLINE_SCHEDULER_DEFAULTS,
     BucketConfig,
     EngineConfig,
     OrderConfig,
@@ -170,6 +171,17 @@ def test_llm_accepts_a_size_as_text(make_llm) -> None:
 def test_llm_takes_the_configs_and_keywords_override_them(make_llm) -> None:
     llm = make_llm(scheduler_config=SchedulerConfig(policy="static"), max_num_seqs=4)
     assert llm.engine.scheduler_config == SchedulerConfig(policy="static", max_num_seqs=4)
+
+
+def test_llm_starts_from_the_offline_limits_unless_told_otherwise() -> None:
+    _, offline = with_options(None, None, {}, OFFLINE_SCHEDULER_DEFAULTS)
+    assert (offline.max_num_seqs, offline.max_num_batched_tokens) == (256, 4096)
+    assert SchedulerConfig().max_num_seqs == 128  # the server's default stays smaller
+    _, told = with_options(None, None, {"max_num_seqs": 8}, OFFLINE_SCHEDULER_DEFAULTS)
+    assert (told.max_num_seqs, told.max_num_batched_tokens) == (8, 4096)
+    _, given = with_options(None, SchedulerConfig(max_num_seqs=16), {}, OFFLINE_SCHEDULER_DEFAULTS)
+    server_tokens = SchedulerConfig().max_num_batched_tokens
+    assert (given.max_num_seqs, given.max_num_batched_tokens) == (16, server_tokens)
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bucketserve.engine import autotune, kernels
+from bucketserve.engine import autotune, kernels, kv_quant
 from bucketserve.engine.calibration import record_input_ranges
+from bucketserve.engine.kv_quant import SCALE_BYTES
 from bucketserve.engine.loader import load_state_dict, read_config
 from bucketserve.engine.model import (
     Attention,
@@ -48,7 +49,11 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> kernels.NativeKernels:
 
 
 def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
-    args = ModelArgs(
+    return Attention(_model_args(heads, kv_heads, head_dim))
+
+
+def _model_args(heads: int, kv_heads: int, head_dim: int) -> ModelArgs:
+    return ModelArgs(
         vocab_size=16,
         hidden_size=heads * head_dim,
         intermediate_size=32,
@@ -62,7 +67,6 @@ def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
         tie_word_embeddings=True,
         attention_bias=False,
     )
-    return Attention(args)
 
 
 def _execute_steps(runner, bm, steps) -> None:  # type: ignore[no-untyped-def]
@@ -174,6 +178,88 @@ def test_native_decode_attention_equals_the_torch_reference(
     # The last rows alone, as a step whose decode rows follow its prefill rows.
     tail = native.decode_attention(qkv[3:], k_cache, v_cache, tables[3:], lens[3:], head_dim**-0.5, heads)
     torch.testing.assert_close(tail, got[3:])
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_an_int8_kv_cache_gives_back_each_token_within_half_a_step_of_its_scale(keys: bool) -> None:
+    torch.manual_seed(0)
+    kvh, nb, bs, d = 3, 6, 4, 16
+    cache = torch.zeros(kvh, nb, bs, d + SCALE_BYTES, dtype=torch.int8)
+    slots = torch.randperm(nb * bs)[:17]
+    x = torch.randn(17, kvh, d) * torch.tensor([0.01, 1.0, 300.0]).view(1, kvh, 1)
+    x[0, 0] = 0
+    kv_quant.write(cache, slots, x, keys=keys)
+    back = kv_quant.read(cache, torch.arange(nb), torch.float32, keys=keys).view(kvh, nb * bs, d)[:, slots]
+    back = back.transpose(0, 1)  # [tokens, kv heads, d], as written
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    assert ((back - x).abs() <= scale * 0.5001).all()
+    assert back[0, 0].eq(0).all()  # an all-zero row stays zero
+    unwritten = torch.ones(nb * bs, dtype=torch.bool)
+    unwritten[slots] = False
+    all_back = kv_quant.read(cache, torch.arange(nb), torch.float32, keys=keys).view(kvh, nb * bs, d)
+    assert all_back[:, unwritten].eq(0).all()  # a write touches its own slot only
+
+
+def test_an_int8_kv_cache_holds_a_token_in_its_codes_and_one_scale_per_row() -> None:
+    from bucketserve.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
+
+    args = _attention(9, 3, 64)
+    model_args = ModelArgs(**{**vars(_model_args(9, 3, 64)), "num_layers": 2})
+    assert kv_bytes_per_token(model_args, torch.int8) == 2 * 2 * 3 * (64 + SCALE_BYTES)
+    assert kv_bytes_per_token(model_args, torch.bfloat16) == 2 * 2 * 3 * 64 * 2
+    cache = allocate_kv_cache(model_args, 4, 16, torch.int8, torch.device("cpu"))
+    assert cache.shape == (2, 2, 3, 4, 16, 64 + SCALE_BYTES) and args.head_dim == 64
+
+
+def test_auto_takes_an_int8_kv_cache_only_for_bf16_on_a_cpu_with_the_vnni_attention(native) -> None:  # type: ignore[no-untyped-def]
+    from bucketserve.engine.kv_cache import resolve_kv_cache_dtype
+
+    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
+    fast = native.has_int8_attention
+    assert resolve_kv_cache_dtype("auto", bf16, cpu, native) == (torch.int8 if fast else bf16)
+    assert resolve_kv_cache_dtype("auto", fp32, cpu, native) == fp32  # nothing quantized in fp32
+    assert resolve_kv_cache_dtype("auto", bf16, cpu, None) == bf16  # --enforce-eager: torch paths
+    assert resolve_kv_cache_dtype("auto", bf16, torch.device("cuda"), native) == bf16
+    assert resolve_kv_cache_dtype("none", bf16, cpu, native) == bf16
+    assert resolve_kv_cache_dtype("int8", fp32, cpu, None) == torch.int8  # asked for: given
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 2, 16, 4), (8, 8, 128, 16)]
+)
+def test_native_decode_attention_over_an_int8_cache_equals_the_torch_reference(
+    native: kernels.NativeKernels,
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+) -> None:
+    """(9, 3, 64, 16) is the VNNI kernel, the others the scalar one. Both score with the
+    query quantized to int8 (kv_quant.py), as the torch reference does."""
+    torch.manual_seed(0)
+    rows, num_blocks, width = 7, 64, 9
+    k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.arange(num_blocks * block_size)
+    kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
+    kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
+    tables = torch.randperm(num_blocks)[: rows * width].view(rows, width).contiguous()
+    lens = torch.tensor(
+        [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
+    )
+    q = torch.randn(rows, heads, head_dim).to(dtype)
+    qkv = torch.cat([q.view(rows, -1), torch.randn(rows, 2 * kv_heads * head_dim).to(dtype)], 1)
+    got = native.decode_attention(qkv, k_cache, v_cache, tables, lens, head_dim**-0.5, heads)
+    # The reference in fp32 (the kernels' own arithmetic): only the output's rounding differs.
+    ref = _attention(heads, kv_heads, head_dim)._paged_attention(
+        q.float().unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
+    )
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(
+        got.view(rows, heads, head_dim).float(), ref.squeeze(2).float(), atol=tol, rtol=tol
+    )
 
 
 def test_native_decode_attention_refuses_a_context_longer_than_its_table(
@@ -524,13 +610,16 @@ def test_tuning_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatch: 
     assert json.loads(cache.read_text())["layers"] == first.layers.to_dict()
 
 
-def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm, kv_cache_dtype: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["The quick brown fox", "What is the capital of France?", "Hello"] * 3
-    fast = make_llm(max_num_batched_tokens=16)  # chunked prefill over cached context too
+    # chunked prefill over cached context too
+    fast = make_llm(max_num_batched_tokens=16, kv_cache_dtype=kv_cache_dtype)
     assert fast.engine.model.kernels is not None
     assert fast.engine.sampler.argmax_rows == fast.engine.model.kernels.argmax_rows  # greedy rows too
-    eager = make_llm(max_num_batched_tokens=16, enforce_eager=True)
+    assert (fast.engine.runner.kv_cache.dtype == torch.int8) == (kv_cache_dtype == "int8")
+    eager = make_llm(max_num_batched_tokens=16, enforce_eager=True, kv_cache_dtype=kv_cache_dtype)
     assert eager.engine.model.kernels is None and eager.engine.weight_plans is None
     got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
@@ -600,9 +689,13 @@ def test_a_layer_without_a_tuned_quantized_format_falls_back_to_fp32() -> None:
     torch.testing.assert_close(lin(x), x @ lin.weight.detach().T)
 
 
-def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: Path, native) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.int8])
+def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(
+    tmp_path: Path, native, cache_dtype: torch.dtype
+) -> None:  # type: ignore[no-untyped-def]
     """head_dim 64 and blocks of 16: the AVX-512 decode path, the bf16 rope/KV write and the
-    bf16 residual norm, step by step (a prefill, a chunk over cached context, decodes)."""
+    bf16 residual norm, step by step (a prefill, a chunk over cached context, decodes), on a
+    bf16 cache and on an int8 one (the quantizing write, the int8 decode kernel)."""
     from bucketserve.core.block_manager import BlockManager
     from bucketserve.core.sequence import Sequence
     from bucketserve.engine.kv_cache import allocate_kv_cache
@@ -621,7 +714,7 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(tmp_path: 
         model = model.to(torch.bfloat16).eval()
         model.rotary.to(torch.float32)
         model.use_kernels(native if name == "native" else None)
-        cache = allocate_kv_cache(args, 33, 16, torch.bfloat16, torch.device("cpu"))
+        cache = allocate_kv_cache(args, 33, 16, cache_dtype, torch.device("cpu"))
 
         def capture(lg, ids, params, banned, name=name):  # type: ignore[no-untyped-def]
             logits[name].append(lg.clone())
@@ -696,13 +789,17 @@ def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.int8)],
+)
 def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_does(
-    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, cache_dtype: torch.dtype
 ) -> None:  # type: ignore[no-untyped-def]
     """With every decoder linear in w4a8 for decode rows, a decode-only step runs all layers
     in ``decode_layers_w4a8``: the same kernels in the same order as the Python loop, so the
-    same logits to the bit, step after step; prompt steps keep the loop."""
+    same logits to the bit, step after step, on a cache in the compute dtype or int8; prompt
+    steps keep the loop."""
     if not native.has_w4a8:
         pytest.skip("this CPU has no AVX512-VNNI: the w4a8 format is not offered here")
     from bucketserve.core.block_manager import BlockManager
@@ -735,7 +832,7 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
 
         monkeypatch.setattr(LlamaModel, "fused_decode_table", table)
         model.fuse_decode = fused
-        cache = allocate_kv_cache(args, 33, 16, dtype, torch.device("cpu"))
+        cache = allocate_kv_cache(args, 33, 16, cache_dtype, torch.device("cpu"))
         out: list[torch.Tensor] = []
 
         def capture(lg, ids, params, banned):  # type: ignore[no-untyped-def]
@@ -771,7 +868,7 @@ def test_decode_steps_in_one_native_call_compute_what_the_layer_by_layer_path_do
         0,
         DecodeRows(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long)),
     )
-    cache = allocate_kv_cache(args, 33, 16, dtype, torch.device("cpu"))
+    cache = allocate_kv_cache(args, 33, 16, cache_dtype, torch.device("cpu"))
     before = model.fused_decode_table(meta, cache)
     qkv = model.layers[0].self_attn.qkv_proj
     fresh = quantize_w4a8(qkv.weight.detach())

@@ -10,6 +10,8 @@ import psutil
 import torch
 
 from bucketserve.config import EngineConfig
+from bucketserve.engine.kernels import NativeKernels
+from bucketserve.engine.kv_quant import row_width
 from bucketserve.engine.model import ModelArgs
 from bucketserve.errors import ConfigError
 
@@ -17,8 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x bytes per element: GQA-aware."""
-    return 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype.itemsize
+    """2 (K and V) x layers x kv_heads x a row's bytes (head_dim elements; int8 rows carry
+    their scale too): GQA-aware."""
+    return 2 * args.num_layers * args.num_kv_heads * row_width(args.head_dim, dtype) * dtype.itemsize
+
+
+def resolve_kv_cache_dtype(
+    choice: str, compute_dtype: torch.dtype, device: torch.device, kernels: NativeKernels | None
+) -> torch.dtype:
+    """The cache's element type for ``--kv-cache-dtype`` (config.py says what each choice means)."""
+    if choice == "int8":
+        return torch.int8
+    fast_int8 = kernels is not None and kernels.has_int8_attention
+    if choice == "auto" and device.type == "cpu" and compute_dtype == torch.bfloat16 and fast_int8:
+        return torch.int8
+    return compute_dtype
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -71,10 +86,11 @@ def plan_num_blocks(
 def allocate_kv_cache(
     args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """[layers, 2, kv_heads, num_blocks, block_size, head_dim], zeroed so that masked-out
-    slots never hold NaN bit patterns that a masked softmax would multiply by zero. On a
-    Linux CPU the pool asks for transparent huge pages before it is first touched."""
-    shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, args.head_dim)
+    """[layers, 2, kv_heads, num_blocks, block_size, head_dim] (int8: head_dim + 4, each row's
+    scale after its codes, kv_quant.py), zeroed so that masked-out slots never hold NaN bit
+    patterns that a masked softmax would multiply by zero. On a Linux CPU the pool asks for
+    transparent huge pages before it is first touched."""
+    shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, row_width(args.head_dim, dtype))
     cache = torch.empty(shape, dtype=dtype, device=device)
     if device.type == "cpu":
         advise_huge_pages(cache)

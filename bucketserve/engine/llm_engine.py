@@ -22,7 +22,7 @@ from bucketserve.engine.calibration import CALIBRATION_TEXT
 from bucketserve.engine.detokenizer import Detokenizer
 from bucketserve.engine.device import resolve_device, resolve_dtype
 from bucketserve.engine.handover import KVHandover, export_blocks, import_blocks
-from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks
+from bucketserve.engine.kv_cache import allocate_kv_cache, plan_num_blocks, resolve_kv_cache_dtype
 from bucketserve.engine.loader import (
     cache_dir,
     load_state_dict,
@@ -120,9 +120,14 @@ class LLMEngine:
             str(self.dtype).removeprefix("torch."),
             time.perf_counter() - t0,
         )
-        num_blocks = plan_num_blocks(config, self.args, self.dtype, self.device, self.max_model_len)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(
+            config.kv_cache_dtype, self.dtype, self.device, self.model.kernels
+        )
+        num_blocks = plan_num_blocks(config, self.args, self.kv_cache_dtype, self.device, self.max_model_len)
         # One block more than the block manager hands out: the runner's scratch block.
-        kv_cache = allocate_kv_cache(self.args, num_blocks + 1, config.block_size, self.dtype, self.device)
+        kv_cache = allocate_kv_cache(
+            self.args, num_blocks + 1, config.block_size, self.kv_cache_dtype, self.device
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = make_scheduler(scheduler_config, self.block_manager, self.max_model_len)
         kernels = self.model.kernels

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bucketserve.engine import kv_quant
 from bucketserve.engine.device import cpu_has_amx
 from bucketserve.engine.kernels import NativeKernels
 from bucketserve.engine.weights import MultiFormatLinear
@@ -259,12 +260,15 @@ class Attention(nn.Module):
             # q and k rotate together: one rope for all heads.
             qk = apply_rope(qk.reshape(T, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-            k_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
-                1, meta.slot_mapping, k.transpose(0, 1)
-            )
-            v_cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
-                1, meta.slot_mapping, v.reshape(T, self.num_kv_heads, self.head_dim).transpose(0, 1)
-            )
+            v_rows = v.reshape(T, self.num_kv_heads, self.head_dim)
+            if k_cache.dtype == torch.int8:
+                kv_quant.write(k_cache, meta.slot_mapping, k, keys=True)
+                kv_quant.write(v_cache, meta.slot_mapping, v_rows, keys=False)
+            else:
+                for cache, x in ((k_cache, k), (v_cache, v_rows)):
+                    cache.view(self.num_kv_heads, -1, self.head_dim).index_copy_(
+                        1, meta.slot_mapping, x.transpose(0, 1)
+                    )
         v = v.view(T, self.num_kv_heads, self.head_dim)
 
         outs = []
@@ -331,8 +335,8 @@ class Attention(nn.Module):
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         # Over the cached tokens every query sees every key, so a kv head's query group runs as
         # one [group * n] block against that head's keys: no copy of K/V per query head.
-        cached_k = k_cache.index_select(1, ctx.block_ids).view(1, kvh, -1, d)[:, :, : ctx.length].to(dtype)
-        cached_v = v_cache.index_select(1, ctx.block_ids).view(1, kvh, -1, d)[:, :, : ctx.length].to(dtype)
+        cached_k = _gather(k_cache, ctx.block_ids, dtype, keys=True).view(1, kvh, -1, d)[:, :, : ctx.length]
+        cached_v = _gather(v_cache, ctx.block_ids, dtype, keys=False).view(1, kvh, -1, d)[:, :, : ctx.length]
         o_old, lse_old = flash(qf.reshape(1, kvh, group * n, d), cached_k, cached_v)[:2]
         o_old, lse_old = o_old.reshape(1, H, n, d), lse_old.reshape(1, H, n)
         # Over its own tokens the chunk is causal, which is per query position: heads repeated.
@@ -356,8 +360,8 @@ class Attention(nn.Module):
         """The same on other devices: one SDPA over the cached keys and the chunk's own under
         the chunk's causal mask (the masked triangle is computed; fine where compute is cheap)."""
         kvh, d, n = self.num_kv_heads, self.head_dim, q.shape[2]
-        cached_k = k_cache.index_select(1, ctx.block_ids).view(kvh, -1, d)[:, : ctx.length]
-        cached_v = v_cache.index_select(1, ctx.block_ids).view(kvh, -1, d)[:, : ctx.length]
+        cached_k = _gather(k_cache, ctx.block_ids, q.dtype, keys=True).view(kvh, -1, d)[:, : ctx.length]
+        cached_v = _gather(v_cache, ctx.block_ids, q.dtype, keys=False).view(kvh, -1, d)[:, : ctx.length]
         keys = torch.cat([cached_k, k.transpose(0, 1)], 1).unsqueeze(0)
         values = torch.cat([cached_v, v.transpose(0, 1)], 1).unsqueeze(0)
         visible = torch.ones(n, ctx.length + n, dtype=torch.bool, device=q.device).tril(ctx.length)
@@ -373,8 +377,10 @@ class Attention(nn.Module):
         kvh, group = self.num_kv_heads, H // self.num_kv_heads
         bt = rows.block_tables.flatten()
         S = bt.numel() // B * k_cache.shape[2]
-        keys = k_cache.index_select(1, bt).view(kvh, B, S, D)
-        values = v_cache.index_select(1, bt).view(kvh, B, S, D)
+        if k_cache.dtype == torch.int8:  # the native kernel's integer scores need an int8 query
+            q = kv_quant.fake_quantize(q)
+        keys = _gather(k_cache, bt, q.dtype, keys=True).view(kvh, B, S, D)
+        values = _gather(v_cache, bt, q.dtype, keys=False).view(kvh, B, S, D)
         qg = q.reshape(B, kvh, group * L, D).transpose(0, 1)  # [kv_heads, B, group*L, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * (D**-0.5)
         hidden = rows.hidden
@@ -385,6 +391,14 @@ class Attention(nn.Module):
         scores = scores.view(kvh, B, group, L, S).masked_fill(hidden, float("-inf"))
         probs = scores.softmax(-1).to(q.dtype).view(kvh, B, group * L, S)
         return torch.matmul(probs, values).transpose(0, 1).reshape(B, H, L, D)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype, keys: bool) -> torch.Tensor:
+    """The blocks ``block_ids`` of one layer's K (``keys``) or V cache as values [kv_heads,
+    len(block_ids), block_size, head_dim] in ``dtype`` (an int8 cache's dequantized)."""
+    if cache.dtype == torch.int8:
+        return kv_quant.read(cache, block_ids, dtype, keys)
+    return cache.index_select(1, block_ids).to(dtype)
 
 
 class MLP(nn.Module):
@@ -448,7 +462,7 @@ class _FusedDecode:
                 layer.mlp.down_proj,
             )
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(not w.is_contiguous() or w.dtype != kv_cache.dtype for w in norms):
+            if any(not w.is_contiguous() or w.dtype != model.embed_tokens.weight.dtype for w in norms):
                 return fused
             codes_scales = [t.data_ptr() for lin in lins for t in lin.packed["w4a8"]]
             rows.append(
@@ -573,6 +587,7 @@ class LlamaModel(nn.Module):
                 num_blocks=kv_cache.shape[3],
                 block_size=kv_cache.shape[4],
                 eps=first.input_layernorm.eps,
+                kv_int8=kv_cache.dtype == torch.int8,
             )
         else:
             # The reference rope's cos and sin (the native one reads the fp32 tables itself).

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bucketserve.config import EngineConfig, SchedulerConfig, with_options
+from bucketserve.config import OFFLINE_SCHEDULER_DEFAULTS, EngineConfig, SchedulerConfig, with_options
 from bucketserve.engine.llm_engine import LLMEngine
 from bucketserve.errors import InvalidRequestError
 from bucketserve.outputs import RequestOutput
@@ -26,6 +26,8 @@ class LLM:
     SchedulerConfig (policy, max_num_seqs, order, policy_config, ...). Values are read and
     checked as on the command line: ``LLM(kv_cache_memory="1GiB", policy="static",
     policy_config={"batch_size": 4})``; a bad value raises ConfigError with one line.
+    Without a scheduler config, the limits start from OFFLINE_SCHEDULER_DEFAULTS (256
+    sequences, 4096 tokens a step), larger than the server's: offline, throughput is the aim.
     """
 
     def __init__(
@@ -38,7 +40,9 @@ class LLM:
     ) -> None:
         if model is not None:
             options["model"] = model
-        engine_config, scheduler_config = with_options(engine_config, scheduler_config, options)
+        engine_config, scheduler_config = with_options(
+            engine_config, scheduler_config, options, OFFLINE_SCHEDULER_DEFAULTS
+        )
         self.engine = LLMEngine(engine_config, scheduler_config)
         self._ids = itertools.count()
 

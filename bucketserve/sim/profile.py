@@ -320,7 +320,7 @@ def build_profile(
         step_overhead=(overhead[0], overhead[1]) if overhead else (0.0, 0.0),
         # Our engine decodes a static batch's rows on the paged cache, unpadded.
         padded_decode=False,
-        kv_bytes_per_token=kv_bytes_per_token(engine.args, engine.dtype),
+        kv_bytes_per_token=kv_bytes_per_token(engine.args, engine.kv_cache_dtype),
         weight_bytes=weight_bytes,
     )
     return ProfileFile(

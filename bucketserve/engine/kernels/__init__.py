@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bucketserve.engine.device import cpu_flags
+from bucketserve.engine.kv_quant import SCALE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class NativeKernels:
         # dtype, out, q, q's row stride, k, v, tables, width, lens, six sizes, scale
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _i64, *[_ptr] * 3, _i64, _ptr, *[_i64] * 6, ctypes.c_float]
         self._decode = fn
+        fn = lib.bucketserve_decode_attention_int8
+        fn.restype = ctypes.c_int
+        fn.argtypes = self._decode.argtypes
+        self._decode_int8 = fn
         fn = lib.bucketserve_add_rms_norm
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
@@ -82,6 +87,10 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, *[_i64] * 5]
         self._rope_write_kv = fn
+        fn = lib.bucketserve_rope_write_kv_int8
+        fn.restype = ctypes.c_int
+        fn.argtypes = [*self._rope_write_kv.argtypes, _i64]  # and the block size
+        self._rope_write_kv_int8 = fn
         fn = lib.bucketserve_silu_and_mul
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _i64, _i64]
@@ -101,7 +110,8 @@ class NativeKernels:
         fn = lib.bucketserve_decode_layers_w4a8
         fn.restype = ctypes.c_int
         # dtype, h, residual, layer table, layers, rows, positions, cos, sin, slots, tables,
-        # width, lens, hidden, heads, kv_heads, head_dim, inter, blocks, block_size, eps, scale
+        # width, lens, hidden, heads, kv_heads, head_dim, inter, blocks, block_size, eps, scale,
+        # whether the caches are int8
         fn.argtypes = [
             ctypes.c_int,
             *[_ptr] * 3,
@@ -113,6 +123,7 @@ class NativeKernels:
             *[_i64] * 7,
             ctypes.c_float,
             ctypes.c_float,
+            ctypes.c_int,
         ]
         self._decode_layers_w4a8 = fn
         fn = lib.bucketserve_argmax_rows
@@ -121,6 +132,8 @@ class NativeKernels:
         self._argmax_rows = fn
         # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
         self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
+        # Decode attention over an int8 KV cache in VPDPBUSD (AVX512-VNNI), else scalar code.
+        self.has_int8_attention = bool(lib.bucketserve_has_int8_attention())
 
     def argmax_rows(self, logits: torch.Tensor) -> list[int]:
         """Each row's ``argmax`` of ``logits`` [rows, vocab] float32, as ``torch.argmax``
@@ -244,8 +257,10 @@ class NativeKernels:
         num_blocks: int,
         block_size: int,
         eps: float,
+        kv_int8: bool = False,
     ) -> None:
-        """Every decoder layer of a decode-only step, each linear in w4a8, in one call.
+        """Every decoder layer of a decode-only step, each linear in w4a8, in one call
+        (``kv_int8``: the caches are int8, in kv_quant.py's layout).
         ``LlamaModel.fused_decode_table`` builds ``layer_ptrs`` from tensors it keeps alive and
         the model guarantees every shape, so there is no checked form."""
         err = self._decode_layers_w4a8(
@@ -271,6 +286,7 @@ class NativeKernels:
             block_size,
             eps,
             head_dim**-0.5,
+            int(kv_int8),
         )
         if err:
             raise ValueError(f"decode_layers_w4a8 rejected its arguments (code {err})")
@@ -316,11 +332,13 @@ class NativeKernels:
         heads: int,
         checked: bool = False,
     ) -> None:
-        """Rotate q and k in place and write the step's K and V into their cache slots."""
-        kvh, nb, bs, dim = k_cache.shape
+        """Rotate q and k in place and write the step's K and V into their cache slots (into
+        an int8 cache quantized, in kv_quant.py's layout)."""
+        kvh, nb, bs, dim = _cache_shape(k_cache)
         tokens = qkv.shape[0]
         if not checked:
-            _check(qkv, k_cache, v_cache)
+            _check(qkv)
+            _check_caches(qkv.dtype, k_cache, v_cache)
             if (
                 qkv.shape[1] != (heads + 2 * kvh) * dim
                 or positions.shape != (tokens,)
@@ -342,7 +360,7 @@ class NativeKernels:
                 and 0 <= int(slots.min()) <= int(slots.max()) < nb * bs
             ):
                 raise ValueError("rope_write_kv: a position or slot is out of range")
-        err = self._rope_write_kv(
+        args = (
             _DTYPE_CODES[qkv.dtype],
             qkv.data_ptr(),
             positions.data_ptr(),
@@ -357,6 +375,10 @@ class NativeKernels:
             dim,
             nb * bs,
         )
+        if k_cache.dtype == torch.int8:
+            err = self._rope_write_kv_int8(*args, bs)
+        else:
+            err = self._rope_write_kv(*args)
         if err:
             raise ValueError(f"rope_write_kv rejected its arguments (code {err})")
 
@@ -378,14 +400,14 @@ class NativeKernels:
         ``checked``: as for ``add_rms_norm``; the model runner builds the block tables from
         the lengths, so every length fits its table."""
         rows = q.shape[0]
-        kvh, nb, bs, dim = k_cache.shape
+        kvh, nb, bs, dim = _cache_shape(k_cache)
         if not checked:
-            _check(k_cache, v_cache)
-            if q.dtype != k_cache.dtype or q.dim() != 2 or q.stride(1) != 1 or q.shape[1] < heads * dim:
+            if q.dim() != 2 or q.stride(1) != 1 or q.shape[1] < heads * dim or q.dtype not in _DTYPE_CODES:
                 raise ValueError(
                     "decode_attention needs q as [rows, >= heads * head_dim] rows, unit-strided, "
-                    "in the caches' dtype"
+                    "float32 or bfloat16"
                 )
+            _check_caches(q.dtype, k_cache, v_cache)
             if not (block_tables.is_contiguous() and context_lens.is_contiguous()):
                 raise ValueError("decode_attention needs contiguous block tables and lengths")
             if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
@@ -402,7 +424,7 @@ class NativeKernels:
             ):
                 raise ValueError("decode_attention: a block id or context length is out of range")
         out = torch.empty(rows, heads * dim, dtype=q.dtype)
-        err = self._decode(
+        err = (self._decode_int8 if k_cache.dtype == torch.int8 else self._decode)(
             _DTYPE_CODES[q.dtype],
             out.data_ptr(),
             q.data_ptr(),
@@ -432,6 +454,21 @@ def _check(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.dtype != first or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("native kernels need contiguous CPU tensors of one dtype")
+
+
+def _cache_shape(cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """kv_heads, blocks, block_size and head_dim of one layer's K or V cache."""
+    kvh, nb, bs, row = cache.shape
+    return kvh, nb, bs, row - SCALE_BYTES if cache.dtype == torch.int8 else row
+
+
+def _check_caches(dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Contiguous CPU K and V caches, both in ``dtype`` or both int8 rows."""
+    if {k_cache.dtype, v_cache.dtype} not in ({dtype}, {torch.int8}):
+        raise ValueError(f"native kernels need K and V caches in {dtype} or both int8")
+    for t in (k_cache, v_cache):
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("native kernels need contiguous CPU caches")
 
 
 _loaded: dict[Path, NativeKernels | None] = {}

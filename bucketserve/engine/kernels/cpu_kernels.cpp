@@ -541,13 +541,11 @@ void add_rms_norm(T* out, T* residual, const T* x, const T* weight, int64_t rows
   }
 }
 
-// Rotary embedding of q and k in place in the fused qkv projection's output, and the step's
-// K and V written to their cache slots: what the reference does with eleven ops per layer.
-// qkv [T, (H + 2 KVH) * D]; cos, sin fp32 [max_positions, D]; caches [KVH, blocks * bs, D].
+// Rotary embedding of q and k in place in the fused qkv projection's output.
+// qkv [T, (H + 2 KVH) * D]; cos, sin fp32 [max_positions, D].
 template <typename T>
-void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const float* sin,
-                   T* k_cache, T* v_cache, const int64_t* slots, int64_t tokens, int64_t heads,
-                   int64_t kv_heads, int64_t dim, int64_t cache_slots) {
+void rope_rows(T* qkv, const int64_t* positions, const float* cos, const float* sin, int64_t tokens,
+               int64_t heads, int64_t kv_heads, int64_t dim) {
   const int64_t half = dim / 2;
   const int64_t width = (heads + 2 * kv_heads) * dim;
 #pragma omp parallel for schedule(static) if (tokens > 4)
@@ -564,6 +562,16 @@ void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const flo
       }
     }
   }
+}
+
+// The rotary embedding, and the step's K and V written to their cache slots: what the
+// reference does with eleven ops per layer. Caches [KVH, blocks * bs, D].
+template <typename T>
+void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const float* sin,
+                   T* k_cache, T* v_cache, const int64_t* slots, int64_t tokens, int64_t heads,
+                   int64_t kv_heads, int64_t dim, int64_t cache_slots) {
+  rope_rows(qkv, positions, cos, sin, tokens, heads, kv_heads, dim);
+  const int64_t width = (heads + 2 * kv_heads) * dim;
   // The copies into the cache run in order: pad tokens all write the one scratch slot, and
   // parallel copies to one slot would race (a few hundred bytes a token: no time to save).
   for (int64_t t = 0; t < tokens; ++t) {
@@ -572,6 +580,232 @@ void rope_write_kv(T* qkv, const int64_t* positions, const float* cos, const flo
       std::memcpy(k_cache + (h * cache_slots + slots[t]) * dim, row + (heads + h) * dim, sizeof(T) * dim);
       std::memcpy(v_cache + (h * cache_slots + slots[t]) * dim, row + (heads + kv_heads + h) * dim,
                   sizeof(T) * dim);
+    }
+  }
+}
+
+// ---- The int8 KV cache (--kv-cache-dtype int8) ----
+// Decode attention reads every cached K/V byte once a step and runs at the memory's speed
+// (~15 GB/s on the 2-core Xeon, docs/RESULTS.md), so fewer bytes are less time. Each token's
+// K (or V) for one kv head is quantized symmetrically, scale = max|x| / 127, codes = x /
+// scale rounded to nearest even (as w8a8 quantizes activations, quantize_rows_int8 below). A block of one kv head holds block_size tokens in block_size * (head_dim + 4)
+// bytes: the codes first, then one float32 scale per token. V's codes lie token by token
+// ([block_size][head_dim], signed); K's lie four dimensions of every token at a time
+// ([head_dim / 4][block_size][4]), offset by 128 to unsigned: the layout VPDPBUSD reads, so
+// that one 64-byte load and one instruction per head add four dimensions to 16 keys' scores.
+// kv_quant.py writes and reads the same layout for the torch paths.
+constexpr int64_t KV_SCALE_BYTES = 4;
+
+// Codes of x (dim values) into out[i * stride] (+ offset), and its scale.
+template <typename T>
+inline float quantize_kv(int8_t* out, int64_t stride_of4, int64_t stride, const T* x, int64_t dim,
+                         int offset) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < dim; ++i) amax = std::max(amax, std::fabs(to_float(x[i])));
+  const float scale = std::max(amax, 1e-12f) / 127.f;  // as weights.quantize_rows_int8
+  for (int64_t i = 0; i < dim; ++i) {
+    const int code = static_cast<int>(std::nearbyint(to_float(x[i]) / scale)) + offset;
+    out[(i / 4) * stride_of4 + (i % 4) * stride] = static_cast<int8_t>(static_cast<uint8_t>(code));
+  }
+  return scale;
+}
+
+// As rope_write_kv, into int8 caches [kv_heads, num_blocks, block_size * (dim + 4)] bytes.
+template <typename T>
+void rope_write_kv_int8(T* qkv, const int64_t* positions, const float* cos, const float* sin,
+                        int8_t* k_cache, int8_t* v_cache, const int64_t* slots, int64_t tokens,
+                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t cache_slots,
+                        int64_t block_size) {
+  rope_rows(qkv, positions, cos, sin, tokens, heads, kv_heads, dim);
+  const int64_t width = (heads + 2 * kv_heads) * dim, block_bytes = block_size * (dim + KV_SCALE_BYTES);
+  const int64_t head_bytes = cache_slots / block_size * block_bytes;
+  for (int64_t t = 0; t < tokens; ++t) {  // in order: see rope_write_kv
+    const T* src = qkv + t * width;
+    const int64_t block = slots[t] / block_size, at = slots[t] % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      int8_t* kb = k_cache + h * head_bytes + block * block_bytes;
+      int8_t* vb = v_cache + h * head_bytes + block * block_bytes;
+      float* ks = reinterpret_cast<float*>(kb + block_size * dim);
+      float* vs = reinterpret_cast<float*>(vb + block_size * dim);
+      ks[at] = quantize_kv(kb + at * 4, block_size * 4, 1, src + (heads + h) * dim, dim, 128);
+      vs[at] = quantize_kv(vb + at * dim, 4, 1, src + (heads + kv_heads + h) * dim, dim, 0);
+    }
+  }
+}
+
+// A query head's int8 codes (signed), their scale, and 128 x their sum (what K's +128 offset
+// adds to every integer dot product).
+struct QuantizedQuery {
+  float scale;
+  int32_t offset_sum;
+};
+
+template <typename T>
+inline QuantizedQuery quantize_query(int8_t* codes, const T* q, int64_t dim) {
+  const float s = quantize_kv(codes, 4, 1, q, dim, 0);
+  int32_t sum = 0;
+  for (int64_t i = 0; i < dim; ++i) sum += codes[i];
+  return {s, 128 * sum};
+}
+
+// Any dtype, head size and block size: scalar, the reference for the vector kernel below
+// (the same integer scores, the same fp32 weighted sum of V).
+template <typename T>
+void attend_row_int8(T* out, const T* q, const int8_t* kh, const int8_t* vh, const int64_t* table,
+                     int64_t ctx, int64_t group, int64_t dim, int64_t block_size, float scale,
+                     float* scores, int64_t max_ctx, float* acc, int8_t* qcodes) {
+  const int64_t block_bytes = block_size * (dim + KV_SCALE_BYTES);
+  for (int64_t h = 0; h < group; ++h) {
+    const QuantizedQuery qq = quantize_query(qcodes, q + h * dim, dim);
+    for (int64_t t = 0; t < ctx; ++t) {
+      const int8_t* kb = kh + table[t / block_size] * block_bytes;
+      const int64_t at = t % block_size;
+      int32_t s = 0;
+      for (int64_t d = 0; d < dim; ++d)
+        s += static_cast<int32_t>(static_cast<uint8_t>(kb[(d / 4) * block_size * 4 + at * 4 + d % 4])) * qcodes[d];
+      const float ks = reinterpret_cast<const float*>(kb + block_size * dim)[at];
+      scores[h * max_ctx + t] = static_cast<float>(s - qq.offset_sum) * (qq.scale * ks * scale);
+    }
+  }
+  softmax_rows(scores, max_ctx, group, ctx);
+  for (int64_t i = 0; i < group * dim; ++i) acc[i] = 0.f;
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int8_t* vb = vh + table[t / block_size] * block_bytes;
+    const int64_t at = t % block_size;
+    const int8_t* v = vb + at * dim;
+    const float vs = reinterpret_cast<const float*>(vb + block_size * dim)[at];
+    for (int64_t h = 0; h < group; ++h) {
+      const float p = scores[h * max_ctx + t] * vs;
+      for (int64_t d = 0; d < dim; ++d) acc[h * dim + d] += p * static_cast<float>(v[d]);
+    }
+  }
+  for (int64_t i = 0; i < group * dim; ++i) store(out + i, acc[i]);
+}
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+#ifdef __SSE__
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+#endif
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// Head size D, blocks of 16, any query dtype: the scores by VPDPBUSD (K's unsigned codes
+// times the query's signed ones, 16 keys a vector), V in fp32 FMAs, each token's codes
+// converted once for every head of the group.
+template <typename T, int64_t D, int64_t G>
+void attend_row_int8_vnni(T* out, const T* q, const int8_t* kh, const int8_t* vh, const int64_t* table,
+                          int64_t ctx, float scale, float* scores, int64_t max_ctx) {
+  constexpr int64_t B = 16, BLOCK = B * (D + KV_SCALE_BYTES);
+  alignas(64) int8_t qcodes[G][D];
+  __m512i offset[G];
+  __m512 qscale[G];
+  for (int64_t h = 0; h < G; ++h) {
+    const QuantizedQuery qq = quantize_query(qcodes[h], q + h * D, D);
+    offset[h] = _mm512_set1_epi32(qq.offset_sum);
+    qscale[h] = _mm512_set1_ps(qq.scale * scale);
+  }
+  for (int64_t t0 = 0; t0 < ctx; t0 += B) {
+    const int8_t* kb = kh + table[t0 / B] * BLOCK;
+    if (t0 + B < ctx) prefetch_bytes(kh + table[t0 / B + 1] * BLOCK, BLOCK);
+    __m512i acc[G];
+    for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < D / 4; ++g) {
+      const __m512i k = _mm512_loadu_si512(kb + g * 64);  // dims 4g..4g+3 of the 16 keys
+      for (int64_t h = 0; h < G; ++h) {
+        int32_t q4;
+        std::memcpy(&q4, qcodes[h] + 4 * g, 4);
+        acc[h] = _mm512_dpbusd_epi32(acc[h], k, _mm512_set1_epi32(q4));
+      }
+    }
+    const int64_t n = ctx - t0 < B ? ctx - t0 : B;
+    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
+    // Slots past ctx in the last block hold whatever was written there, never used.
+    const __m512 ks = _mm512_loadu_ps(reinterpret_cast<const float*>(kb + B * D));
+    for (int64_t h = 0; h < G; ++h) {
+      const __m512 s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[h], offset[h]));
+      _mm512_mask_storeu_ps(scores + h * max_ctx + t0, keep, _mm512_mul_ps(s, _mm512_mul_ps(ks, qscale[h])));
+    }
+  }
+  softmax_rows(scores, max_ctx, G, ctx);
+  __m512 a[G][D / 16];
+  for (int64_t h = 0; h < G; ++h)
+    for (int64_t c = 0; c < D / 16; ++c) a[h][c] = _mm512_setzero_ps();
+  for (int64_t t0 = 0; t0 < ctx; t0 += B) {
+    const int64_t n = ctx - t0 < B ? ctx - t0 : B;
+    const int8_t* vb = vh + table[t0 / B] * BLOCK;
+    if (t0 + B < ctx) prefetch_bytes(vh + table[t0 / B + 1] * BLOCK, BLOCK);
+    const float* vs = reinterpret_cast<const float*>(vb + B * D);
+    for (int64_t t = 0; t < n; ++t) {
+      __m512 v[D / 16];
+      for (int64_t c = 0; c < D / 16; ++c)
+        v[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vb + t * D + 16 * c))));
+      for (int64_t h = 0; h < G; ++h) {
+        const __m512 p = _mm512_set1_ps(scores[h * max_ctx + t0 + t] * vs[t]);
+        for (int64_t c = 0; c < D / 16; ++c) a[h][c] = _mm512_fmadd_ps(p, v[c], a[h][c]);
+      }
+    }
+  }
+  for (int64_t h = 0; h < G; ++h)
+    for (int64_t c = 0; c < D / 16; ++c) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, a[h][c]);
+      for (int64_t d = 0; d < 16; ++d) store(out + h * D + 16 * c + d, tmp[d]);
+    }
+}
+#endif
+
+template <typename T>
+using Int8RowKernel = void (*)(T*, const T*, const int8_t*, const int8_t*, const int64_t*, int64_t, float,
+                               float*, int64_t);
+template <typename T>
+Int8RowKernel<T> int8_vnni_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  if (head_dim == 64) {
+    switch (group) {
+      case 1: return attend_row_int8_vnni<T, 64, 1>;
+      case 2: return attend_row_int8_vnni<T, 64, 2>;
+      case 3: return attend_row_int8_vnni<T, 64, 3>;
+      case 4: return attend_row_int8_vnni<T, 64, 4>;
+    }
+  }
+#endif
+  return nullptr;
+}
+
+// decode_attention over int8 caches [kv_heads, num_blocks, block_size * (head_dim + 4)] bytes.
+template <typename T>
+void decode_attention_int8(T* out, const T* q, int64_t q_row_stride, const int8_t* k_cache,
+                           const int8_t* v_cache, const int64_t* block_tables, int64_t table_width,
+                           const int64_t* context_lens, int64_t num_rows, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
+                           int64_t block_size, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_ctx = table_width * block_size;
+  const int64_t head_stride = num_blocks * block_size * (head_dim + KV_SCALE_BYTES);
+  const bool parallel = num_rows * num_heads * max_ctx * head_dim > (int64_t{1} << 18);  // as above
+  const Int8RowKernel<T> vnni = block_size == 16 ? int8_vnni_kernel<T>(head_dim, group) : nullptr;
+#pragma omp parallel if (parallel)
+  {
+    const DenormalsAreZero flush;
+    std::vector<float> scores(static_cast<size_t>(group * max_ctx));
+    std::vector<float> acc(static_cast<size_t>(group * head_dim));
+    std::vector<int8_t> qcodes(static_cast<size_t>(head_dim));
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t r = 0; r < num_rows; ++r) {
+      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+        const int64_t off = (r * num_heads + kvh * group) * head_dim;
+        const T* qr = q + r * q_row_stride + kvh * group * head_dim;
+        const int8_t* kh = k_cache + kvh * head_stride;
+        const int8_t* vh = v_cache + kvh * head_stride;
+        if (vnni != nullptr)
+          vnni(out + off, qr, kh, vh, block_tables + r * table_width, context_lens[r], scale, scores.data(),
+               max_ctx);
+        else
+          attend_row_int8(out + off, qr, kh, vh, block_tables + r * table_width, context_lens[r], group,
+                          head_dim, block_size, scale, scores.data(), max_ctx, acc.data(), qcodes.data());
+      }
     }
   }
 }
@@ -808,7 +1042,7 @@ void decode_layers_w4a8(T* h, T* residual, const int64_t* layer_ptrs, int64_t la
                         const int64_t* slots, const int64_t* block_tables, int64_t table_width,
                         const int64_t* context_lens, int64_t hidden, int64_t heads,
                         int64_t kv_heads, int64_t head_dim, int64_t inter, int64_t num_blocks,
-                        int64_t block_size, float eps, float scale) {
+                        int64_t block_size, float eps, float scale, bool kv_int8) {
   const int64_t q_size = heads * head_dim, qkv_width = (heads + 2 * kv_heads) * head_dim;
   std::vector<T> normed(rows * hidden), qkv(rows * qkv_width), attn(rows * q_size);
   std::vector<T> o(rows * hidden), gate_up(rows * 2 * inter), act(rows * inter);
@@ -818,19 +1052,29 @@ void decode_layers_w4a8(T* h, T* residual, const int64_t* layer_ptrs, int64_t la
     const auto scales = [p](int i) { return reinterpret_cast<const uint16_t*>(p[2 * i + 1]); };
     const T* input_norm = reinterpret_cast<const T*>(p[8]);
     const T* post_norm = reinterpret_cast<const T*>(p[9]);
-    T* k_cache = reinterpret_cast<T*>(p[10]);
-    T* v_cache = reinterpret_cast<T*>(p[11]);
     const T* x = h;
     if (l > 0) {
       add_rms_norm(normed.data(), residual, h, input_norm, rows, hidden, eps);
       x = normed.data();
     }
     w4a8_matmul(qkv.data(), x, codes(0), scales(0), rows, hidden, qkv_width);
-    rope_write_kv(qkv.data(), positions, cos, sin, k_cache, v_cache, slots, rows, heads, kv_heads,
-                  head_dim, num_blocks * block_size);
-    decode_attention(attn.data(), qkv.data(), qkv_width, k_cache, v_cache, block_tables,
-                     table_width, context_lens, rows, heads, kv_heads, head_dim, num_blocks,
-                     block_size, scale);
+    if (kv_int8) {
+      int8_t* k_cache = reinterpret_cast<int8_t*>(p[10]);
+      int8_t* v_cache = reinterpret_cast<int8_t*>(p[11]);
+      rope_write_kv_int8(qkv.data(), positions, cos, sin, k_cache, v_cache, slots, rows, heads,
+                         kv_heads, head_dim, num_blocks * block_size, block_size);
+      decode_attention_int8(attn.data(), qkv.data(), qkv_width, k_cache, v_cache, block_tables,
+                            table_width, context_lens, rows, heads, kv_heads, head_dim, num_blocks,
+                            block_size, scale);
+    } else {
+      T* k_cache = reinterpret_cast<T*>(p[10]);
+      T* v_cache = reinterpret_cast<T*>(p[11]);
+      rope_write_kv(qkv.data(), positions, cos, sin, k_cache, v_cache, slots, rows, heads, kv_heads,
+                    head_dim, num_blocks * block_size);
+      decode_attention(attn.data(), qkv.data(), qkv_width, k_cache, v_cache, block_tables,
+                       table_width, context_lens, rows, heads, kv_heads, head_dim, num_blocks,
+                       block_size, scale);
+    }
     w4a8_matmul(o.data(), attn.data(), codes(1), scales(1), rows, q_size, hidden);
     add_rms_norm(normed.data(), residual, o.data(), post_norm, rows, hidden, eps);
     w4a8_matmul(gate_up.data(), normed.data(), codes(2), scales(2), rows, hidden, 2 * inter);
@@ -880,6 +1124,15 @@ extern "C" {
 
 int bucketserve_has_w4a8() { return kHasW4A8 ? 1 : 0; }
 
+// Whether decode attention over an int8 cache has its VPDPBUSD kernel here (else the scalar one).
+int bucketserve_has_int8_attention() {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // out [rows, n] = x [rows, k] @ W.T in the w4a8 layout above; k % 32 == 0, n % 16 == 0.
 int bucketserve_w4a8_matmul(int dtype, void* out, const void* x, const uint8_t* codes,
                             const uint16_t* scales, int64_t rows, int64_t k, int64_t n) {
@@ -901,8 +1154,10 @@ int bucketserve_decode_layers_w4a8(int dtype, void* h, void* residual, const int
                                    const int64_t* block_tables, int64_t table_width,
                                    const int64_t* context_lens, int64_t hidden, int64_t heads,
                                    int64_t kv_heads, int64_t head_dim, int64_t inter,
-                                   int64_t num_blocks, int64_t block_size, float eps, float scale) {
+                                   int64_t num_blocks, int64_t block_size, float eps, float scale,
+                                   int kv_int8) {
   if (!kHasW4A8) return 3;
+  if (kv_int8 && head_dim % 4 != 0) return 1;
   if (hidden % 32 != 0 || inter % 32 != 0 || (heads * head_dim) % 32 != 0 || head_dim % 2 != 0 ||
       ((heads + 2 * kv_heads) * head_dim) % 16 != 0 ||
       kv_heads <= 0 || heads % kv_heads != 0)
@@ -911,7 +1166,7 @@ int bucketserve_decode_layers_w4a8(int dtype, void* h, void* residual, const int
     using T = std::remove_pointer_t<decltype(typed)>;
     decode_layers_w4a8(static_cast<T*>(h), static_cast<T*>(residual), layer_ptrs, layers, rows,
                        positions, cos, sin, slots, block_tables, table_width, context_lens, hidden,
-                       heads, kv_heads, head_dim, inter, num_blocks, block_size, eps, scale);
+                       heads, kv_heads, head_dim, inter, num_blocks, block_size, eps, scale, kv_int8 != 0);
   };
   if (dtype == 0) {
     run(static_cast<float*>(nullptr));
@@ -997,6 +1252,49 @@ int bucketserve_rope_write_kv(int dtype, void* qkv, const int64_t* positions, co
   return 0;
 }
 
+
+// As bucketserve_rope_write_kv, into int8 caches [kv_heads, cache_slots / block_size,
+// block_size * (dim + 4)] bytes (the layout above decode_attention_int8).
+int bucketserve_rope_write_kv_int8(int dtype, void* qkv, const int64_t* positions, const float* cos,
+                                   const float* sin, int8_t* k_cache, int8_t* v_cache,
+                                   const int64_t* slots, int64_t tokens, int64_t heads,
+                                   int64_t kv_heads, int64_t dim, int64_t cache_slots,
+                                   int64_t block_size) {
+  if (dim % 4 != 0 || block_size <= 0 || cache_slots % block_size != 0) return 1;
+  if (dtype == 0) {
+    rope_write_kv_int8(static_cast<float*>(qkv), positions, cos, sin, k_cache, v_cache, slots, tokens,
+                       heads, kv_heads, dim, cache_slots, block_size);
+  } else if (dtype == 1) {
+    rope_write_kv_int8(static_cast<uint16_t*>(qkv), positions, cos, sin, k_cache, v_cache, slots,
+                       tokens, heads, kv_heads, dim, cache_slots, block_size);
+  } else {
+    return 2;
+  }
+  return 0;
+}
+
+// As bucketserve_decode_attention, over int8 caches [kv_heads, num_blocks, block_size *
+// (head_dim + 4)] bytes; dtype is q's and out's.
+int bucketserve_decode_attention_int8(int dtype, void* out, const void* q, int64_t q_row_stride,
+                                      const int8_t* k_cache, const int8_t* v_cache,
+                                      const int64_t* block_tables, int64_t table_width,
+                                      const int64_t* context_lens, int64_t num_rows,
+                                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                      int64_t num_blocks, int64_t block_size, float scale) {
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim % 4 != 0) return 1;
+  if (dtype == 0) {
+    decode_attention_int8(static_cast<float*>(out), static_cast<const float*>(q), q_row_stride, k_cache,
+                          v_cache, block_tables, table_width, context_lens, num_rows, num_heads,
+                          num_kv_heads, head_dim, num_blocks, block_size, scale);
+  } else if (dtype == 1) {
+    decode_attention_int8(static_cast<uint16_t*>(out), static_cast<const uint16_t*>(q), q_row_stride,
+                          k_cache, v_cache, block_tables, table_width, context_lens, num_rows,
+                          num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale);
+  } else {
+    return 2;
+  }
+  return 0;
+}
 
 // dtype: 0 = float32, 1 = bfloat16. Shapes: out [rows, heads, head_dim]; q's rows
 // q_row_stride elements apart, each [heads, head_dim] contiguous; caches
