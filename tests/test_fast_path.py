@@ -211,6 +211,28 @@ def test_an_int8_kv_cache_holds_a_token_in_its_codes_and_one_scale_per_row() -> 
     assert cache.shape == (2, 2, 3, 4, 16, 64 + SCALE_BYTES) and args.head_dim == 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 12])  # the vector quantizer and the scalar one
+def test_native_int8_kv_write_stores_the_bytes_the_torch_write_stores(
+    native: kernels.NativeKernels, dtype: torch.dtype, head_dim: int
+) -> None:
+    torch.manual_seed(0)
+    heads, kvh, bs, nb, tokens = 4, 2, 16, 5, 37
+    qkv = (torch.randn(tokens, (heads + 2 * kvh) * head_dim) * 4).to(dtype)
+    qkv[3, heads * head_dim : (heads + 1) * head_dim] = 0  # an all-zero K row
+    positions = torch.randint(0, 100, (tokens,))
+    cos, sin = torch.randn(100, head_dim), torch.randn(100, head_dim)
+    slots = torch.randperm(nb * bs)[:tokens]
+    k_cache = torch.zeros(kvh, nb, bs, head_dim + SCALE_BYTES, dtype=torch.int8)
+    v_cache = torch.zeros_like(k_cache)
+    native.rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slots, heads)
+    rotated = qkv.view(tokens, heads + 2 * kvh, head_dim)  # rotated in place by the call
+    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    kv_quant.write(want_k, slots, rotated[:, heads : heads + kvh], keys=True)
+    kv_quant.write(want_v, slots, rotated[:, heads + kvh :], keys=False)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
 def test_auto_takes_an_int8_kv_cache_only_for_bf16_on_a_cpu_with_the_vnni_attention(native) -> None:  # type: ignore[no-untyped-def]
     from bucketserve.engine.kv_cache import resolve_kv_cache_dtype
 
