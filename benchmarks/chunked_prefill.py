@@ -28,6 +28,7 @@ import sys
 from collections import defaultdict
 
 from bucketserve import LLM, SamplingParams
+from bucketserve.config import KV_CACHE_DTYPES
 from bucketserve.engine.model import ModelArgs
 
 BOUND = 1.3
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cached", type=int, default=1536, help="longest cached context before a chunk")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--enforce-eager", action="store_true", help="the torch reference paths, for comparison")
+    ap.add_argument(
+        "--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help="the KV cache's type (serve --help)"
+    )
     a = ap.parse_args(argv)
     worst = 0.0
     heads = ("chunk", "cached", "step ms", "fresh ms", "ratio", "flops", "per flop")
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=chunk + a.max_cached + 16,
             kv_cache_memory=2**30,
             enforce_eager=a.enforce_eager,
+            kv_cache_dtype=a.kv_cache_dtype,
         )
         times: dict[int, list[float]] = defaultdict(list)
         prompt_lens = [chunk * k for k in range(1, a.max_cached // chunk + 2)]

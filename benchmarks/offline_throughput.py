@@ -13,8 +13,9 @@ What it measures
        its longest output; only each request's own output length counts as useful tokens.
 
     For each system it prints requests, prompt/output tokens, wall time, output tokens/s, total
-    tokens/s, requests/s and peak RSS, plus the engine's padding ratio, steps, preemptions and
-    mean schedule time per step; then the speed-up (ours / HF output tokens/s) against the 3x target.
+    tokens/s, requests/s and peak RSS, plus the engine's padding ratio, steps, preemptions,
+    mean schedule time per step and KV cache element type; then the speed-up (ours / HF
+    output tokens/s) against the 3x target.
 
 How to run
     .venv/bin/python benchmarks/offline_throughput.py                     # 200 prompts, both systems
@@ -143,6 +144,7 @@ def run_bucketserve(llm: Any, requests: list[SampledRequest]) -> Result:
             "steps": steps,
             "preemptions": stats.preemptions - pre0,
             "mean_schedule_ms_per_step": 1e3 * (stats.schedule_time - sched0) / max(steps, 1),
+            "kv_cache_dtype": str(llm.engine.kv_cache_dtype).removeprefix("torch."),
         },
     )
 
