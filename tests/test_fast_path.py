@@ -259,7 +259,8 @@ def test_native_decode_attention_over_an_int8_cache_equals_the_torch_reference(
     block_size: int,
 ) -> None:
     """(9, 3, 64, 16) is the VNNI kernel, the others the scalar one. Both score with the
-    query quantized to int8 (kv_quant.py), as the torch reference does."""
+    query quantized to int8 (kv_quant.py), as the torch reference does; the VNNI kernel
+    weighs V in int16 (15 bits against the largest weight)."""
     torch.manual_seed(0)
     rows, num_blocks, width = 7, 64, 9
     k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
@@ -274,11 +275,12 @@ def test_native_decode_attention_over_an_int8_cache_equals_the_torch_reference(
     q = torch.randn(rows, heads, head_dim).to(dtype)
     qkv = torch.cat([q.view(rows, -1), torch.randn(rows, 2 * kv_heads * head_dim).to(dtype)], 1)
     got = native.decode_attention(qkv, k_cache, v_cache, tables, lens, head_dim**-0.5, heads)
-    # The reference in fp32 (the kernels' own arithmetic): only the output's rounding differs.
+    # The reference in fp32 (the kernels' own scores): the VNNI kernel's V weights in 15 bits
+    # and the output's rounding differ.
     ref = _attention(heads, kv_heads, head_dim)._paged_attention(
         q.float().unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
     )
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    tol = 1e-3 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(
         got.view(rows, heads, head_dim).float(), ref.squeeze(2).float(), atol=tol, rtol=tol
     )

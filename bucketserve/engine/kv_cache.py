@@ -86,10 +86,15 @@ def plan_num_blocks(
 def allocate_kv_cache(
     args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """[layers, 2, kv_heads, num_blocks, block_size, head_dim] (int8: head_dim + 4, each row's
-    scale after its codes, kv_quant.py), zeroed so that masked-out slots never hold NaN bit
+    """[layers, 2, kv_heads, num_blocks, block_size, head_dim] (int8: head_dim + 4, the
+    block laid out as kv_quant.py says), zeroed so that masked-out slots never hold NaN bit
     patterns that a masked softmax would multiply by zero. On a Linux CPU the pool asks for
     transparent huge pages before it is first touched."""
+    if dtype == torch.int8 and (block_size % 2 or args.head_dim % 4):
+        raise ConfigError(
+            f"an int8 KV cache needs an even --block-size and a head_dim divisible by 4 (got block "
+            f"size {block_size}, head_dim {args.head_dim}); use --kv-cache-dtype none"
+        )
     shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, row_width(args.head_dim, dtype))
     cache = torch.empty(shape, dtype=dtype, device=device)
     if device.type == "cpu":

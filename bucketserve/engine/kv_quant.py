@@ -7,11 +7,14 @@ scale = max|x| / 127, codes = x / scale rounded to nearest even. One layer's K (
 is int8 [kv_heads, blocks, block_size, head_dim + 4]; that shape gives the sizes, but a
 block's ``block_size * (head_dim + 4)`` bytes lie as:
 
-    codes   V: [block_size][head_dim], signed
-            K: [head_dim / 4][block_size][4], offset by 128 (unsigned): four dimensions of
+    codes   K: [head_dim / 4][block_size][4], offset by 128 (unsigned): four dimensions of
                every token at a time, the layout VPDPBUSD reads (16 keys' scores grow by
                four dimensions per 64-byte load and instruction)
+            V: [block_size / 2][head_dim][2], signed: token pairs, each dimension's two
+               codes side by side, which VPDPWSSD multiplies by the pair's two weights
     scales  [block_size] float32
+
+(So a block holds an even number of tokens.)
 
 The native kernels (cpu_kernels.cpp, ``rope_write_kv_int8``, ``decode_attention_int8``)
 use the same layout and arithmetic. Their decode scores come from integer dot products, so
@@ -50,9 +53,10 @@ def fake_quantize(x: torch.Tensor) -> torch.Tensor:
 def _code_offsets(head_dim: int, block_size: int, at: torch.Tensor, keys: bool) -> torch.Tensor:
     """Byte offsets within a block of the codes of the tokens at ``at`` [T]: [T, head_dim]."""
     d = torch.arange(head_dim, device=at.device)
+    t = at.unsqueeze(1)
     if keys:
-        return (d // 4) * block_size * 4 + at.unsqueeze(1) * 4 + d % 4
-    return at.unsqueeze(1) * head_dim + d
+        return (d // 4) * block_size * 4 + t * 4 + d % 4
+    return (t // 2) * head_dim * 2 + d * 2 + t % 2
 
 
 def write(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, keys: bool) -> None:
@@ -81,5 +85,5 @@ def read(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype, keys:
     if keys:
         values = codes.view(torch.uint8).view(kvh, n, d // 4, bs, 4).permute(0, 1, 3, 2, 4).float() - K_OFFSET
     else:
-        values = codes.view(kvh, n, bs, d).float()
+        values = codes.view(kvh, n, bs // 2, d, 2).transpose(-1, -2).float()
     return (values.reshape(kvh, n, bs, d) * scales.unsqueeze(-1)).to(dtype)
