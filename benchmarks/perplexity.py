@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = allocate_kv_cache(model.args, MAX_LEN // BLOCK + 1, BLOCK, cache_dtype, torch.device("cpu"))
         kv_results[name] = ppl = perplexity(model, cache, pairs, f"{name} KV cache", as_decode=True)
         print(
-            f"  the default packing, replies read a {name} KV cache  perplexity {ppl:8.4f}  "
+            f"  the default packing, replies read the {name} KV cache  perplexity {ppl:8.4f}  "
             f"({time.perf_counter() - t:.0f} s)"
         )
     # The default plan's formats (fp32 is exact: bf16 stands for it), each combination of a

@@ -115,7 +115,7 @@ class EngineConfig:
         choices=KV_CACHE_DTYPES,
         help="int8 = each token's K and V per head as int8 codes and one float32 scale: 1.9x the "
         "tokens in the same memory, and decode attention, which reads the cache at the memory's "
-        "speed, ~1.7x as fast (+0.2% perplexity on the embedded model, benchmarks/perplexity.py); "
+        "speed, ~2.5x as fast (+0.2% perplexity on the embedded model, benchmarks/perplexity.py); "
         "none = the compute dtype; auto = int8 with bfloat16 compute on a CPU whose native kernels "
         "have its AVX512-VNNI attention, else none",
     )
