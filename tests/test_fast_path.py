@@ -233,17 +233,30 @@ def test_native_int8_kv_write_stores_the_bytes_the_torch_write_stores(
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
-def test_auto_takes_an_int8_kv_cache_only_for_bf16_on_a_cpu_with_the_vnni_attention(native) -> None:  # type: ignore[no-untyped-def]
+def test_an_int8_kv_cache_is_given_when_asked_and_warns_where_its_kernel_is_scalar(
+    native, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
     from bucketserve.engine.kv_cache import resolve_kv_cache_dtype
 
-    cpu, bf16, fp32 = torch.device("cpu"), torch.bfloat16, torch.float32
-    fast = native.has_int8_attention
-    assert resolve_kv_cache_dtype("auto", bf16, cpu, native) == (torch.int8 if fast else bf16)
-    assert resolve_kv_cache_dtype("auto", fp32, cpu, native) == fp32  # nothing quantized in fp32
-    assert resolve_kv_cache_dtype("auto", bf16, cpu, None) == bf16  # --enforce-eager: torch paths
-    assert resolve_kv_cache_dtype("auto", bf16, torch.device("cuda"), native) == bf16
-    assert resolve_kv_cache_dtype("none", bf16, cpu, native) == bf16
-    assert resolve_kv_cache_dtype("int8", fp32, cpu, None) == torch.int8  # asked for: given
+    bf16, fp32, int8 = torch.bfloat16, torch.float32, torch.int8
+    smollm = _model_args(9, 3, 64)  # the embedded model's head size and query group
+    assert resolve_kv_cache_dtype("auto", bf16, native, smollm, 16) == bf16  # auto: the compute dtype
+    assert resolve_kv_cache_dtype("auto", fp32, native, smollm, 16) == fp32
+    assert not native.int8_attention_vectorized(128, 1, 16)
+    assert not native.int8_attention_vectorized(64, 3, 8)
+    vectorized = native.int8_attention_vectorized(64, 3, 16)  # where the CPU has AVX512-VNNI
+    caplog.clear()
+    assert resolve_kv_cache_dtype("int8", bf16, native, smollm, 16) == int8
+    assert ("scalar one runs" in caplog.text) != vectorized
+    for dtype, loaded, args, block_size in (
+        (fp32, native, smollm, 16),
+        (bf16, None, smollm, 16),
+        (bf16, native, smollm, 8),
+        (bf16, native, _model_args(8, 8, 128), 16),
+    ):
+        caplog.clear()
+        assert resolve_kv_cache_dtype("int8", dtype, loaded, args, block_size) == int8  # asked for: given
+        assert "scalar one runs" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,15 +25,31 @@ def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
 
 
 def resolve_kv_cache_dtype(
-    choice: str, compute_dtype: torch.dtype, device: torch.device, kernels: NativeKernels | None
+    choice: str,
+    compute_dtype: torch.dtype,
+    kernels: NativeKernels | None,
+    args: ModelArgs,
+    block_size: int,
 ) -> torch.dtype:
-    """The cache's element type for ``--kv-cache-dtype`` (config.py says what each choice means)."""
-    if choice == "int8":
-        return torch.int8
-    fast_int8 = kernels is not None and kernels.has_int8_attention
-    if choice == "auto" and device.type == "cpu" and compute_dtype == torch.bfloat16 and fast_int8:
-        return torch.int8
-    return compute_dtype
+    """The cache's element type for ``--kv-cache-dtype`` (config.py says what each choice
+    means). An int8 cache whose vector decode kernel cannot run here (it needs bf16 compute,
+    AVX512-VNNI, this model's head size and query group, blocks of 16) is given, with a
+    warning that its scalar kernel is slower than the compute dtype's."""
+    if choice != "int8":
+        return compute_dtype
+    group = args.num_heads // args.num_kv_heads
+    if (
+        kernels is None
+        or compute_dtype != torch.bfloat16
+        or not kernels.int8_attention_vectorized(args.head_dim, group, block_size)
+    ):
+        log.warning(
+            "--kv-cache-dtype int8: its vector decode kernel needs bfloat16 compute on a CPU with "
+            "AVX512-VNNI, head_dim 64, at most 4 query heads per kv head and --block-size 16; "
+            "here the scalar one runs, slower than a %s cache",
+            str(compute_dtype).removeprefix("torch."),
+        )
+    return torch.int8
 
 
 def free_memory_bytes(device: torch.device) -> int:

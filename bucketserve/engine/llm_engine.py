@@ -121,7 +121,7 @@ class LLMEngine:
             time.perf_counter() - t0,
         )
         self.kv_cache_dtype = resolve_kv_cache_dtype(
-            config.kv_cache_dtype, self.dtype, self.device, self.model.kernels
+            config.kv_cache_dtype, self.dtype, self.model.kernels, self.args, config.block_size
         )
         num_blocks = plan_num_blocks(config, self.args, self.kv_cache_dtype, self.device, self.max_model_len)
         # One block more than the block manager hands out: the runner's scratch block.

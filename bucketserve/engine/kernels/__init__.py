@@ -132,8 +132,15 @@ class NativeKernels:
         self._argmax_rows = fn
         # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
         self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
-        # Decode attention over an int8 KV cache in VPDPBUSD (AVX512-VNNI), else scalar code.
-        self.has_int8_attention = bool(lib.bucketserve_has_int8_attention())
+        fn = lib.bucketserve_int8_attention_vectorized
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_i64, _i64, _i64]
+        self._int8_attention_vectorized = fn
+
+    def int8_attention_vectorized(self, head_dim: int, group: int, block_size: int) -> bool:
+        """Whether decode attention over an int8 KV cache runs its AVX512-VNNI kernel for bf16
+        queries at these sizes (else a scalar one, far slower than the bf16 cache's)."""
+        return bool(self._int8_attention_vectorized(head_dim, group, block_size))
 
     def argmax_rows(self, logits: torch.Tensor) -> list[int]:
         """Each row's ``argmax`` of ``logits`` [rows, vocab] float32, as ``torch.argmax``

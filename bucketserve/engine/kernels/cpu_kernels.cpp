@@ -1196,13 +1196,10 @@ extern "C" {
 
 int bucketserve_has_w4a8() { return kHasW4A8 ? 1 : 0; }
 
-// Whether decode attention over an int8 cache has its VPDPBUSD kernel here (else the scalar one).
-int bucketserve_has_int8_attention() {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-  return 1;
-#else
-  return 0;
-#endif
+// Whether decode attention over an int8 cache runs its VNNI kernel at these sizes here (else
+// the scalar one, far slower than the bf16 kernels).
+int bucketserve_int8_attention_vectorized(int64_t head_dim, int64_t group, int64_t block_size) {
+  return block_size == 16 && int8_vnni_kernel<uint16_t>(head_dim, group) != nullptr ? 1 : 0;
 }
 
 // out [rows, n] = x [rows, k] @ W.T in the w4a8 layout above; k % 32 == 0, n % 16 == 0.
