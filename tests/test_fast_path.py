@@ -144,6 +144,7 @@ def test_a_bf16_chunk_over_cached_context_attends_in_the_dtype_its_cpu_runs_fast
     torch.testing.assert_close(fast.float(), exact, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("cache", ["dtype", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 2, 16, 4), (8, 8, 128, 16)]
@@ -155,11 +156,23 @@ def test_native_decode_attention_equals_the_torch_reference(
     kv_heads: int,
     head_dim: int,
     block_size: int,
+    cache: str,
 ) -> None:
+    """On a cache in the query's dtype (bf16 with head_dim 64 and blocks of 16: the VDPBF16PS
+    kernel) and on an int8 one ((9, 3, 64, 16): the VNNI kernel, else the scalar one; both
+    score with the query quantized to int8 as the torch reference does, and the VNNI kernel
+    weighs V in int16, 15 bits against the largest weight)."""
     torch.manual_seed(0)
     rows, num_blocks, width = 7, 64, 9
-    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
-    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+    if cache == "int8":
+        k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.arange(num_blocks * block_size)
+        kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
+        kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
+    else:
+        k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+        v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
     tables = torch.randperm(num_blocks)[: rows * width].view(rows, width).contiguous()
     lens = torch.tensor(
         [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
@@ -168,10 +181,13 @@ def test_native_decode_attention_equals_the_torch_reference(
     # The query rows as the kernel meets them in the model: inside the qkv projection's rows.
     qkv = torch.cat([q.view(rows, -1), torch.randn(rows, 2 * kv_heads * head_dim).to(dtype)], 1)
     got = native.decode_attention(qkv, k_cache, v_cache, tables, lens, head_dim**-0.5, heads)
+    # Over int8, the reference in fp32 (the kernels' own scores): only V's weights and the
+    # output's rounding differ.
+    ref_q = q.float() if cache == "int8" else q
     ref = _attention(heads, kv_heads, head_dim)._paged_attention(
-        q.unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
+        ref_q.unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
     )
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = {("dtype", torch.float32): 1e-5, ("int8", torch.float32): 1e-3}.get((cache, dtype), 2e-2)
     torch.testing.assert_close(
         got.view(rows, heads, head_dim).float(), ref.squeeze(2).float(), atol=tol, rtol=tol
     )
@@ -257,46 +273,6 @@ def test_an_int8_kv_cache_is_given_when_asked_and_warns_where_its_kernel_is_scal
         caplog.clear()
         assert resolve_kv_cache_dtype("int8", dtype, loaded, args, block_size) == int8  # asked for: given
         assert "scalar one runs" in caplog.text
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 2, 16, 4), (8, 8, 128, 16)]
-)
-def test_native_decode_attention_over_an_int8_cache_equals_the_torch_reference(
-    native: kernels.NativeKernels,
-    dtype: torch.dtype,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    block_size: int,
-) -> None:
-    """(9, 3, 64, 16) is the VNNI kernel, the others the scalar one. Both score with the
-    query quantized to int8 (kv_quant.py), as the torch reference does; the VNNI kernel
-    weighs V in int16 (15 bits against the largest weight)."""
-    torch.manual_seed(0)
-    rows, num_blocks, width = 7, 64, 9
-    k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
-    v_cache = torch.zeros_like(k_cache)
-    slots = torch.arange(num_blocks * block_size)
-    kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
-    kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
-    tables = torch.randperm(num_blocks)[: rows * width].view(rows, width).contiguous()
-    lens = torch.tensor(
-        [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
-    )
-    q = torch.randn(rows, heads, head_dim).to(dtype)
-    qkv = torch.cat([q.view(rows, -1), torch.randn(rows, 2 * kv_heads * head_dim).to(dtype)], 1)
-    got = native.decode_attention(qkv, k_cache, v_cache, tables, lens, head_dim**-0.5, heads)
-    # The reference in fp32 (the kernels' own scores): the VNNI kernel's V weights in 15 bits
-    # and the output's rounding differ.
-    ref = _attention(heads, kv_heads, head_dim)._paged_attention(
-        q.float().unsqueeze(2), k_cache, v_cache, DecodeRows(tables, lens)
-    )
-    tol = 1e-3 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(
-        got.view(rows, heads, head_dim).float(), ref.squeeze(2).float(), atol=tol, rtol=tol
-    )
 
 
 def test_native_decode_attention_refuses_a_context_longer_than_its_table(
