@@ -158,11 +158,14 @@ def config_from_options(
 # -- the engine's and the server's options ---------------------------------------------------
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
+def add_engine_options(
+    parser: argparse.ArgumentParser, scheduler_defaults: Mapping[str, Any] | None = None
+) -> None:
     """The model, engine and scheduler options, and every registered policy's own options,
-    each policy's named after it (--bucket-theta, --static-batch-size, ...)."""
+    each policy's named after it (--bucket-theta, --static-batch-size, ...);
+    ``scheduler_defaults`` replaces some scheduler defaults (``generate``: the offline ones)."""
     add_config_options(parser.add_argument_group("model and engine"), EngineConfig)
-    add_config_options(parser.add_argument_group("scheduler"), SchedulerConfig)
+    add_config_options(parser.add_argument_group("scheduler"), SchedulerConfig, defaults=scheduler_defaults)
     for policy in all_policies():
         if dataclasses.fields(policy.config):
             group = parser.add_argument_group(f"{policy.name} policy (with --policy {policy.name})")

@@ -12,6 +12,7 @@ from typing import Any
 
 from bucketserve.argparse_options import add_engine_options, add_server_options, engine_configs, server_config
 from bucketserve.bench.cli import add_bench_parser
+from bucketserve.config import OFFLINE_SCHEDULER_DEFAULTS
 from bucketserve.errors import BucketServeError, InvalidRequestError
 from bucketserve.sampling_params import SamplingParams
 from bucketserve.sim.cli import add_simulate_parser
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send --prompt text as is, without the chat template")
     gen.add_argument("--output", help="write JSONL results here (default: stdout)")
     gen.add_argument("--json", action="store_true", help="print JSONL results even for --prompt")
-    add_engine_options(gen)
+    add_engine_options(gen, OFFLINE_SCHEDULER_DEFAULTS)  # offline, as LLM: throughput first
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 

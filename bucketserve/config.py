@@ -265,8 +265,8 @@ class ServerConfig:
         return self.replicas is not None or self.prefill_replicas is not None
 
 
-# Where ``LLM`` (offline batches: throughput, no one waiting on a token) starts from other
-# limits than the server, as vLLM's usage-context defaults do on CPU (LLM_CLASS 256 sequences
+# Where ``LLM`` and ``generate`` (offline batches: throughput, no one waiting on a token)
+# start from other limits than the server, as vLLM's usage-context defaults do on CPU (LLM_CLASS 256 sequences
 # and 4096 tokens a step against the API server's 128 and 2048). On the 200-request offline
 # benchmark, 256 sequences ran 13-15% faster than 128 and 4096 tokens 6-18% faster than 1024
 # (alternated pairs, docs/RESULTS.md); the server keeps the smaller steps its latency needs.

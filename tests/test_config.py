@@ -72,7 +72,10 @@ def test_every_config_field_is_an_option_with_its_default_and_help(command: str)
     for name, f in expected:
         action = actions.get(f"--{name}")
         assert action is not None, f"{command} has no --{name} for {f.name}"
-        assert action.default == default_of(f), f"--{name}: {action.default!r} != {default_of(f)!r}"
+        want = default_of(f)
+        if command == "generate" and f in dataclasses.fields(SchedulerConfig):  # offline, as LLM
+            want = OFFLINE_SCHEDULER_DEFAULTS.get(f.name, want)
+        assert action.default == want, f"--{name}: {action.default!r} != {want!r}"
         text = parser._get_formatter()._expand_help(action)
         assert text.startswith(f.metadata["help"].split("%")[0]) and "default" in text, text
 
@@ -134,8 +137,11 @@ def test_the_documented_flags_still_parse() -> None:
 
 
 def test_no_options_give_the_default_configs() -> None:
-    args = build_parser().parse_args(["generate", "--prompt", "hi"])
+    args = build_parser().parse_args(["serve"])
     assert engine_configs(args) == (EngineConfig(), SchedulerConfig())
+    # generate is offline: the configs LLM() builds
+    args = build_parser().parse_args(["generate", "--prompt", "hi"])
+    assert engine_configs(args) == (EngineConfig(), SchedulerConfig(**OFFLINE_SCHEDULER_DEFAULTS))
 
 
 def test_the_chosen_policy_gets_its_own_options_and_the_others_are_ignored() -> None:
@@ -158,7 +164,7 @@ def test_python_and_the_command_line_build_the_same_configs() -> None:
         "order": {"order": "sjf"},
         "block_size": "8",
     }
-    from_python = with_options(None, None, options)
+    from_python = with_options(None, None, options, OFFLINE_SCHEDULER_DEFAULTS)  # as LLM builds them
     assert from_cli == from_python
     assert from_python[0].kv_cache_memory == 2**30 and from_python[0].block_size == 8
 
@@ -171,6 +177,17 @@ def test_llm_accepts_a_size_as_text(make_llm) -> None:
 def test_llm_takes_the_configs_and_keywords_override_them(make_llm) -> None:
     llm = make_llm(scheduler_config=SchedulerConfig(policy="static"), max_num_seqs=4)
     assert llm.engine.scheduler_config == SchedulerConfig(policy="static", max_num_seqs=4)
+
+
+def test_generate_starts_from_the_offline_limits_and_serve_from_the_servers() -> None:
+    def limits(*argv: str) -> tuple[int, int]:
+        _, sched = engine_configs(build_parser().parse_args(list(argv)))
+        return sched.max_num_seqs, sched.max_num_batched_tokens
+
+    assert limits("generate", "--prompt", "hi") == (256, 4096)
+    assert limits("generate", "--prompt", "hi", "--max-num-seqs", "8") == (8, 4096)
+    assert limits("serve") == (128, 1024)
+    assert "(default: 256)" in " ".join(subcommand("generate").format_help().split())
 
 
 def test_llm_starts_from_the_offline_limits_unless_told_otherwise() -> None:

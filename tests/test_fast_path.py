@@ -52,12 +52,12 @@ def _attention(heads: int, kv_heads: int, head_dim: int) -> Attention:
     return Attention(_model_args(heads, kv_heads, head_dim))
 
 
-def _model_args(heads: int, kv_heads: int, head_dim: int) -> ModelArgs:
+def _model_args(heads: int, kv_heads: int, head_dim: int, num_layers: int = 1) -> ModelArgs:
     return ModelArgs(
         vocab_size=16,
         hidden_size=heads * head_dim,
         intermediate_size=32,
-        num_layers=1,
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -218,13 +218,15 @@ def test_an_int8_kv_cache_gives_back_each_token_within_half_a_step_of_its_scale(
 
 def test_an_int8_kv_cache_holds_a_token_in_its_codes_and_one_scale_per_row() -> None:
     from bucketserve.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
+    from bucketserve.errors import ConfigError
 
-    args = _attention(9, 3, 64)
-    model_args = ModelArgs(**{**vars(_model_args(9, 3, 64)), "num_layers": 2})
-    assert kv_bytes_per_token(model_args, torch.int8) == 2 * 2 * 3 * (64 + SCALE_BYTES)
-    assert kv_bytes_per_token(model_args, torch.bfloat16) == 2 * 2 * 3 * 64 * 2
-    cache = allocate_kv_cache(model_args, 4, 16, torch.int8, torch.device("cpu"))
-    assert cache.shape == (2, 2, 3, 4, 16, 64 + SCALE_BYTES) and args.head_dim == 64
+    args = _model_args(9, 3, 64, num_layers=2)
+    assert kv_bytes_per_token(args, torch.int8) == 2 * 2 * 3 * (64 + SCALE_BYTES)
+    assert kv_bytes_per_token(args, torch.bfloat16) == 2 * 2 * 3 * 64 * 2
+    cache = allocate_kv_cache(args, 4, 16, torch.int8, torch.device("cpu"))
+    assert cache.shape == (2, 2, 3, 4, 16, 64 + SCALE_BYTES)
+    with pytest.raises(ConfigError, match="even --block-size"):  # V's codes lie in token pairs
+        allocate_kv_cache(args, 4, 15, torch.int8, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -41,6 +41,12 @@ class APIError(Exception):
         """A 400 for a request the engine or the protocol refused."""
         return cls(400, str(e), param=e.param)
 
+    @classmethod
+    def deadline_unreachable(cls, message: str) -> APIError:
+        """A 429 for a request that cannot meet its TTFT target (``--reject-late``): refused on
+        arrival, or dropped from the queue once late."""
+        return cls(429, message, type="rate_limit_error", code="deadline_unreachable")
+
     def response_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
@@ -53,12 +59,9 @@ def output_error(out: RequestOutput) -> APIError | None:
     429 for one dropped from the queue as late (``--reject-late``)."""
     reason = out.outputs[0].finish_reason
     if reason == "late":
-        return APIError(
-            429,
+        return APIError.deadline_unreachable(
             "the request waited past the point where it could still get its first token within its "
-            "TTFT target (--reject-late); retry later or raise ttft_slo_ms",
-            type="rate_limit_error",
-            code="deadline_unreachable",
+            "TTFT target (--reject-late); retry later or raise ttft_slo_ms"
         )
     if reason != "error":
         return None

@@ -170,7 +170,7 @@ class OpenAIServing:
             ) from None
         except DeadlineUnreachableError as e:
             self.metrics.reject("late")
-            raise APIError(429, str(e), type="rate_limit_error", code="deadline_unreachable") from None
+            raise APIError.deadline_unreachable(str(e)) from None
         except EngineStoppedError as e:
             self.metrics.reject("shutdown")
             raise APIError(503, str(e), type="service_unavailable", code="shutting_down") from None

@@ -280,6 +280,21 @@ void attend_row_b16(T* out, const T* q, const T* kh, const T* vh, const int64_t*
   }
 }
 
+// A row's blocks lie wherever the allocator put them, so the hardware prefetcher, which
+// follows one block's 2 KB, stalls at every jump to the next: the kernel asks for the block
+// PREFETCH_AHEAD ahead of the one it computes. At 128 rows x 300 tokens over a scattered
+// pool, a layer's decode attention ran at 10-12 GB/s of K/V without it and 15 with it (18
+// with the blocks laid out in order; measured). One block ahead did as well as two; four
+// did worse.
+constexpr int64_t PREFETCH_AHEAD = 1;
+
+inline void prefetch_bytes([[maybe_unused]] const void* p, [[maybe_unused]] int64_t bytes) {
+#ifdef __SSE__
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+#endif
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // bfloat16 caches on CPUs with AVX512-BF16 (VDPBF16PS: 32 bf16 products summed pairwise into
 // 16 fp32 lanes): each block of 16 keys is transposed in registers once, so that one
@@ -327,20 +342,6 @@ inline void transpose16_epi32(__m512i r[16]) {
   swap_blocks<1>(r);
 }
 
-// A row's blocks lie wherever the allocator put them, so the hardware prefetcher, which
-// follows one block's 2 KB, stalls at every jump to the next: the kernel asks for the block
-// PREFETCH_AHEAD ahead of the one it computes. At 128 rows x 300 tokens over a scattered
-// pool, a layer's decode attention ran at 10-12 GB/s of K/V without it and 15 with it (18
-// with the blocks laid out in order; measured). One block ahead did as well as two; four
-// did worse.
-constexpr int64_t PREFETCH_AHEAD = 1;
-
-template <int64_t D>
-inline void prefetch_block(const uint16_t* block) {  // a block of 16 tokens x D bf16 values
-  const char* p = reinterpret_cast<const char*>(block);
-  for (int64_t off = 0; off < 16 * D * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-}
-
 template <int64_t D, int64_t G>
 void attend_row_bf16_dp(uint16_t* out, const uint16_t* q, const uint16_t* kh, const uint16_t* vh,
                         const int64_t* table, int64_t ctx, float scale, float* scores,
@@ -349,7 +350,7 @@ void attend_row_bf16_dp(uint16_t* out, const uint16_t* q, const uint16_t* kh, co
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t t0 = 0; t0 < ctx; t0 += B) {
     const uint16_t* kb = kh + table[t0 / B] * B * D;
-    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_block<D>(kh + table[t0 / B + PREFETCH_AHEAD] * B * D);
+    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_bytes(kh + table[t0 / B + PREFETCH_AHEAD] * B * D, B * D * 2);
     __m512 acc[G];
     for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
     // Rows past ctx in the last block are read (the block is allocated) and their scores
@@ -379,7 +380,7 @@ void attend_row_bf16_dp(uint16_t* out, const uint16_t* q, const uint16_t* kh, co
   for (int64_t t0 = 0; t0 < ctx; t0 += B) {
     const int64_t n = ctx - t0 < B ? ctx - t0 : B;
     const uint16_t* vb = vh + table[t0 / B] * B * D;
-    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_block<D>(vh + table[t0 / B + PREFETCH_AHEAD] * B * D);
+    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_bytes(vh + table[t0 / B + PREFETCH_AHEAD] * B * D, B * D * 2);
     for (int64_t t = 0; t < n; ++t) {
       __m512 v[D / 16];
       for (int64_t c = 0; c < D / 16; ++c) {
@@ -404,11 +405,13 @@ void attend_row_bf16_dp(uint16_t* out, const uint16_t* q, const uint16_t* kh, co
 
 // The dpbf16 kernel for this dtype, head_dim and group, or null where it has none (or the CPU
 // lacks AVX512-BF16).
-template <typename T>
-using RowKernel = void (*)(T*, const T*, const T*, const T*, const int64_t*, int64_t, float, float*,
+// A (row, kv head) task of head size D and query group G fixed at compile time: out, q, the
+// kv head's K and V pools, the row's block table, its context length, scale, scores, max_ctx.
+template <typename T, typename C>
+using RowKernel = void (*)(T*, const T*, const C*, const C*, const int64_t*, int64_t, float, float*,
                            int64_t);
 template <typename T>
-RowKernel<T> bf16_dp_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
+RowKernel<T, T> bf16_dp_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (head_dim == 64) {
@@ -441,59 +444,32 @@ class DenormalsAreZero {
 #endif
 };
 
-// q's rows lie q_row_stride elements apart (its heads contiguous within a row), so that the
-// query rows are read where the qkv projection wrote them: copying them out first cost a
-// split, views and a copy per layer.
-template <typename T>
-void decode_attention(T* out, const T* q, int64_t q_row_stride, const T* k_cache, const T* v_cache,
-                      const int64_t* block_tables, int64_t table_width, const int64_t* context_lens,
-                      int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                      int64_t num_blocks, int64_t block_size, float scale) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_ctx = table_width * block_size;
-  const int64_t head_stride = num_blocks * block_size * head_dim;  // one kv head's whole pool
+// What one (row, kv head) task of decode attention may use, one per thread.
+struct AttentionScratch {
+  std::vector<float> scores, qf, acc, blockf;
+  std::vector<int8_t> qcodes;
+  AttentionScratch(int64_t group, int64_t max_ctx, int64_t head_dim, int64_t block_size)
+      : scores(static_cast<size_t>(group * max_ctx)),
+        qf(static_cast<size_t>(group * head_dim)),
+        acc(static_cast<size_t>(group * head_dim)),
+        blockf(static_cast<size_t>(block_size * head_dim)),
+        qcodes(static_cast<size_t>(head_dim)) {}
+};
+
+// task(row, kv_head, scratch) for every decode row and kv head, both caches' kernels alike.
+template <typename Task>
+void for_each_row_head(int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                       int64_t max_ctx, int64_t block_size, Task task) {
   // A second thread only for work worth its wake-up: batch 1 over ~100 tokens (3 tasks of a
   // few microseconds) ran 2-5x slower in a decode step with it than without (measured).
   const bool parallel = num_rows * num_heads * max_ctx * head_dim > (int64_t{1} << 18);
-  const RowKernel<T> dp = block_size == 16 ? bf16_dp_kernel<T>(head_dim, group) : nullptr;
 #pragma omp parallel if (parallel)
   {
     const DenormalsAreZero flush;
-    std::vector<float> scores(static_cast<size_t>(group * max_ctx));
-    std::vector<float> qf(static_cast<size_t>(group * head_dim));
-    std::vector<float> acc(static_cast<size_t>(group * head_dim));
-    std::vector<float> blockf(static_cast<size_t>(block_size * head_dim));
+    AttentionScratch scratch(num_heads / num_kv_heads, max_ctx, head_dim, block_size);
 #pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t r = 0; r < num_rows; ++r) {
-      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
-        const int64_t off = (r * num_heads + kvh * group) * head_dim;
-        const T* qr = q + r * q_row_stride + kvh * group * head_dim;
-        if (dp != nullptr) {
-          dp(out + off, qr, k_cache + kvh * head_stride, v_cache + kvh * head_stride,
-             block_tables + r * table_width, context_lens[r], scale, scores.data(), max_ctx);
-          continue;
-        }
-        if (block_size == 16 && (head_dim == 64 || head_dim == 128)) {
-          auto fast = head_dim == 64 ? attend_row_b16<T, 64> : attend_row_b16<T, 128>;
-          fast(out + off, qr, k_cache + kvh * head_stride, v_cache + kvh * head_stride,
-               block_tables + r * table_width, context_lens[r], group, scale, scores.data(),
-               max_ctx, qf.data());
-          continue;
-        }
-        auto run = [&](auto dim) {
-          attend_row<T, decltype(dim)::value>(
-              out + off, qr, k_cache + kvh * head_stride, v_cache + kvh * head_stride,
-              block_tables + r * table_width, context_lens[r], group, head_dim, block_size, scale,
-              scores.data(), max_ctx, qf.data(), acc.data(), blockf.data());
-        };
-        if (head_dim == 64)
-          run(std::integral_constant<int64_t, 64>{});
-        else if (head_dim == 128)
-          run(std::integral_constant<int64_t, 128>{});
-        else
-          run(std::integral_constant<int64_t, 0>{});
-      }
-    }
+    for (int64_t r = 0; r < num_rows; ++r)
+      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) task(r, kvh, scratch);
   }
 }
 
@@ -716,13 +692,6 @@ void attend_row_int8(T* out, const T* q, const int8_t* kh, const int8_t* vh, con
   for (int64_t i = 0; i < group * dim; ++i) store(out + i, acc[i]);
 }
 
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-#ifdef __SSE__
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-#endif
-}
-
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 // Head size D, blocks of 16, any query dtype: the scores by VPDPBUSD (K's unsigned codes
 // times the query's signed ones, 16 keys a vector), V by VPDPWSSD (two tokens' codes times
@@ -742,7 +711,7 @@ void attend_row_int8_vnni(T* out, const T* q, const int8_t* kh, const int8_t* vh
   }
   for (int64_t t0 = 0; t0 < ctx; t0 += B) {
     const int8_t* kb = kh + table[t0 / B] * BLOCK;
-    if (t0 + B < ctx) prefetch_bytes(kh + table[t0 / B + 1] * BLOCK, BLOCK);
+    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_bytes(kh + table[t0 / B + PREFETCH_AHEAD] * BLOCK, BLOCK);
     __m512i acc[G];
     for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_setzero_si512();
     for (int64_t g = 0; g < D / 4; ++g) {
@@ -799,7 +768,7 @@ void attend_row_int8_vnni(T* out, const T* q, const int8_t* kh, const int8_t* vh
   for (int64_t t0 = 0; t0 < ctx; t0 += B) {
     const int64_t n = ctx - t0 < B ? ctx - t0 : B;
     const int8_t* vb = vh + table[t0 / B] * BLOCK;
-    if (t0 + B < ctx) prefetch_bytes(vh + table[t0 / B + 1] * BLOCK, BLOCK);
+    if (t0 + PREFETCH_AHEAD * B < ctx) prefetch_bytes(vh + table[t0 / B + PREFETCH_AHEAD] * BLOCK, BLOCK);
     for (int64_t pr = 0; pr < (n + 1) / 2; ++pr) {  // an odd last token pairs with a weight of 0
       __m512i v[D / 16];
       for (int64_t c = 0; c < D / 16; ++c)
@@ -829,10 +798,7 @@ void attend_row_int8_vnni(T* out, const T* q, const int8_t* kh, const int8_t* vh
 #endif
 
 template <typename T>
-using Int8RowKernel = void (*)(T*, const T*, const int8_t*, const int8_t*, const int64_t*, int64_t, float,
-                               float*, int64_t);
-template <typename T>
-Int8RowKernel<T> int8_vnni_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
+RowKernel<T, int8_t> int8_vnni_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unused]] int64_t group) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
   if (head_dim == 64) {
     switch (group) {
@@ -846,40 +812,74 @@ Int8RowKernel<T> int8_vnni_kernel([[maybe_unused]] int64_t head_dim, [[maybe_unu
   return nullptr;
 }
 
-// decode_attention over int8 caches [kv_heads, num_blocks, block_size * (head_dim + 4)] bytes.
+// The vector kernel for this query dtype, cache type and sizes, or null (then attend_any runs).
+template <typename T, typename C>
+RowKernel<T, C> vector_kernel(int64_t head_dim, int64_t group, int64_t block_size) {
+  if (block_size != 16) return nullptr;
+  if constexpr (std::is_same_v<C, int8_t>)
+    return int8_vnni_kernel<T>(head_dim, group);
+  else
+    return bf16_dp_kernel<T>(head_dim, group);
+}
+
+// The kernels for any head size and block size: over a cache in the query's dtype ...
 template <typename T>
-void decode_attention_int8(T* out, const T* q, int64_t q_row_stride, const int8_t* k_cache,
-                           const int8_t* v_cache, const int64_t* block_tables, int64_t table_width,
-                           const int64_t* context_lens, int64_t num_rows, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks,
-                           int64_t block_size, float scale) {
+void attend_any(T* out, const T* q, const T* kh, const T* vh, const int64_t* table, int64_t ctx,
+                int64_t group, int64_t head_dim, int64_t block_size, float scale, int64_t max_ctx,
+                AttentionScratch& s) {
+  if (block_size == 16 && (head_dim == 64 || head_dim == 128)) {
+    auto fast = head_dim == 64 ? attend_row_b16<T, 64> : attend_row_b16<T, 128>;
+    fast(out, q, kh, vh, table, ctx, group, scale, s.scores.data(), max_ctx, s.qf.data());
+    return;
+  }
+  auto run = [&](auto dim) {
+    attend_row<T, decltype(dim)::value>(out, q, kh, vh, table, ctx, group, head_dim, block_size, scale,
+                                        s.scores.data(), max_ctx, s.qf.data(), s.acc.data(), s.blockf.data());
+  };
+  if (head_dim == 64)
+    run(std::integral_constant<int64_t, 64>{});
+  else if (head_dim == 128)
+    run(std::integral_constant<int64_t, 128>{});
+  else
+    run(std::integral_constant<int64_t, 0>{});
+}
+
+// ... and over an int8 one.
+template <typename T>
+void attend_any(T* out, const T* q, const int8_t* kh, const int8_t* vh, const int64_t* table,
+                int64_t ctx, int64_t group, int64_t head_dim, int64_t block_size, float scale,
+                int64_t max_ctx, AttentionScratch& s) {
+  attend_row_int8(out, q, kh, vh, table, ctx, group, head_dim, block_size, scale, s.scores.data(), max_ctx,
+                  s.acc.data(), s.qcodes.data());
+}
+
+// Each decode row's query attends to its first context_lens[r] cached tokens. q's rows lie
+// q_row_stride elements apart (its heads contiguous within a row), so that the query rows are
+// read where the qkv projection wrote them: copying them out first cost a split, views and a
+// copy per layer. Caches [kv_heads, num_blocks, block_size, head_dim] of T, or int8
+// [kv_heads, num_blocks, block_size * (head_dim + 4)] bytes (the layout above).
+template <typename T, typename C>
+void decode_attention(T* out, const T* q, int64_t q_row_stride, const C* k_cache, const C* v_cache,
+                      const int64_t* block_tables, int64_t table_width, const int64_t* context_lens,
+                      int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      int64_t num_blocks, int64_t block_size, float scale) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_ctx = table_width * block_size;
-  const int64_t head_stride = num_blocks * block_size * (head_dim + KV_SCALE_BYTES);
-  const bool parallel = num_rows * num_heads * max_ctx * head_dim > (int64_t{1} << 18);  // as above
-  const Int8RowKernel<T> vnni = block_size == 16 ? int8_vnni_kernel<T>(head_dim, group) : nullptr;
-#pragma omp parallel if (parallel)
-  {
-    const DenormalsAreZero flush;
-    std::vector<float> scores(static_cast<size_t>(group * max_ctx));
-    std::vector<float> acc(static_cast<size_t>(group * head_dim));
-    std::vector<int8_t> qcodes(static_cast<size_t>(head_dim));
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t r = 0; r < num_rows; ++r) {
-      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
-        const int64_t off = (r * num_heads + kvh * group) * head_dim;
-        const T* qr = q + r * q_row_stride + kvh * group * head_dim;
-        const int8_t* kh = k_cache + kvh * head_stride;
-        const int8_t* vh = v_cache + kvh * head_stride;
-        if (vnni != nullptr)
-          vnni(out + off, qr, kh, vh, block_tables + r * table_width, context_lens[r], scale, scores.data(),
-               max_ctx);
-        else
-          attend_row_int8(out + off, qr, kh, vh, block_tables + r * table_width, context_lens[r], group,
-                          head_dim, block_size, scale, scores.data(), max_ctx, acc.data(), qcodes.data());
-      }
-    }
-  }
+  const int64_t row = std::is_same_v<C, int8_t> ? head_dim + KV_SCALE_BYTES : head_dim;
+  const int64_t head_stride = num_blocks * block_size * row;  // one kv head's whole pool
+  const RowKernel<T, C> vec = vector_kernel<T, C>(head_dim, group, block_size);
+  for_each_row_head(num_rows, num_heads, num_kv_heads, head_dim, max_ctx, block_size,
+                    [&](int64_t r, int64_t kvh, AttentionScratch& s) {
+    T* o = out + (r * num_heads + kvh * group) * head_dim;
+    const T* qr = q + r * q_row_stride + kvh * group * head_dim;
+    const C* kh = k_cache + kvh * head_stride;
+    const C* vh = v_cache + kvh * head_stride;
+    const int64_t* table = block_tables + r * table_width;
+    if (vec != nullptr)
+      vec(o, qr, kh, vh, table, context_lens[r], scale, s.scores.data(), max_ctx);
+    else
+      attend_any(o, qr, kh, vh, table, context_lens[r], group, head_dim, block_size, scale, max_ctx, s);
+  });
 }
 
 // Per-token int8 quantization of a step's activations for torch._int_mm (the w8a8 weight
@@ -1135,7 +1135,7 @@ void decode_layers_w4a8(T* h, T* residual, const int64_t* layer_ptrs, int64_t la
       int8_t* v_cache = reinterpret_cast<int8_t*>(p[11]);
       rope_write_kv_int8(qkv.data(), positions, cos, sin, k_cache, v_cache, slots, rows, heads,
                          kv_heads, head_dim, num_blocks * block_size, block_size);
-      decode_attention_int8(attn.data(), qkv.data(), qkv_width, k_cache, v_cache, block_tables,
+      decode_attention(attn.data(), qkv.data(), qkv_width, k_cache, v_cache, block_tables,
                             table_width, context_lens, rows, heads, kv_heads, head_dim, num_blocks,
                             block_size, scale);
     } else {
@@ -1199,7 +1199,7 @@ int bucketserve_has_w4a8() { return kHasW4A8 ? 1 : 0; }
 // Whether decode attention over an int8 cache runs its VNNI kernel at these sizes here (else
 // the scalar one, far slower than the bf16 kernels).
 int bucketserve_int8_attention_vectorized(int64_t head_dim, int64_t group, int64_t block_size) {
-  return block_size == 16 && int8_vnni_kernel<uint16_t>(head_dim, group) != nullptr ? 1 : 0;
+  return vector_kernel<uint16_t, int8_t>(head_dim, group, block_size) != nullptr ? 1 : 0;
 }
 
 // out [rows, n] = x [rows, k] @ W.T in the w4a8 layout above; k % 32 == 0, n % 16 == 0.
@@ -1323,7 +1323,7 @@ int bucketserve_rope_write_kv(int dtype, void* qkv, const int64_t* positions, co
 
 
 // As bucketserve_rope_write_kv, into int8 caches [kv_heads, cache_slots / block_size,
-// block_size * (dim + 4)] bytes (the layout above decode_attention_int8).
+// block_size * (dim + 4)] bytes (the layout of the int8 KV cache section).
 int bucketserve_rope_write_kv_int8(int dtype, void* qkv, const int64_t* positions, const float* cos,
                                    const float* sin, int8_t* k_cache, int8_t* v_cache,
                                    const int64_t* slots, int64_t tokens, int64_t heads,
@@ -1352,11 +1352,11 @@ int bucketserve_decode_attention_int8(int dtype, void* out, const void* q, int64
                                       int64_t num_blocks, int64_t block_size, float scale) {
   if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim % 4 != 0) return 1;
   if (dtype == 0) {
-    decode_attention_int8(static_cast<float*>(out), static_cast<const float*>(q), q_row_stride, k_cache,
+    decode_attention(static_cast<float*>(out), static_cast<const float*>(q), q_row_stride, k_cache,
                           v_cache, block_tables, table_width, context_lens, num_rows, num_heads,
                           num_kv_heads, head_dim, num_blocks, block_size, scale);
   } else if (dtype == 1) {
-    decode_attention_int8(static_cast<uint16_t*>(out), static_cast<const uint16_t*>(q), q_row_stride,
+    decode_attention(static_cast<uint16_t*>(out), static_cast<const uint16_t*>(q), q_row_stride,
                           k_cache, v_cache, block_tables, table_width, context_lens, num_rows,
                           num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale);
   } else {
