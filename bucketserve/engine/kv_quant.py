@@ -16,7 +16,7 @@ block's ``block_size * (head_dim + 4)`` bytes lie as:
 
 (So a block holds an even number of tokens.)
 
-The native kernels (cpu_kernels.cpp, ``rope_write_kv_int8``, ``decode_attention_int8``)
+The native kernels (cpu_kernels.cpp, ``rope_write_kv_int8``, ``decode_attention`` over int8)
 use the same layout and arithmetic. Their decode scores come from integer dot products, so
 the query is quantized the same way first (``fake_quantize``): the torch reference for
 decode rows does that too, and the two agree to rounding.
