@@ -144,6 +144,82 @@ def test_compare_goes_on_past_a_server_that_fails_to_start(
     assert list(json.loads((tmp_path / "compare-fixed.json").read_text())["servers"]) == ["good"]
 
 
+def test_compare_interleaved_runs_every_server_at_a_rate_before_the_next_alternating_their_order(
+    tokenizer_dir: str, tmp_path: Path, monkeypatch
+):
+    events = []
+
+    @contextlib.contextmanager
+    def fake_managed(policy, extra, log=None, timeout=0.0):  # type: ignore[no-untyped-def]
+        name = extra[-1]
+        events.append(("up", name))
+        with FakeServer(0.01, 0.005) as server:
+            yield server.url
+        events.append(("down", name))
+
+    real_sweep = compare.run_sweep
+
+    async def logged_sweep(workload, rates, cfg, **kwargs):  # type: ignore[no-untyped-def]
+        events.append((kwargs["label"], tuple(rates), kwargs["warmup_requests"]))
+        return await real_sweep(workload, rates, cfg, **kwargs)
+
+    monkeypatch.setattr(compare, "managed_server", fake_managed)
+    monkeypatch.setattr(compare, "run_sweep", logged_sweep)
+    code = main(["bench", "compare", "--server", "a=--tag a", "--server", "b=--tag b",
+                 "--order", "interleaved", *workload_args(tokenizer_dir), "--request-rates", "50,100,200",
+                 "--warmup-requests", "2", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert events == [
+        ("up", "a"), ("up", "b"),  # all servers up before the first run
+        ("a", (50,), 2), ("b", (50,), 2),  # each warmed up before its first run only
+        ("b", (100,), 0), ("a", (100,), 0),  # the order reversed at the next rate
+        ("a", (200,), 0), ("b", (200,), 0),
+        ("down", "b"), ("down", "a"),
+    ]  # fmt: skip
+    data = json.loads((tmp_path / "compare-fixed.json").read_text())
+    assert {n: [p["request_rate"] for p in s["points"]] for n, s in data["servers"].items()} == {
+        "a": [50, 100, 200],
+        "b": [50, 100, 200],
+    }
+
+
+def test_compare_rounds_are_named_apart_and_their_attainment_pooled_per_server(
+    tokenizer_dir: str, tmp_path: Path, capsys
+):
+    with FakeServer(0.01, 0.005) as fast, FakeServer(0.3, 0.005) as slow:
+        code = main(["bench", "compare", "--url", f"fast={fast.url}", "--url", f"slow={slow.url}",
+                     "--order", "interleaved", "--rounds", "2", *workload_args(tokenizer_dir),
+                     "--request-rates", "50,100", "--warmup-requests", "1", "--goodput", "ttft:200",
+                     "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert len(fast.bodies) == len(slow.bodies) == 1 + 2 * 2 * 4  # one warm-up, 2 rounds x 2 rates x 4
+    data = json.loads((tmp_path / "compare-fixed.json").read_text())
+    assert list(data["servers"]) == ["fast#1", "fast#2", "slow#1", "slow#2"]
+    printed = capsys.readouterr().out
+    pooled = printed[printed.index("pooled over the rounds") :]
+    assert "fast: >= 100" in pooled and "slow: below the lowest rate" in pooled
+
+
+def test_pooled_capacity_is_the_capacity_of_the_mean_attainment_over_rounds() -> None:
+    def point(rate: float, attainment: float) -> compare.SweepPoint:
+        return compare.SweepPoint(rate, {"slo_attainment": attainment}, None)  # type: ignore[arg-type]
+
+    curves = {
+        "x#1": [point(1, 1.0), point(2, 0.9), point(3, 0.5)],
+        "x#2": [point(1, 1.0), point(2, 0.7), point(3, 0.5)],
+        "y": [point(1, 1.0), point(2, 0.0)],  # not run in rounds: not pooled
+    }
+    pooled = compare.pooled_capacities(curves, 0.8)
+    assert list(pooled) == ["x"]
+    assert pooled["x"] == pytest.approx(2.0)  # mean 0.8 at 2 req/s; each round alone: 2.25 and 1.67
+    assert compare.capacity(curves["x#1"], 0.8) == pytest.approx(2.25)
+
+
+def test_compare_refuses_a_hash_in_a_server_name(capsys) -> None:
+    assert main(["bench", "compare", "--server", "a#1="]) == 2
+    assert "must not contain '#'" in capsys.readouterr().err
+
+
 def test_compare_refuses_two_servers_of_one_name(capsys) -> None:
     assert main(["bench", "compare", "--server", "a=", "--url", "a=http://127.0.0.1:1"]) == 2
     assert "two servers share a name" in capsys.readouterr().err

@@ -112,9 +112,10 @@ def add_bench_parser(sub: Any) -> None:
     cmp = bsub.add_parser(
         "compare",
         help="the same workload against several servers or policies",
-        description="Start one `bucketserve serve` per --policies entry (one at a time, on a free loopback "
-        "port) and/or use running servers given by --url; run the same workload against each in turn; "
-        "print one table; write one JSON and one PNG. Servers it started are always stopped.",
+        description="Start one `bucketserve serve` per --policies or --server entry (on free loopback "
+        "ports) and/or use running servers given by --url; run the same workload against each, server "
+        "by server or (--order interleaved) rate by rate; print one table; write one JSON and one PNG. "
+        "Servers it started are always stopped.",
     )
     t = cmp.add_argument_group("servers")
     add_config_options(t, CompareConfig)
@@ -275,6 +276,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise ConfigError("nothing to compare: give --policies, --server and/or --url")
     if len(set(names)) < len(names):
         raise ConfigError(f"two servers share a name: {', '.join(names)}")
+    if any("#" in n for n in names):
+        raise ConfigError(f"server names must not contain '#' (rounds are named NAME#R): {', '.join(names)}")
     stem = _stem(sweep, workload_config.dataset, "compare")
     workload = workload_config.build()
     curves = run_compare(
@@ -285,6 +288,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         server_args=shlex.split(compare.server_args),
         log_dir=stem.parent,
         startup_timeout=compare.startup_timeout,
+        order=compare.order,
+        rounds=compare.rounds,
         slo=slo,
         burstiness=arrival.burstiness,
         seed=workload_config.seed,

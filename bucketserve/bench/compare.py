@@ -1,5 +1,6 @@
-"""Run one workload against several servers in turn: ``bucketserve serve`` processes started
-per policy, and/or servers already running at given URLs."""
+"""Run one workload against several servers: ``bucketserve serve`` processes started per
+policy, and/or servers already running at given URLs; each server's whole sweep in turn, or
+interleaved rate by rate so that a drift of the machine's speed falls on every server alike."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from bucketserve.bench.servers import ServerStartError, managed_server
 from bucketserve.bench.sweep import SweepPoint, capacity, run_sweep
 from bucketserve.bench.workload import Workload
 from bucketserve.core.policies import policy_names
+from bucketserve.metrics import load_capacity
 from bucketserve.options import check, check_fields, option
+
+ORDERS = ("server", "interleaved")
 
 
 @dataclass
@@ -38,10 +42,23 @@ class CompareConfig:
         "--server-args='--kv-cache-memory 2GiB --max-model-len 2048' (default: none)",
     )
     startup_timeout: float = option(300.0, help="seconds to wait for /health")
+    order: str = option(
+        "server",
+        choices=ORDERS,
+        help="server: start the servers one at a time, each running every rate; interleaved: start "
+        "them all (an idle one waits), run every server at a rate before the next rate, in an order "
+        "reversed at every other rate (A B, B A, ...), so that the machine's drift falls on all alike",
+    )
+    rounds: int = option(
+        1,
+        help="run the whole comparison this many times; each round's results are named NAME#R and "
+        "the table adds each server's capacity from its attainment pooled over the rounds",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
         check(self.startup_timeout > 0, f"startup_timeout must be > 0 seconds, got {self.startup_timeout}")
+        check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -81,34 +98,93 @@ def run_compare(
     server_args: Sequence[str] = (),
     log_dir: Path | None = None,
     startup_timeout: float = 300.0,
+    order: str = "server",
+    rounds: int = 1,
     **sweep_kwargs: object,
 ) -> dict[str, list[SweepPoint]]:
-    """For each target in order: start its server unless it has a URL (one that fails to start
-    is reported and skipped; none at all raises ServerStartError), run the sweep over
-    ``rates`` (one rate = one run), stop the server. ``client.model`` empty = ask the server."""
+    """Run the sweep over ``rates`` (one rate = one run) against every target, ``rounds`` times
+    (results named NAME#R when more than one). A target without a URL gets a server started
+    for it (one that fails to start is reported and skipped; none at all raises
+    ServerStartError), stopped when done. ``order`` "server": one server up at a time, its
+    whole sweep; "interleaved": all up at once, every server at a rate before the next rate,
+    the order reversed at every other rate (``interleaved_order``). Each server gets its
+    ``warmup_requests`` before its first run. ``client.model`` empty = ask the server."""
     curves: dict[str, list[SweepPoint]] = {}
-    for target in targets:
+
+    def start(stack: contextlib.ExitStack, target: Target) -> ClientConfig | None:
         if target.url is None:
             log = log_dir / f"server-{target.name}.log" if log_dir else None
             server = managed_server(target.policy, [*server_args, *target.args], log, startup_timeout)
         else:
             server = contextlib.nullcontext(target.url)
+        try:
+            url = stack.enter_context(server)
+        except ServerStartError as e:  # the others are still measured
+            print(f"{target.name}: not measured: {e}", file=sys.stderr)
+            return None
+        assert url is not None
+        model = client.model or served_model(url, client.api_key)
+        return dataclasses.replace(client, base_url=url, model=model)
+
+    def measure(name: str, cfg: ClientConfig, run_rates: Sequence[float], warm: bool) -> None:
+        kwargs = dict(sweep_kwargs)
+        if not warm:
+            kwargs["warmup_requests"] = 0
+        points = asyncio.run(run_sweep(workload, run_rates, cfg, label=name, **kwargs))  # type: ignore[arg-type]
+        curves.setdefault(name, []).extend(points)
+
+    def named(name: str, r: int) -> str:
+        return f"{name}#{r + 1}" if rounds > 1 else name
+
+    if order == "server":
+        for r in range(rounds):
+            for target in targets:
+                with contextlib.ExitStack() as stack:
+                    if (cfg := start(stack, target)) is not None:
+                        measure(named(target.name, r), cfg, rates, warm=True)
+    else:
         with contextlib.ExitStack() as stack:
-            try:
-                url = stack.enter_context(server)
-            except ServerStartError as e:  # the others are still measured
-                print(f"{target.name}: not measured: {e}", file=sys.stderr)
-                continue
-            assert url is not None
-            cfg = dataclasses.replace(
-                client, base_url=url, model=client.model or served_model(url, client.api_key)
-            )
-            curves[target.name] = asyncio.run(
-                run_sweep(workload, rates, cfg, label=target.name, **sweep_kwargs)  # type: ignore[arg-type]
-            )
+            up = {t.name: cfg for t in targets if (cfg := start(stack, t)) is not None}
+            for r, rate, names in interleaved_order(list(up), rates, rounds):
+                for name in names:
+                    measure(named(name, r), up[name], [rate], warm=r == 0 and named(name, r) not in curves)
     if not curves:
         raise ServerStartError("no server could be measured")
-    return curves
+    # Each server's rounds together, in the order the targets were given.
+    return {n: curves[n] for t in targets for r in range(rounds) if (n := named(t.name, r)) in curves}
+
+
+def interleaved_order(
+    names: Sequence[str], rates: Sequence[float], rounds: int
+) -> list[tuple[int, float, list[str]]]:
+    """(round, rate, servers in the order they run it): every rate of every round runs all
+    servers, reversed at every other rate counting across rounds (A B, B A, A B, ...), so that
+    a drift of the machine's speed that is linear over two rates falls on all alike."""
+    schedule = []
+    for r in range(rounds):
+        for i, rate in enumerate(rates):
+            forward = (r * len(rates) + i) % 2 == 0
+            schedule.append((r, rate, list(names) if forward else list(reversed(names))))
+    return schedule
+
+
+def pooled_capacities(curves: dict[str, Sequence[SweepPoint]], target: float) -> dict[str, float]:
+    """Per server run in rounds (curves named NAME#R): the load capacity of its SLO attainment
+    averaged over the rounds at each rate (each round sends the same requests, so this is the
+    attainment of all of them); empty without rounds."""
+    by_server: dict[str, dict[float, list[float]]] = {}
+    for name, points in curves.items():
+        base, sep, _ = name.rpartition("#")
+        if not sep:
+            continue
+        for p in points:
+            if "slo_attainment" in p.summary and math.isfinite(p.rate):
+                by_server.setdefault(base, {}).setdefault(p.rate, []).append(p.summary["slo_attainment"])
+    out = {}
+    for base, by_rate in by_server.items():
+        rates = sorted(by_rate)
+        out[base] = load_capacity(rates, [sum(by_rate[r]) / len(by_rate[r]) for r in rates], target)
+    return out
 
 
 def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float) -> str:
@@ -148,11 +224,19 @@ def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float)
     )
     if swept:  # a load capacity needs an SLO and at least two finite rates
         lines.append(f"load capacity at {target:.0%} SLO attainment (req/s, interpolated):")
-        for n, c in caps.items():
-            top = max((p.rate for p in curves[n] if math.isfinite(p.rate)), default=math.nan)
-            text = "below the lowest rate" if math.isnan(c) else f"{c:.3g}"
-            lines.append(f"  {n}: {'>= ' if c == top else ''}{text}")
+        lines += [_capacity_line(n, c, curves[n]) for n, c in caps.items()]
+        pooled = pooled_capacities(curves, target)
+        if pooled:
+            lines.append("pooled over the rounds (mean attainment at each rate):")
+            lines += [_capacity_line(n, c, curves[f"{n}#1"]) for n, c in pooled.items()]
     return "\n".join(lines)
+
+
+def _capacity_line(name: str, cap: float, points: Sequence[SweepPoint]) -> str:
+    """'  NAME: C', with '>=' when every rate met the target (the sweep did not bound it)."""
+    top = max((p.rate for p in points if math.isfinite(p.rate)), default=math.nan)
+    text = "below the lowest rate" if math.isnan(cap) else f"{cap:.3g}"
+    return f"  {name}: {'>= ' if cap == top else ''}{text}"
 
 
 def _class_lines(curves: dict[str, Sequence[SweepPoint]]) -> list[str]:
