@@ -49,11 +49,6 @@ if TYPE_CHECKING:
 SPLIT_MODES = ("bisect", "optimal")
 RESERVES = ("max_tokens", "predicted")
 STEP_BUDGETS = ("tokens", "slo")
-FUTURE_STEPS = ("target", "recent")
-# slo, future_steps="recent": the recent mean step time is taken over the last RECENT_STEPS
-# measured steps, once there are at least RECENT_MIN_STEPS.
-RECENT_STEPS = 32
-RECENT_MIN_STEPS = 8
 # slo: how many of the most urgent prompts the TTFT check looks at each step.
 DEADLINE_LOOKAHEAD = 32
 
@@ -119,14 +114,6 @@ class BucketConfig:
         "times scatter (0: at the cost model's prediction)",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
-    future_steps: str = option(
-        "target",
-        choices=FUTURE_STEPS,
-        help="slo: what the TPOT limit charges for the steps a request has yet to decode: target = "
-        "each at its TPOT target x margin (only what faster steps banked is spent now); recent = "
-        "each at the mean of the last (up to 32) measured steps, capped there (the headroom the load leaves "
-        "is spent now, on larger prompt chunks, and shrinks as the steps grow)",
-    )
     tpot_window: int = option(
         0,
         metavar="STEPS",
@@ -199,7 +186,6 @@ class BucketScheduler(Scheduler):
         # slo: the last tpot_window - 1 steps' measured times, and how many steps in a row ran
         # without prompt tokens (_step_budget's window and progress).
         self._recent_steps: deque[float] = deque(maxlen=max(0, self.cfg.tpot_window - 1))
-        self._step_times: deque[float] = deque(maxlen=RECENT_STEPS)  # future_steps="recent"
         self._steps_without_prompt = 0
 
     def add(self, seq: Sequence) -> None:
@@ -212,7 +198,6 @@ class BucketScheduler(Scheduler):
         super().observe_step(shape, seconds)
         if self._recent_steps.maxlen:
             self._recent_steps.append(seconds)
-        self._step_times.append(seconds)
 
     # -- queue: the buckets ------------------------------------------------------------
     def _enqueue(self, seq: Sequence) -> None:
@@ -565,40 +550,29 @@ class BucketScheduler(Scheduler):
 
     def _tpot_limit(self, decoding: list[Sequence], now: float) -> float:
         """slo: the longest this step may run with every decoding request's time per output
-        token over its whole reply still within its TPOT target t. The reply as a whole aims
-        at t x (1 + margin) / 2, and every step to come is charged at t x margin
-        (``future_steps="target"``) or at the mean of the recent measured steps, at most that
-        (``"recent"``): the steps that spend what is left end on the aim line, and the last
-        of them, which no later step can make up for, keep half the margin for a step that
-        runs over its prediction. So a request of N tokens (its predicted output, else
-        max_tokens) that has n out since its first at f may have this step end as late as
-        f + (N - 1) x t x (1 + margin) / 2 - (N - n - 1) x (charge a step): what its faster
-        steps banked and what the steps to come leave. At least t x margin, so a request
-        already behind still decodes in steps of that.
-
-        "target" plans as if every later step ran at the limit, so only the margin's share
-        and past savings are spendable: on a machine where decode steps run at half the
-        target it keeps prompt chunks small while TPOT has room. "recent" prices the future
-        at what steps cost now; spending the headroom lengthens the recent steps, which
-        shrinks it (a feedback toward the aim line)."""
+        token over its whole reply still within its TPOT target t. Every step to come is
+        planned at t x margin, and the reply as a whole aims at t x (1 + margin) / 2: the
+        steps that spend what was banked end on that line, and the last of them, which no
+        later step can make up for, keep half the margin for a step that runs over its
+        prediction. So a request of N tokens (its predicted output, else max_tokens) that
+        has n out since its first at f may have this step end as late as
+        f + (N - 1) x t x (1 + margin) / 2 - (N - n - 1) x t x margin: what its faster steps
+        banked and the margin of the steps to come. At least t x margin, so a request already
+        behind still decodes in steps of that."""
         limit = math.inf
         margin = self.cfg.tpot_margin
         aim = (1 + margin) / 2  # the reply's share of its target
-        recent = math.inf
-        if self.cfg.future_steps == "recent" and len(self._step_times) >= RECENT_MIN_STEPS:
-            recent = sum(self._step_times) / len(self._step_times)
         for seq in decoding:
             target = targets(seq, self.config.order)[1]
             if target is None:
                 continue
             held = target * margin
-            charge = min(held, recent)
             end = -math.inf
             if seq.first_token_time is not None:
                 n, total = seq.num_output_tokens, seq.params.max_tokens
                 if seq.predicted_output_len is not None:
                     total = min(total, max(n + 1, seq.predicted_output_len))
-                end = seq.first_token_time + (total - 1) * target * aim - max(0, total - n - 1) * charge
+                end = seq.first_token_time + (total - 1) * target * aim - max(0, total - n - 1) * held
             limit = min(limit, max(held, end - now))
         return limit
 
