@@ -195,6 +195,7 @@ def test_compare_rounds_are_named_apart_and_their_attainment_pooled_per_server(
     assert len(fast.bodies) == len(slow.bodies) == 1 + 2 * 2 * 4  # one warm-up, 2 rounds x 2 rates x 4
     data = json.loads((tmp_path / "compare-fixed.json").read_text())
     assert list(data["servers"]) == ["fast#1", "fast#2", "slow#1", "slow#2"]
+    assert data["pooled_load_capacity"] == {"fast": 100, "slow": None}  # None: below the lowest rate
     printed = capsys.readouterr().out
     pooled = printed[printed.index("pooled over the rounds") :]
     assert "fast: >= 100" in pooled and "slow: below the lowest rate" in pooled

@@ -259,7 +259,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from bucketserve.bench.compare import format_compare_table, run_compare
+    from bucketserve.bench.compare import format_compare_table, pooled_capacities, run_compare
     from bucketserve.bench.sweep import capacity, plot_sweeps
     from bucketserve.wire import write_json
 
@@ -306,6 +306,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
                 n: {"load_capacity": capacity(pts, sweep.target_attainment), "points": _points_json(pts)}
                 for n, pts in curves.items()
             },
+            # each server's capacity from its attainment averaged over the rounds (--rounds > 1)
+            "pooled_load_capacity": pooled_capacities(curves, sweep.target_attainment),
         },
     )
     plot_sweeps(curves, f"{stem}.png", sweep.target_attainment, f"{workload_config.dataset}, SLO {slo}")

@@ -228,7 +228,9 @@ def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float)
         pooled = pooled_capacities(curves, target)
         if pooled:
             lines.append("pooled over the rounds (mean attainment at each rate):")
-            lines += [_capacity_line(n, c, curves[f"{n}#1"]) for n, c in pooled.items()]
+            for n, c in pooled.items():
+                rounds = [p for k, pts in curves.items() if k.rpartition("#")[0] == n for p in pts]
+                lines.append(_capacity_line(n, c, rounds))
     return "\n".join(lines)
 
 
