@@ -166,7 +166,7 @@ def test_compare_interleaved_runs_every_server_at_a_rate_before_the_next_alterna
     monkeypatch.setattr(compare, "managed_server", fake_managed)
     monkeypatch.setattr(compare, "run_sweep", logged_sweep)
     code = main(["bench", "compare", "--server", "a=--tag a", "--server", "b=--tag b",
-                 "--order", "interleaved", *workload_args(tokenizer_dir), "--request-rates", "50,100,200",
+                 "--interleave", *workload_args(tokenizer_dir), "--request-rates", "50,100,200",
                  "--warmup-requests", "2", "--output-dir", str(tmp_path)])  # fmt: skip
     assert code == 0
     assert events == [
@@ -188,7 +188,7 @@ def test_compare_rounds_are_named_apart_and_their_attainment_pooled_per_server(
 ):
     with FakeServer(0.01, 0.005) as fast, FakeServer(0.3, 0.005) as slow:
         code = main(["bench", "compare", "--url", f"fast={fast.url}", "--url", f"slow={slow.url}",
-                     "--order", "interleaved", "--rounds", "2", *workload_args(tokenizer_dir),
+                     "--interleave", "--rounds", "2", *workload_args(tokenizer_dir),
                      "--request-rates", "50,100", "--warmup-requests", "1", "--goodput", "ttft:200",
                      "--output-dir", str(tmp_path)])  # fmt: skip
     assert code == 0

@@ -114,7 +114,7 @@ def add_bench_parser(sub: Any) -> None:
         help="the same workload against several servers or policies",
         description="Start one `bucketserve serve` per --policies or --server entry (on free loopback "
         "ports) and/or use running servers given by --url; run the same workload against each, server "
-        "by server or (--order interleaved) rate by rate; print one table; write one JSON and one PNG. "
+        "by server or (--interleave) rate by rate; print one table; write one JSON and one PNG. "
         "Servers it started are always stopped.",
     )
     t = cmp.add_argument_group("servers")
@@ -288,7 +288,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         server_args=shlex.split(compare.server_args),
         log_dir=stem.parent,
         startup_timeout=compare.startup_timeout,
-        order=compare.order,
+        interleave=compare.interleave,
         rounds=compare.rounds,
         slo=slo,
         burstiness=arrival.burstiness,

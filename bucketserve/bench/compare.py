@@ -22,8 +22,6 @@ from bucketserve.core.policies import policy_names
 from bucketserve.metrics import load_capacity
 from bucketserve.options import check, check_fields, option
 
-ORDERS = ("server", "interleaved")
-
 
 @dataclass
 class CompareConfig:
@@ -42,12 +40,11 @@ class CompareConfig:
         "--server-args='--kv-cache-memory 2GiB --max-model-len 2048' (default: none)",
     )
     startup_timeout: float = option(300.0, help="seconds to wait for /health")
-    order: str = option(
-        "server",
-        choices=ORDERS,
-        help="server: start the servers one at a time, each running every rate; interleaved: start "
-        "them all (an idle one waits), run every server at a rate before the next rate, in an order "
-        "reversed at every other rate (A B, B A, ...), so that the machine's drift falls on all alike",
+    interleave: bool = option(
+        False,
+        help="start all servers at once (an idle one waits) and run every server at a rate before the "
+        "next rate, in an order reversed at every other rate (A B, B A, ...), so that the machine's "
+        "drift falls on all alike (default: one server up at a time, each running every rate)",
     )
     rounds: int = option(
         1,
@@ -98,16 +95,16 @@ def run_compare(
     server_args: Sequence[str] = (),
     log_dir: Path | None = None,
     startup_timeout: float = 300.0,
-    order: str = "server",
+    interleave: bool = False,
     rounds: int = 1,
     **sweep_kwargs: object,
 ) -> dict[str, list[SweepPoint]]:
     """Run the sweep over ``rates`` (one rate = one run) against every target, ``rounds`` times
     (results named NAME#R when more than one). A target without a URL gets a server started
     for it (one that fails to start is reported and skipped; none at all raises
-    ServerStartError), stopped when done. ``order`` "server": one server up at a time, its
-    whole sweep; "interleaved": all up at once, every server at a rate before the next rate,
-    the order reversed at every other rate (``interleaved_order``). Each server gets its
+    ServerStartError), stopped when done. One server up at a time, its whole sweep; or with
+    ``interleave`` all up at once, every server at a rate before the next rate, the order
+    reversed at every other rate (``interleaved_order``). Each server gets its
     ``warmup_requests`` before its first run. ``client.model`` empty = ask the server."""
     curves: dict[str, list[SweepPoint]] = {}
 
@@ -136,7 +133,7 @@ def run_compare(
     def named(name: str, r: int) -> str:
         return f"{name}#{r + 1}" if rounds > 1 else name
 
-    if order == "server":
+    if not interleave:
         for r in range(rounds):
             for target in targets:
                 with contextlib.ExitStack() as stack:
