@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bucketserve.config import KV_CACHE_DTYPES
 from bucketserve.engine import autotune, kernels, kv_quant
 from bucketserve.engine.calibration import record_input_ranges
 from bucketserve.engine.kv_quant import SCALE_BYTES
@@ -225,8 +226,10 @@ def test_an_int8_kv_cache_holds_a_token_in_its_codes_and_one_scale_per_row() -> 
     assert kv_bytes_per_token(args, torch.bfloat16) == 2 * 2 * 3 * 64 * 2
     cache = allocate_kv_cache(args, 4, 16, torch.int8, torch.device("cpu"))
     assert cache.shape == (2, 2, 3, 4, 16, 64 + SCALE_BYTES)
-    with pytest.raises(ConfigError, match="even --block-size"):  # V's codes lie in token pairs
+    with pytest.raises(ConfigError, match="even --block-size") as refused:  # V's codes lie in token pairs
         allocate_kv_cache(args, 4, 15, torch.int8, torch.device("cpu"))
+    advised = str(refused.value).rsplit("--kv-cache-dtype ", 1)[1]
+    assert advised in KV_CACHE_DTYPES  # the way out it names is a choice the option takes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -109,7 +109,7 @@ def allocate_kv_cache(
     if dtype == torch.int8 and (block_size % 2 or args.head_dim % 4):
         raise ConfigError(
             f"an int8 KV cache needs an even --block-size and a head_dim divisible by 4 (got block "
-            f"size {block_size}, head_dim {args.head_dim}); use --kv-cache-dtype none"
+            f"size {block_size}, head_dim {args.head_dim}); use --kv-cache-dtype auto"
         )
     shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, row_width(args.head_dim, dtype))
     cache = torch.empty(shape, dtype=dtype, device=device)
