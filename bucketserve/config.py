@@ -137,12 +137,12 @@ class EngineConfig:
         help="CPU weight formats the start-up tuning may pick per step size: auto = with bfloat16 "
         "compute, int8/int4 weights only where they reproduce the weights within 1% (the embedded Q4 "
         "GGUF model's int4 does), and int8 activations (w8a8, and w4a8 on CPUs with AVX512-VNNI) for decode "
-        "rows and for prompt tokens in the decoder linears whose w8a8 output stays within 2% of the "
-        "exact one on a calibration text (the others keep prompt activations exact; so does the LM "
-        "head, whose logits pick the token); nothing quantized in float32; none = the model's dtype "
-        "and fp32 only; int8/int4 = offer that weight quantization whatever it costs; w8a8 = auto "
-        "with int8 activations for prompt tokens in every linear and in the LM head (+1.5% "
-        "perplexity on the embedded model against auto's +0.7%, and greedy answers can change)",
+        "rows, in the LM head, and for prompt tokens in the decoder linears whose w8a8 output stays "
+        "within 2% of the exact one on a calibration text (the others keep prompt activations "
+        "exact); nothing quantized in float32; none = the model's dtype and fp32 only; "
+        "int8/int4 = offer that weight quantization whatever it costs; w8a8 = auto with int8 "
+        "activations for prompt tokens in every linear (+1.3% perplexity on the embedded model "
+        "against auto's +0.9%, and greedy answers can change)",
     )
     enforce_eager: bool = option(
         False, help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)"

@@ -31,10 +31,7 @@ from bucketserve.engine.weights import (
     MultiFormatLinear,
     dequantize_int4,
     dequantize_w4a8,
-    int8_gemm,
-    int8_gemm_weight,
     int8_matmul_reference,
-    onednn_int8_linear,
     quantize_int4,
     quantize_int8,
     quantize_w4a8,
@@ -328,42 +325,19 @@ def _grid_weight(n: int, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 33])
-@pytest.mark.parametrize("gemm", ["format's", "_int_mm"])
-def test_native_int8_matmul_equals_the_torch_reference(  # type: ignore[no-untyped-def]
-    native, dtype: torch.dtype, rows: int, gemm: str
-) -> None:
-    """The w8a8 format's native quantize and rescale compute what its torch ops do, on the
-    format's own weight (oneDNN's packed one where torch has it) and on _int_mm's view."""
+def test_native_int8_matmul_equals_the_torch_reference(native, dtype: torch.dtype, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """The w8a8 format's native quantize and rescale compute what its torch ops do."""
     w = torch.randn(96, 128)
     smooth = torch.linspace(0.5, 2, 128)
     q, scale = quantize_int8(w * smooth)
     x = (torch.randn(rows, 128) * torch.linspace(0.1, 3, 128)).to(dtype)
-    weight = int8_gemm_weight(q) if gemm == "format's" else q.t()
-    args = (weight, scale.float(), (1 / smooth).contiguous())
+    args = (q.t(), scale.float(), (1 / smooth).contiguous())
     got = native.int8_matmul(x, *args)
     want = int8_matmul_reference(x, *args)
     assert got.dtype == dtype and got.shape == (rows, 96)
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2 * want.abs().max().item(), rtol=0)
     exact = x.float() @ w.T  # the smoothing cancels: (x / s) @ (W * s).T
     torch.testing.assert_close(got.float(), exact, atol=3e-2 * exact.abs().max().item(), rtol=0)
-
-
-@pytest.mark.parametrize("rows", [1, 7, 140])
-def test_the_int8_gemm_sums_exactly_what_torch_int_mm_sums(rows: int) -> None:
-    """oneDNN's quantized linear, where torch has it, hands back int32 sums as float32: the
-    same numbers as torch._int_mm's (the same conversion the rescale makes), so w8a8's output
-    does not depend on which GEMM ran it."""
-    if not onednn_int8_linear():
-        pytest.skip("torch has no oneDNN quantized linear here: the w8a8 format runs torch._int_mm")
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(-127, 128, (96, 1536), dtype=torch.int8, generator=g)
-    x = torch.randint(-127, 128, (rows, 1536), dtype=torch.int8, generator=g)
-    packed = int8_gemm_weight(q)
-    assert packed.is_mkldnn and packed.shape == (1536, 96)  # [K, N], as _int_mm's view
-    sums = int8_gemm(x, packed)
-    assert sums.dtype == torch.float32
-    assert torch.equal(sums, torch._int_mm(x, q.t()).float())
-    assert torch.equal(int8_gemm(x, q.t()), torch._int_mm(x, q.t()))  # the fallback's
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -483,16 +457,14 @@ def test_every_weight_format_computes_the_same_linear(native, fmt: str, rows: in
 def test_tuning_gives_prompt_tokens_a_plan_with_int8_activations_and_one_without(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # w8a8 the fastest format at every size: the decoder layers' plans take it but the
-    # exact-activation prompt plan, which takes the fastest format that keeps the activations
-    # exact; so does the LM head, whose logits pick the token, but under --quantization w8a8.
+    # w8a8 the fastest format at every size: every plan takes it but the exact-activation
+    # prompt plan, which takes the fastest format that keeps the activations exact.
     table = {"int8": 2.0, "w8a8": 1.0, "fp32": 3.0, "bf16": 4.0}
     layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
-    for quantization, head_format in (("auto", "int8"), ("w8a8", "w8a8")):
+    for quantization in ("auto", "w8a8"):
         plans = autotune.tune(layers, head, torch.float32, quantization, None)
-        assert plans.layers.formats == plans.decode_layers.formats == ("w8a8",)
+        assert plans.layers.formats == plans.decode_layers.formats == plans.lm_head.formats == ("w8a8",)
         assert plans.exact_layers.formats == ("int8",)
-        assert plans.lm_head.formats == (head_format,)
     lin = MultiFormatLinear(128, 64)
     torch.nn.init.normal_(lin.weight)
     assert "w8a8" not in lin.candidate_formats("none")

@@ -4,10 +4,9 @@ For each row count in ``ROW_BUCKETS`` and each format a linear may hold (weights
 pass over the linears of the first few decoder layers is timed (best of a few); the fastest
 format wins that bucket. Four ``FormatPlan``s come out of the one measurement: the decoder
 layers' for prompt tokens, the same among the formats that keep the activations exact
-(``EXACT_FORMATS``: what ``--quantization auto`` runs prompt tokens in, in the linears
-where w8a8 misses the calibration text's bound, optimize.py), theirs for decode rows, and
-the LM head's (among ``EXACT_FORMATS`` too, but for ``--quantization w8a8``); a step that
-carries both kinds of rows runs each by its own plan. The
+(``EXACT_PROMPT_FORMATS``: what ``--quantization auto`` runs prompt tokens in, in the linears
+where w8a8 misses the calibration text's bound, optimize.py), theirs for decode rows, and the
+LM head's; a step that carries both kinds of rows runs each by its own plan. The
 result is cached as JSON under ``<cache dir>/tuning``, named by everything it depends on
 (model, dtype, quantization, torch version, CPU flags, threads), so later starts read it.
 """
@@ -38,16 +37,14 @@ MIN_TIMED_S = 0.05  # a format's pass is timed at least this long in all (short 
 MAX_REPEATS = 50
 TIE = 0.05
 BYTES_PER_WEIGHT = {"int4": 0.5, "w4a8": 0.5, "int8": 1, "w8a8": 1, "bf16": 2, "fp32": 4}
-VERSION = 10  # bump when what is measured or offered changes
+VERSION = 8  # bump when what is measured or offered changes
 # The formats that keep the activations exact: what --quantization auto runs prompt tokens
 # in, in a decoder linear whose w8a8 output misses the calibration text by more than
-# weights.PROMPT_W8A8_TOLERANCE, and the LM head's only formats. A prompt's K/V are read by
-# every token of its reply, so its rounding is held to a measured bound per linear; w8a8 on
-# every linear (--quantization w8a8) costs +1.3% perplexity and flips the README's greedy
-# answer, the bound's 90 of 120 linears +0.9% and keep it. The LM head's logits pick the
-# token itself: with the bound's 90 linears in w8a8, a w8a8 head flips that answer too
-# (its first token is a near tie; measured), where int8 or bf16 weights keep it.
-EXACT_FORMATS = frozenset(FORMATS) - set(INT8_ACTIVATIONS)
+# weights.PROMPT_W8A8_TOLERANCE. A prompt's K/V are read by every token of its reply, so its
+# rounding is held to a measured bound per linear; w8a8 on every linear (--quantization w8a8)
+# costs +1.3% perplexity and flips the README's greedy answer, the bound's 90 of 120 linears
+# +0.9% and keep it.
+EXACT_PROMPT_FORMATS = frozenset(FORMATS) - set(INT8_ACTIVATIONS)
 # Formats whose cost grows with M at least as fast as the best one's: once one loses by 1.5x
 # at two row counts in a row it is not measured at larger ones.
 STOPS_PAYING = (*WEIGHT_ONLY, "w4a8")
@@ -56,7 +53,7 @@ STOPS_PAYING = (*WEIGHT_ONLY, "w4a8")
 @dataclass(frozen=True)
 class TunedPlans:
     layers: FormatPlan  # the decoder layers' prompt tokens
-    exact_layers: FormatPlan  # the same among EXACT_FORMATS
+    exact_layers: FormatPlan  # the same among EXACT_PROMPT_FORMATS
     decode_layers: FormatPlan  # the decoder layers' decode rows
     lm_head: FormatPlan
     timings: dict[str, dict[str, float]]  # part -> "format@rows" -> ms per pass
@@ -141,7 +138,7 @@ def _measure_part(
             bar.update(1)
         # Weight-only formats against the best that keeps the activations exact, as the
         # prompt plan may have to choose among those alone; w4a8 (decode rows only) against all.
-        best_exact = min(ms for f, ms in at.items() if f in EXACT_FORMATS)
+        best_exact = min(ms for f, ms in at.items() if f in EXACT_PROMPT_FORMATS)
         best = min(at.values())
         for fmt in STOPS_PAYING:
             if fmt in at:
@@ -196,9 +193,7 @@ def tune(
     sample = [
         (lin, lin.candidate_formats(quantization)) for layer in decoder_linears[:TUNE_LAYERS] for lin in layer
     ]
-    every = frozenset(FORMATS)
-    head_formats = every if quantization == "w8a8" else EXACT_FORMATS  # w8a8: int8 activations everywhere
-    head = [(lm_head, lm_head.candidate_formats(quantization, only=set(head_formats)))]
+    head = [(lm_head, lm_head.candidate_formats(quantization))]
     total = sum(len(c) for c in (sample[0][1], head[0][1])) * len(ROW_BUCKETS)
     with (
         torch.inference_mode(),
@@ -206,13 +201,14 @@ def tune(
     ):
         layer_times = _measure_part(sample, dtype, bar)
         head_times = _measure_part(head, dtype, bar)
+    every = frozenset(FORMATS)
     for lin, _ in (*sample, *head):
         lin.unpack()
     plans = TunedPlans(
         _choose("decoder layers, prompt tokens", layer_times, every),
-        _choose("decoder layers, prompt tokens, exact activations", layer_times, EXACT_FORMATS),
+        _choose("decoder layers, prompt tokens, exact activations", layer_times, EXACT_PROMPT_FORMATS),
         _choose("decoder layers, decode rows", layer_times, every),
-        _choose("lm head", head_times, head_formats),
+        _choose("lm head", head_times, every),
         {"layers": _flat(layer_times), "lm_head": _flat(head_times)},
     )
     if cache_file is not None:

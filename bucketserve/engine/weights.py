@@ -20,9 +20,8 @@ only); the LM head has its own.
 The formats: fp32 and bf16; int8 and int4, weight-only (torch's packed kernels
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` dequantize the weights and multiply
 in floating point); w8a8, int8 weights times int8 activations quantized per token at each call
-(``int8_gemm``: oneDNN's quantized linear, on AMX's int8 tiles where the CPU has them, else
-torch's ``_int_mm``; the quantization and the rescale of its sums are one native call each,
-``kernels.NativeKernels.int8_matmul``); w4a8, the int4 weights
+(torch's ``_int_mm``, oneDNN's int8 GEMM; the quantization and the rescale of its int32 sums
+are one native call each, ``kernels.NativeKernels.int8_matmul``); w4a8, the int4 weights
 times activations quantized to int8 per group of 32, llama.cpp's Q4_1 x Q8_1 (one native
 call on CPUs with AVX512-VNNI, ``NativeKernels.w4a8_matmul``: 1.5x torch's int4 kernel at
 batch 1, where a step streams every weight once, 1.9x at 8 rows). A weight format is offered
@@ -34,7 +33,6 @@ What w8a8's activation rounding costs the model is measured by ``benchmarks/perp
 
 from __future__ import annotations
 
-import functools
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -259,7 +257,9 @@ class MultiFormatLinear(nn.Module):
             smoothed = w.float() * smooth
             q, s = quantize_int8(smoothed)
             if _close(dequantize_int8(q, s), smoothed, float(smoothed.abs().max())):
-                out["w8a8"] = (int8_gemm_weight(q), s.float(), (1 / smooth).contiguous())
+                # _int_mm multiplies [M, K] by [K, N]; the transposed view of the row-major
+                # weight ran faster than a contiguous [K, N] copy (oneDNN reads it as N x K).
+                out["w8a8"] = (q.t(), s.float(), (1 / smooth).contiguous())
         if "int4" in want and quantization in ("auto", "int4", "w8a8") and int4_supported(w):
             codes, sz = quantize_int4(w)
             sz = sz.bfloat16()  # the kernel's scales and zeros: check what will run
@@ -380,62 +380,15 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xf / scale).to(torch.int8), scale
 
 
-@functools.cache
-def onednn_int8_linear() -> bool:
-    """Whether torch has oneDNN's quantized linear here and it sums as ``_int_mm`` does."""
-    op = getattr(torch.ops.onednn, "qlinear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g)
-        x = torch.randint(-127, 128, (5, 64), dtype=torch.int8, generator=g)
-        return torch.equal(_onednn_sums(x, _onednn_pack(w)), torch._int_mm(x, w.t()).float())
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def _onednn_pack(q: torch.Tensor) -> torch.Tensor:
-    return torch.ops.onednn.qlinear_prepack(q, None)
-
-
-def _onednn_sums(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    n = packed.shape[1]
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.int64)
-    # Unit scales and zero points, fp32 out: the int32 sums, converted as the rescale would.
-    return torch.ops.onednn.qlinear_pointwise.default(
-        q, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
-    )
-
-
-def int8_gemm_weight(q: torch.Tensor) -> torch.Tensor:
-    """An int8 weight [N, K] as ``int8_gemm`` reads it, [K, N]: in oneDNN's packed layout for
-    its quantized linear where torch has it, else the transposed view ``torch._int_mm``
-    takes. oneDNN's matmul primitive runs AMX's int8 tiles where the CPU has them and
-    ``_int_mm``'s GEMM does not: on a 2-core Xeon with AMX, at 140 rows 1.3-2x faster on
-    the model's shapes, at 1,024 rows 1.2-1.9x (measured; at 1-8 rows the two are level).
-    (For ``_int_mm`` the transposed view of the row-major weight ran faster than a
-    contiguous [K, N] copy: oneDNN reads it as N x K.)"""
-    return _onednn_pack(q) if onednn_int8_linear() else q.t()
-
-
-def int8_gemm(q: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """int8 codes [M, K] times an ``int8_gemm_weight``: the sums [M, N], int32 from
-    ``_int_mm`` or their float32 values from oneDNN's linear (exact below 2^24, rounded as
-    any int32 -> float32 conversion above it)."""
-    return _onednn_sums(q, weight) if weight.is_mkldnn else torch._int_mm(q, weight)
-
-
 def int8_matmul_reference(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, inv_smoothing: torch.Tensor
+    x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor, inv_smoothing: torch.Tensor
 ) -> torch.Tensor:
     """x @ W.T in the w8a8 format, in torch ops: x divided by the smoothing factors and
-    quantized per token, the smoothed W per output channel (``weight``, an
-    ``int8_gemm_weight``), multiplied in int8 with int32 sums by ``int8_gemm``. The native
-    kernels' version (``NativeKernels.int8_matmul``) computes the same in one call each side
-    of the matmul."""
+    quantized per token, the smoothed W per output channel, multiplied in int8 with int32 sums
+    by torch's ``_int_mm`` (oneDNN's VNNI/AMX int8 GEMM on x86). The native kernels' version
+    (``NativeKernels.int8_matmul``) computes the same in one call each side of the matmul."""
     q, scale = quantize_rows_int8(x.float() * inv_smoothing)
-    return (int8_gemm(q, weight).float() * scale * weight_scale).to(x.dtype)
+    return (torch._int_mm(q, weight_t) * scale * weight_scale).to(x.dtype)
 
 
 def _close(approx: torch.Tensor, w: torch.Tensor, peak: float) -> bool:

@@ -22,7 +22,6 @@ import torch
 
 from bucketserve.engine.device import cpu_flags
 from bucketserve.engine.kv_quant import SCALE_BYTES
-from bucketserve.engine.weights import int8_gemm
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +99,10 @@ class NativeKernels:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
         self._quantize_rows_int8 = fn
-        fn = lib.bucketserve_rescale_sums
+        fn = lib.bucketserve_rescale_int32
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
-        self._rescale_sums = fn
+        fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64]
+        self._rescale_int32 = fn
         fn = lib.bucketserve_w4a8_matmul
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
@@ -172,23 +171,22 @@ class NativeKernels:
     def int8_matmul(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight_t: torch.Tensor,
         weight_scale: torch.Tensor,
         inv_smoothing: torch.Tensor,
         checked: bool = False,
     ) -> torch.Tensor:
         """``x @ W.T`` in the w8a8 format (weights.py): x times ``inv_smoothing`` quantized per
-        token here, the int8 product by ``weights.int8_gemm``, its sums scaled back here; [M,
-        N] in x's dtype. ``weight`` is the smoothed int8 weight as ``weights.int8_gemm_weight``
-        holds it ([K, N]), ``weight_scale`` float32 [N], ``inv_smoothing`` float32 [K].
-        ``checked``: as for ``add_rms_norm`` (``MultiFormatLinear`` packs the three itself
-        and passes it)."""
+        token here, the int8 product by ``torch._int_mm``, its int32 sums scaled back here;
+        [M, N] in x's dtype. ``weight_t`` is the smoothed int8 weight's [K, N] transposed view,
+        ``weight_scale`` float32 [N], ``inv_smoothing`` float32 [K]. ``checked``: as for
+        ``add_rms_norm`` (``MultiFormatLinear`` packs the three itself and passes it)."""
         rows, k = x.shape
-        n = weight.shape[1]
+        n = weight_t.shape[1]
         if not checked:
             if x.dtype not in _DTYPE_CODES or not x.is_contiguous() or x.device.type != "cpu":
                 raise ValueError("int8_matmul needs a contiguous float32 or bfloat16 CPU input")
-            if weight.dtype != torch.int8 or weight.shape[0] != k:
+            if weight_t.dtype != torch.int8 or weight_t.shape[0] != k:
                 raise ValueError("int8_matmul needs int8 weights of [K, N] for an input of [M, K]")
             for t, size in ((weight_scale, n), (inv_smoothing, k)):
                 if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (size,):
@@ -202,20 +200,12 @@ class NativeKernels:
             code, q.data_ptr(), row_scale.data_ptr(), x.data_ptr(), inv_smoothing.data_ptr(), rows, k
         ):
             raise ValueError("quantize_rows_int8 rejected its arguments")
-        acc = int8_gemm(q, weight).contiguous()
+        acc = torch._int_mm(q, weight_t).contiguous()
         out = torch.empty(rows, n, dtype=x.dtype)
-        sums_float = int(acc.dtype == torch.float32)
-        if self._rescale_sums(
-            code,
-            sums_float,
-            out.data_ptr(),
-            acc.data_ptr(),
-            row_scale.data_ptr(),
-            weight_scale.data_ptr(),
-            rows,
-            n,
+        if self._rescale_int32(
+            code, out.data_ptr(), acc.data_ptr(), row_scale.data_ptr(), weight_scale.data_ptr(), rows, n
         ):
-            raise ValueError("rescale_sums rejected its arguments")
+            raise ValueError("rescale_int32 rejected its arguments")
         return out
 
     def w4a8_matmul(

@@ -1036,29 +1036,21 @@ template <typename T>
 void w4a8_matmul(T*, const T*, const uint8_t*, const uint16_t*, int64_t, int64_t, int64_t) {}
 #endif
 
-// out[r, n] = acc[r, n] x row_scale[r] x col_scale[n]: the int8 GEMM's sums back in the
-// model's dtype. A is int32 (torch._int_mm's sums) or float (oneDNN's quantized linear,
-// which hands its int32 sums back as fp32: the same conversion as here, so the same output).
-#ifdef __AVX512F__
-inline __m512 load_sums16(const int32_t* p, __mmask16 m) {
-  return _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p));
-}
-inline __m512 load_sums16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-#endif
-
-template <typename T, typename A>
-void rescale_sums(T* out, const A* acc, const float* row_scale, const float* col_scale,
-                  int64_t rows, int64_t n) {
+// out[r, n] = acc[r, n] x row_scale[r] x col_scale[n]: the int32 sums of torch._int_mm back
+// in the model's dtype.
+template <typename T>
+void rescale_int32(T* out, const int32_t* acc, const float* row_scale, const float* col_scale,
+                   int64_t rows, int64_t n) {
 #pragma omp parallel for schedule(static) if (rows * n > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     const float rs = row_scale[r];
-    const A* a = acc + r * n;
+    const int32_t* a = acc + r * n;
     T* o = out + r * n;
 #ifdef __AVX512F__
     const __m512 vrs = _mm512_set1_ps(rs);
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 m = tail_mask(n - i);
-      const __m512 v = load_sums16(a + i, m);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + i));
       store16(o + i, _mm512_mul_ps(_mm512_mul_ps(v, vrs), _mm512_maskz_loadu_ps(m, col_scale + i)), m);
     }
 #else
@@ -1278,19 +1270,14 @@ int bucketserve_quantize_rows_int8(int dtype, int8_t* q, float* scale, const voi
   return 0;
 }
 
-// acc_float: the sums are float (oneDNN's), else int32 (torch._int_mm's).
-int bucketserve_rescale_sums(int dtype, int acc_float, void* out, const void* acc,
-                             const float* row_scale, const float* col_scale, int64_t rows,
-                             int64_t n) {
-  if (dtype != 0 && dtype != 1) return 2;
-  if (acc_float) {
-    const float* a = static_cast<const float*>(acc);
-    if (dtype == 0) rescale_sums(static_cast<float*>(out), a, row_scale, col_scale, rows, n);
-    else rescale_sums(static_cast<uint16_t*>(out), a, row_scale, col_scale, rows, n);
+int bucketserve_rescale_int32(int dtype, void* out, const int32_t* acc, const float* row_scale,
+                              const float* col_scale, int64_t rows, int64_t n) {
+  if (dtype == 0) {
+    rescale_int32(static_cast<float*>(out), acc, row_scale, col_scale, rows, n);
+  } else if (dtype == 1) {
+    rescale_int32(static_cast<uint16_t*>(out), acc, row_scale, col_scale, rows, n);
   } else {
-    const int32_t* a = static_cast<const int32_t*>(acc);
-    if (dtype == 0) rescale_sums(static_cast<float*>(out), a, row_scale, col_scale, rows, n);
-    else rescale_sums(static_cast<uint16_t*>(out), a, row_scale, col_scale, rows, n);
+    return 2;
   }
   return 0;
 }
