@@ -241,9 +241,11 @@ def test_edf_serves_the_tightest_deadline_first() -> None:
     assert [s.seq_id for s in batch.seqs] == ["r1"]
 
 
-def test_bucket_batch_size_follows_free_memory() -> None:
-    """N_b = floor(M_safe / S_b): a pool of 100 blocks x 4 tokens, bucket bound 256 + 4 output
-    tokens = 65 blocks per sequence -> with nothing running one fits, never two."""
+def test_bucket_batch_size_follows_free_memory_and_the_longest_queued_request() -> None:
+    """N_b = floor(M_safe / S_b), S_b the largest KV reservation among the bucket's queued
+    requests (not the bucket's upper edge, 256 tokens = 65 blocks here): in a pool of 100
+    blocks x 4 tokens, requests of 50 + 4 tokens reserve 14 blocks, so 7 fit 100 free blocks;
+    one of 200 + 4 queued beside them reserves 51, and then one batch takes a single request."""
     sched = make(
         "bucket",
         num_blocks=100,
@@ -254,11 +256,33 @@ def test_bucket_batch_size_follows_free_memory() -> None:
     )
     for i in range(5):
         sched.add(seq(i, 50, 4))
+    (bucket,) = sched.buckets.buckets
+    assert sched.batch_size(bucket, 100) == 7
+    assert sched.batch_size(bucket, 27) == 1
+    sched.add(seq(5, 200, 4))
+    assert sched.batch_size(bucket, 100) == 1
+    assert sched.batch_size(bucket, 200) == 3
     batch = sched.schedule(0.0)
-    # each request reserves 54 tokens = 14 blocks; S_b = 256 + 4 = 65 blocks -> N_b = 1
-    assert batch.num_prefill_rows == 1
-    assert sched.batch_size(sched.buckets.buckets[0], 100) == 1
-    assert sched.batch_size(sched.buckets.buckets[0], 200) == 3
+    assert [s.seq_id for s in batch.seqs] == ["r0"]  # the most urgent alone
+
+
+def test_bucket_admits_a_quiet_start_s_requests_together_when_the_pool_holds_them() -> None:
+    """200 requests at once into the one bucket of a start that has not split: each reserves
+    14 blocks of a 5,000-block pool, so a step takes as many as its token budget holds, not
+    the ~1 that a bound of max_model_len (8,192 tokens) per request would allow."""
+    sched = make(
+        "bucket",
+        num_blocks=5000,
+        block_size=4,
+        max_model_len=8192,
+        max_num_seqs=256,
+        max_num_batched_tokens=4096,
+        policy_config=BucketConfig(dispatch_window_s=0.0, step_budget="tokens"),
+    )
+    for i in range(200):
+        sched.add(seq(i, 50, 4))
+    batch = sched.schedule(0.0)
+    assert batch.num_prefill_rows == 81  # 4,096 // 50 whole prompts, and one more may exceed it
 
 
 def test_predicted_reservation_admits_more_and_preempts_when_a_prediction_is_short() -> None:
