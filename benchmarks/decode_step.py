@@ -30,11 +30,21 @@ from bucketserve import LLM, SamplingParams
 
 def time_steps(llm: LLM, batch: int, steps: int) -> list[float]:
     engine = llm.engine
+    # Each request reserves its prompt and max_tokens of KV at admission: only as many tokens
+    # as the timed steps need, so that the whole batch fits (500 let ~75 of 200 in a 1 GiB
+    # cache, and the table then named a batch that did not run).
+    params = SamplingParams(max_tokens=3 * steps + 40, ignore_eos=True, temperature=0)
     for i in range(batch):
-        params = SamplingParams(max_tokens=500, ignore_eos=True, temperature=0)
         engine.add_request(f"b{batch}-{i}", list(range(100, 200)), params)
-    for _ in range(5):  # prefill, then a few decode steps
+    for _ in range(32):  # the prompts (a few steps of the token budget), then decode steps
         engine.step()
+        shape = engine.stats.recent[-1].shape
+        if not shape.prefill and len(shape.decode) == batch:
+            break
+    else:
+        raise SystemExit(
+            f"batch {batch} did not all decode at once in the 1 GiB KV cache: time a smaller one"
+        )
     runs = []
     for _ in range(3):
         t = time.perf_counter()

@@ -241,6 +241,25 @@ def test_edf_serves_the_tightest_deadline_first() -> None:
     assert [s.seq_id for s in batch.seqs] == ["r1"]
 
 
+def test_a_bucket_bounds_its_longest_queued_prompt() -> None:
+    """``Bucket.longest``, the S_b behind N_b: the longest prompt queued since the bucket was
+    formed or last empty; a pop leaves it (a bound, kept in O(1)), a split measures each half."""
+    m = BucketManager(1024)
+    for i, n in enumerate([100, 700, 300, 600]):
+        m.push(seq(i, n, 4), float(i))
+    (b,) = m.buckets
+    assert b.longest == 700
+    assert m.pop(b).seq_id == "r0" and b.longest == 700
+    for _ in range(3):
+        m.pop(b)
+    assert b.longest == 0
+    for i, n in enumerate([100, 200, 300, 600, 800]):
+        m.push(seq(i, n, 4), float(i))
+    m.adapt(n_max=2, theta=0.5)  # 3 of 5 below the midpoint 512: split there, then the lower half
+    assert len(m.buckets) == 3
+    assert [x.longest for x in m.buckets] == [max(s.prompt_len for _, _, s in x.heap) for x in m.buckets]
+
+
 def test_bucket_batch_size_follows_free_memory_and_the_longest_queued_request() -> None:
     """N_b = floor(M_safe / S_b), S_b the largest KV reservation among the bucket's queued
     requests (not the bucket's upper edge, 256 tokens = 65 blocks here): in a pool of 100

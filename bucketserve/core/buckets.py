@@ -22,9 +22,13 @@ class Bucket:
     upper: int  # exclusive
     heap: list[tuple[float, int, Sequence]] = field(default_factory=list)
     below: int = 0  # queued requests shorter than the midpoint, kept up to date for splits
+    # The longest prompt queued since the bucket was formed or last empty: a bound on its
+    # queue's longest (a pop leaves it; an exact maximum would cost a scan or a second heap).
+    longest: int = 0
 
     def __post_init__(self) -> None:
         self.below = sum(1 for _, _, s in self.heap if s.prompt_len < self.midpoint)
+        self.longest = max((s.prompt_len for _, _, s in self.heap), default=0)
 
     def __len__(self) -> int:
         return len(self.heap)
@@ -78,10 +82,13 @@ class BucketManager:
         bucket = self.bucket_of(seq.prompt_len)
         heapq.heappush(bucket.heap, (key, self._counter, seq))
         bucket.below += seq.prompt_len < bucket.midpoint
+        bucket.longest = max(bucket.longest, seq.prompt_len)
 
     def pop(self, bucket: Bucket) -> Sequence:
         seq = heapq.heappop(bucket.heap)[2]
         bucket.below -= seq.prompt_len < bucket.midpoint
+        if not bucket.heap:
+            bucket.longest = 0
         return seq
 
     def remove(self, seq: Sequence) -> bool:
@@ -92,6 +99,8 @@ class BucketManager:
                 bucket.heap.pop()
                 heapq.heapify(bucket.heap)
                 bucket.below -= seq.prompt_len < bucket.midpoint
+                if not bucket.heap:
+                    bucket.longest = 0
                 return True
         return False
 

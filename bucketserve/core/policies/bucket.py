@@ -286,16 +286,16 @@ class BucketScheduler(Scheduler):
 
     def batch_size(self, bucket: Bucket, safe_blocks: int) -> int:
         """N_b = floor(M_safe / S_b), S_b = the longest sequence the bucket's batch can reach:
-        the largest KV reservation among the bucket's queued requests; capped by free seats.
-        (The step's token budget then caps the prompt tokens actually taken, one prompt always
-        allowed.) S_b was the bucket's upper edge plus the head's output reservation: with the
-        one bucket of a start that has not split (fewer than ``n_max`` waiting) that edge is
-        max_model_len, and N_b fell to ~11 of 200 requests each 2,000-token step of an offline
-        run whose every reservation fit the pool at once (so the run spread its prompts over
-        34 steps, continuous over 5)."""
+        the longest prompt queued in the bucket (``Bucket.longest``) plus the output reserved
+        by its most urgent request; capped by free seats. (The step's token budget then caps
+        the prompt tokens actually taken, one prompt always allowed.) S_b took the bucket's
+        upper edge for the prompt: with the one bucket of a start that has not split (fewer
+        than ``n_max`` waiting) that edge is max_model_len, and N_b fell to ~11 of 200
+        requests a step in an offline run whose every reservation fit the pool at once (its
+        prompts took 34 steps, continuous's 5)."""
         head = bucket.head()
         assert head is not None
-        s_b = max(self.reserved_tokens(s) for _, _, s in bucket.heap)
+        s_b = min(self.max_model_len, bucket.longest + self.reserved_tokens(head) - head.prompt_len)
         by_memory = safe_blocks // blocks_for(s_b, self.block_manager.block_size)
         if (
             by_memory == 0
