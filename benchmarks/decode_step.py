@@ -31,7 +31,7 @@ from bucketserve import LLM, SamplingParams
 def time_steps(llm: LLM, batch: int, steps: int) -> list[float]:
     engine = llm.engine
     # Each request reserves its prompt and max_tokens of KV at admission: only as many tokens
-    # as the timed steps need, so that the whole batch fits (500 let ~75 of 200 in a 1 GiB
+    # as the timed steps need, so that the whole batch fits (500 let 60-72 of 200 in a 1 GiB
     # cache, and the table then named a batch that did not run).
     params = SamplingParams(max_tokens=3 * steps + 40, ignore_eos=True, temperature=0)
     for i in range(batch):
