@@ -294,16 +294,20 @@ def test_slo_bucket_does_not_keep_a_chat_waiting_out_the_window_past_its_ttft_de
 
 
 def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
-    """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit it would
-    take longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a
+    """A 1,500-token prompt takes ~2.3 s alone; in chunks under the 45-ms limit of four
+    decoding chats that have spent what their fast steps banked (0.6 s idle) it would take
+    longer than its 3-s target: the step takes it whole (no TTFT cap: share 1). With a
     target it cannot meet even alone (1 s), lifting would only stall the decodes: it is
     chunked. Without --bucket-ttft-lift (the default) the running requests' TPOT comes
     first: chunked."""
     for ttft, lift, whole in ((3.0, True, True), (1.0, True, False), (3.0, False, False)):
         sched = _slo_bucket(ttft_share=1.0, ttft_lift=lift)
         ex = _four_decoding(sched)
-        sched.add(seq(9, 1500, 8, arrival=ex.now, ttft_slo=ttft))
-        batch = sched.schedule(ex.now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
+        now = ex.now + 0.6
+        running = [s for s in sched.running if s.num_uncomputed_tokens == 1]
+        assert sched._tpot_limit(running, now) == pytest.approx(0.045)  # t x margin: no bank left
+        sched.add(seq(9, 1500, 8, arrival=now, ttft_slo=ttft))
+        batch = sched.schedule(now + 0.06)  # its bucket's dispatch window (0.05 s) has passed
         assert batch is not None
         assert (max(n for n, _ in batch.shape().prefill) == 1500) is whole, (ttft, lift)
         assert len(batch.shape().decode) == 4  # the decodes run either way
