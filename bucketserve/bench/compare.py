@@ -165,15 +165,22 @@ def interleaved_order(
     return schedule
 
 
+def rounds_by_server(curves: dict[str, Sequence[SweepPoint]]) -> dict[str, list[SweepPoint]]:
+    """The points of every round of each server run in rounds (curves named NAME#R), by NAME."""
+    out: dict[str, list[SweepPoint]] = {}
+    for name, points in curves.items():
+        base, sep, _ = name.rpartition("#")
+        if sep:
+            out.setdefault(base, []).extend(points)
+    return out
+
+
 def pooled_capacities(curves: dict[str, Sequence[SweepPoint]], target: float) -> dict[str, float]:
     """Per server run in rounds (curves named NAME#R): the load capacity of its SLO attainment
     averaged over the rounds at each rate (each round sends the same requests, so this is the
     attainment of all of them); empty without rounds."""
     by_server: dict[str, dict[float, list[float]]] = {}
-    for name, points in curves.items():
-        base, sep, _ = name.rpartition("#")
-        if not sep:
-            continue
+    for base, points in rounds_by_server(curves).items():
         for p in points:
             if "slo_attainment" in p.summary and math.isfinite(p.rate):
                 by_server.setdefault(base, {}).setdefault(p.rate, []).append(p.summary["slo_attainment"])
@@ -225,9 +232,8 @@ def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float)
         pooled = pooled_capacities(curves, target)
         if pooled:
             lines.append("pooled over the rounds (mean attainment at each rate):")
-            for n, c in pooled.items():
-                rounds = [p for k, pts in curves.items() if k.rpartition("#")[0] == n for p in pts]
-                lines.append(_capacity_line(n, c, rounds))
+            rounds = rounds_by_server(curves)
+            lines += [_capacity_line(n, c, rounds[n]) for n, c in pooled.items()]
     return "\n".join(lines)
 
 
