@@ -1,12 +1,13 @@
 """Time of one decode step of the real engine, per batch size, fast path against eager.
 
 What it measures
-    In process, the embedded model: B requests with 100-token prompts (max_tokens 500, EOS
-    ignored) are added and stepped past their prefill; then ``--steps`` calls of
-    ``engine.step()`` are timed, three times, and the best and median kept. Each batch size
-    runs on the default engine (native kernels, tuned weight formats), with ``--w8a8`` on one
-    with ``--quantization w8a8``, and, with ``--eager``, on an ``--enforce-eager`` engine (the
-    torch reference paths in the model's dtype), and, with ``--layer-by-layer``, on the default
+    In process, the embedded model: B requests with 100-token prompts (EOS ignored, ``3 *
+    steps + 40`` tokens reserved) are added and stepped past their prefill; then ``--steps``
+    calls of ``engine.step()`` are timed, three times, and the best and median kept. Each
+    batch size runs on the default engine (native kernels, tuned weight formats), with
+    ``--w8a8`` on one with ``--quantization w8a8``, with ``--int8-kv`` on one with
+    ``--kv-cache-dtype int8``, with ``--eager`` on an ``--enforce-eager`` engine (the torch
+    reference paths in the model's dtype), and, with ``--layer-by-layer``, on the default
     engine with its decode steps run layer by layer instead of in one native call
     (``LlamaModel.fuse_decode``), in turns so that the machine's drift falls on all.
     ``--profile`` adds torch.profiler's table of the fast engine's ops at the first batch size.
@@ -15,6 +16,7 @@ How to run
     .venv/bin/python benchmarks/decode_step.py                 # B = 1, 8, 32
     .venv/bin/python benchmarks/decode_step.py --eager --batches 1,8
     .venv/bin/python benchmarks/decode_step.py --w8a8          # beside --quantization w8a8
+    .venv/bin/python benchmarks/decode_step.py --int8-kv --batches 1,32,150
     .venv/bin/python benchmarks/decode_step.py --layer-by-layer --batches 1,4,8
 """
 
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eager", action="store_true", help="also time an --enforce-eager engine")
     ap.add_argument("--w8a8", action="store_true", help="also time a --quantization w8a8 engine")
+    ap.add_argument("--int8-kv", action="store_true", help="also time a --kv-cache-dtype int8 engine")
     ap.add_argument(
         "--layer-by-layer",
         action="store_true",
@@ -74,16 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         engines["layers"] = engines["fast"]  # the same engine, its model told not to fuse
     if a.w8a8:
         engines["w8a8"] = LLM(kv_cache_memory=2**30, max_model_len=2048, quantization="w8a8")
+    if a.int8_kv:
+        engines["int8kv"] = LLM(kv_cache_memory=2**30, max_model_len=2048, kv_cache_dtype="int8")
     if a.eager:
         engines["eager"] = LLM(kv_cache_memory=2**30, max_model_len=2048, enforce_eager=True)
-    print(f"{'engine':<6} {'batch':>5} {'best ms':>8} {'median ms':>9} {'tok/s':>7}")
+    print(f"{'engine':<7} {'batch':>5} {'best ms':>8} {'median ms':>9} {'tok/s':>7}")
     for b in (int(x) for x in a.batches.split(",")):
         for name, llm in engines.items():
             llm.engine.model.fuse_decode = name != "layers"
             runs = time_steps(llm, b, a.steps)
             best = min(runs)
             print(
-                f"{name:<6} {b:5d} {best:8.2f} {statistics.median(runs):9.2f} {b / best * 1e3:7.0f}",
+                f"{name:<7} {b:5d} {best:8.2f} {statistics.median(runs):9.2f} {b / best * 1e3:7.0f}",
                 flush=True,
             )
     if a.profile:

@@ -153,6 +153,8 @@ class ModelRunner:
         if not batch.is_prefill[i] or batch.padded or self.model.kernels is None:
             return False
         n, cached = batch.num_new_tokens[i], batch.seqs[i].num_computed_tokens
+        if cached == 0 and self.kv_cache.dtype == torch.int8:
+            return False
         return n <= PAGED_CHUNK_TOKENS and n * (2 * cached + n) <= 2 * PAGED_CHUNK_PAIRS
 
     def _cached_context(self, seq: Sequence, start: int) -> CachedContext:
