@@ -21,7 +21,7 @@ How to run
     .venv/bin/python benchmarks/offline_throughput.py                     # 200 prompts, both systems
     .venv/bin/python benchmarks/offline_throughput.py --num-prompts 16    # a quick check
     .venv/bin/python benchmarks/offline_throughput.py --skip-hf --output-json results.json
-    .venv/bin/python benchmarks/offline_throughput.py --skip-hf --kv-cache-dtype int8  # RESULTS.md's runs
+    .venv/bin/python benchmarks/offline_throughput.py --skip-hf --kv-cache-dtype model  # a bf16 cache
 """
 
 from __future__ import annotations

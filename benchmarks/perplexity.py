@@ -14,8 +14,8 @@ What it measures
     default packing and the formats it runs decode rows in, with the issue's 2% bound.
 
     The KV cache: under the default packing, the replies scored again as decode rows that
-    read their context from a bf16 cache and from an int8 one (``--kv-cache-dtype int8``),
-    whose change is reported against both.
+    read their context from a bf16 cache and from an int8 one (the default ``auto`` where its
+    vector kernel runs), whose change is reported against both.
 
 How to run
     .venv/bin/python benchmarks/perplexity.py                  # 50 replies, every format

@@ -45,7 +45,7 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 REPLICA_ROUTERS = ("length", "power-of-two")
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8")
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "model", "int8")
 
 
 @dataclass
@@ -113,12 +113,12 @@ class EngineConfig:
     kv_cache_dtype: str = option(
         "auto",
         choices=KV_CACHE_DTYPES,
-        help="auto = the compute dtype; int8 = each token's K and V per head as int8 codes and one "
-        "float32 scale: 1.9x the tokens in the same memory, and decode attention, which reads the "
-        "cache at the memory's speed, ~2.5x as fast with bfloat16 compute on AVX512-VNNI CPUs. "
-        "+0.15% perplexity on the embedded model (benchmarks/perplexity.py), but with the default "
-        "weight formats its greedy answer to 'What is the capital of France?' changes, so it is "
-        "not the default",
+        help="int8 = each token's K and V per head as int8 codes and one float32 scale: 1.9x the "
+        "tokens in the same memory, and decode attention, which reads the cache at the memory's "
+        "speed, up to twice as fast (+0.15% perplexity on the embedded model, "
+        "benchmarks/perplexity.py); model = the compute dtype; auto = int8 where its vector "
+        "kernel runs (bfloat16 compute on an AVX512-VNNI CPU, head_dim 64, at most 4 query "
+        "heads per kv head, --block-size 16), else the compute dtype",
     )
     block_size: int = option(16, help="tokens per KV block")
     max_model_len: int | None = option(

@@ -254,18 +254,28 @@ def test_native_int8_kv_write_stores_the_bytes_the_torch_write_stores(
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
-def test_an_int8_kv_cache_is_given_when_asked_and_warns_where_its_kernel_is_scalar(
+def test_auto_takes_an_int8_kv_cache_where_its_vector_kernel_runs_and_int8_is_given_when_asked(
     native, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     from bucketserve.engine.kv_cache import resolve_kv_cache_dtype
 
     bf16, fp32, int8 = torch.bfloat16, torch.float32, torch.int8
     smollm = _model_args(9, 3, 64)  # the embedded model's head size and query group
-    assert resolve_kv_cache_dtype("auto", bf16, native, smollm, 16) == bf16  # auto: the compute dtype
-    assert resolve_kv_cache_dtype("auto", fp32, native, smollm, 16) == fp32
     assert not native.int8_attention_vectorized(128, 1, 16)
     assert not native.int8_attention_vectorized(64, 3, 8)
     vectorized = native.int8_attention_vectorized(64, 3, 16)  # where the CPU has AVX512-VNNI
+    # auto: int8 where its vector kernel runs, else the compute dtype; model: the compute dtype
+    assert resolve_kv_cache_dtype("auto", bf16, native, smollm, 16) == (int8 if vectorized else bf16)
+    for dtype, loaded, args, block_size in (
+        (fp32, native, smollm, 16),
+        (bf16, None, smollm, 16),
+        (bf16, native, smollm, 8),
+        (bf16, native, _model_args(8, 8, 128), 16),
+    ):
+        assert resolve_kv_cache_dtype("auto", dtype, loaded, args, block_size) == dtype
+    assert resolve_kv_cache_dtype("model", bf16, native, smollm, 16) == bf16
+    assert resolve_kv_cache_dtype("model", fp32, native, smollm, 16) == fp32
+    assert "scalar one runs" not in caplog.text  # auto and model never warn
     caplog.clear()
     assert resolve_kv_cache_dtype("int8", bf16, native, smollm, 16) == int8
     assert ("scalar one runs" in caplog.text) != vectorized
@@ -628,7 +638,7 @@ def test_tuning_measures_once_then_reads_its_cache(tmp_path: Path, monkeypatch: 
     assert json.loads(cache.read_text())["layers"] == first.layers.to_dict()
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["model", "int8"])
 def test_engine_on_the_fast_path_generates_what_the_eager_engine_does(make_llm, kv_cache_dtype: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = ["The quick brown fox", "What is the capital of France?", "Hello"] * 3
@@ -751,16 +761,27 @@ def test_bf16_model_on_the_native_kernels_matches_the_torch_reference(
         torch.testing.assert_close(got, ref, atol=0.05 * scale, rtol=0)
 
 
-def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
-    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    """A short prompt chunk, fresh or over cached context, attends one token at a time
-    through the native paged kernel (each token a row over its sequence up to itself) and
-    gives the logits that flash attention gives the same chunk; a long one keeps flash."""
+def _record_flash_chunks(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Per step from now on: the lengths of the chunks that flash attention runs."""
+    flash_rows: list[list[int]] = []
+    real_forward = LlamaModel.forward
+
+    def forward(self, ids, positions, kv_cache, meta, logits_index):  # type: ignore[no-untyped-def]
+        flash_rows.append([row.length for row in meta.prefill])
+        return real_forward(self, ids, positions, kv_cache, meta, logits_index)
+
+    monkeypatch.setattr(LlamaModel, "forward", forward)
+    return flash_rows
+
+
+def _tiny_step_runner(tmp_path: Path, native):  # type: ignore[no-untyped-def]
+    """A tiny fp32 model on the native kernels, and ``run(cache_dtype, plan)``: two 40-token
+    sequences a and b through the steps ``plan(a, b)`` on a fresh cache, returning the logits
+    of every row that samples."""
     from bucketserve.core.block_manager import BlockManager
     from bucketserve.core.sequence import Sequence
-    from bucketserve.engine import model_runner
     from bucketserve.engine.kv_cache import allocate_kv_cache
+    from bucketserve.engine.model_runner import ModelRunner
     from tests.conftest import build_tiny_model
 
     path = build_tiny_model(tmp_path / "m", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
@@ -769,33 +790,43 @@ def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
     model.load_hf_state_dict(load_state_dict(path))
     model = model.eval()
     model.use_kernels(native)
-    flash_rows: list[list[int]] = []  # per step: the chunk lengths flash attention ran
-    real_forward = LlamaModel.forward
 
-    def forward(self, ids, positions, kv_cache, meta, logits_index):  # type: ignore[no-untyped-def]
-        flash_rows.append([row.length for row in meta.prefill])
-        return real_forward(self, ids, positions, kv_cache, meta, logits_index)
-
-    monkeypatch.setattr(LlamaModel, "forward", forward)
-
-    def run(row_by_row: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(model_runner, "PAGED_CHUNK_TOKENS", 16 if row_by_row else 0)
-        cache = allocate_kv_cache(args, 33, 16, torch.float32, torch.device("cpu"))
+    def run(cache_dtype: torch.dtype, plan) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        cache = allocate_kv_cache(args, 33, 16, cache_dtype, torch.device("cpu"))
         out: list[torch.Tensor] = []
 
         def capture(lg, ids, params, banned):  # type: ignore[no-untyped-def]
             out.append(lg.clone())
             return lg.argmax(-1).tolist()
 
-        runner = model_runner.ModelRunner(model, cache, 16, capture)  # type: ignore[arg-type]
-        bm = BlockManager(32, 16)
+        runner = ModelRunner(model, cache, 16, capture)  # type: ignore[arg-type]
         a = Sequence("a", list(range(3, 43)), SamplingParams(max_tokens=8))
         b = Sequence("b", list(range(50, 90)), SamplingParams(max_tokens=8))
+        _execute_steps(runner, BlockManager(32, 16), plan(a, b))
+        return out
+
+    return run
+
+
+def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
+    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A short prompt chunk, fresh or over cached context, attends one token at a time
+    through the native paged kernel (each token a row over its sequence up to itself) and
+    gives the logits that flash attention gives the same chunk; a long one keeps flash."""
+    from bucketserve.engine import model_runner
+
+    flash_rows = _record_flash_chunks(monkeypatch)
+    run_steps = _tiny_step_runner(tmp_path, native)
+
+    def run(row_by_row: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(model_runner, "PAGED_CHUNK_TOKENS", 16 if row_by_row else 0)
         # Fresh chunks of 30 (flash either way) and 12; chunks of 16 over 12 cached and of 10
         # over 30 (a's last: it samples); a decode row beside b's last 12; two decode rows.
-        steps = [((a, 30), (b, 12)), ((b, 16), (a, 10)), ((a, 1), (b, 12)), ((a, 1), (b, 1))]
-        _execute_steps(runner, bm, steps)
-        return out
+        return run_steps(
+            torch.float32,
+            lambda a, b: [((a, 30), (b, 12)), ((b, 16), (a, 10)), ((a, 1), (b, 12)), ((a, 1), (b, 1))],
+        )
 
     flash = run(row_by_row=False)
     assert flash_rows == [[30, 12], [16, 10], [12], []]
@@ -805,6 +836,32 @@ def test_a_short_prompt_chunk_attends_row_by_row_as_flash_attention_would(
     assert len(paged) == len(flash) == 3  # the first step ends no prompt: it samples nothing
     for got, want in zip(paged, flash, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_under_an_int8_cache_a_fresh_prompt_attends_its_own_unquantized_keys_and_values(
+    tmp_path: Path, native, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Row by row, a short fresh prompt would read back its own K/V from the cache: under an
+    int8 cache it runs flash attention on its K/V as computed instead, so its logits (a
+    prompt's first token) are those of a cache in the compute dtype; a short chunk over
+    cached context still goes row by row."""
+    from bucketserve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "PAGED_CHUNK_TOKENS", 16)
+    flash_rows = _record_flash_chunks(monkeypatch)
+    run_steps = _tiny_step_runner(tmp_path, native)
+    # b's whole 40-token prompt, not row by row either way; a's 12 fresh tokens, then its
+    # last 28 as chunks of 14 over its cache: a samples there, b decodes.
+    plan = lambda a, b: [((a, 12), (b, 40)), ((a, 14), (b, 1)), ((a, 14), (b, 1))]  # noqa: E731
+    exact = run_steps(torch.float32, plan)
+    assert flash_rows == [[40], [], []]  # a's fresh 12 went row by row over the fp32 cache
+    flash_rows.clear()
+    quantized = run_steps(torch.int8, plan)
+    assert flash_rows == [[12, 40], [], []]  # under int8 a's fresh 12 went to flash
+    # b's first token comes from its own prompt alone: bit for bit the unquantized logits.
+    assert torch.equal(quantized[0], exact[0])
+    # a's, sampled after chunks over its int8 cache, only close to them.
+    torch.testing.assert_close(quantized[2], exact[2], atol=0.05 * exact[2].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize(

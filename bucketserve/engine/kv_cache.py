@@ -32,17 +32,20 @@ def resolve_kv_cache_dtype(
     block_size: int,
 ) -> torch.dtype:
     """The cache's element type for ``--kv-cache-dtype`` (config.py says what each choice
-    means). An int8 cache whose vector decode kernel cannot run here (it needs bf16 compute,
-    AVX512-VNNI, this model's head size and query group, blocks of 16) is given, with a
-    warning that its scalar kernel is slower than the compute dtype's."""
-    if choice != "int8":
+    means). ``auto`` takes int8 only where its vector decode kernel runs; an int8 cache asked
+    for where it cannot is given, with a warning that its scalar kernel is slower than the
+    compute dtype's."""
+    if choice == "model":
         return compute_dtype
     group = args.num_heads // args.num_kv_heads
-    if (
-        kernels is None
-        or compute_dtype != torch.bfloat16
-        or not kernels.int8_attention_vectorized(args.head_dim, group, block_size)
-    ):
+    vectorized = (
+        kernels is not None
+        and compute_dtype == torch.bfloat16
+        and kernels.int8_attention_vectorized(args.head_dim, group, block_size)
+    )
+    if choice == "auto":
+        return torch.int8 if vectorized else compute_dtype
+    if not vectorized:
         log.warning(
             "--kv-cache-dtype int8: its vector decode kernel needs bfloat16 compute on a CPU with "
             "AVX512-VNNI, head_dim 64, at most 4 query heads per kv head and --block-size 16; "
@@ -109,7 +112,7 @@ def allocate_kv_cache(
     if dtype == torch.int8 and (block_size % 2 or args.head_dim % 4):
         raise ConfigError(
             f"an int8 KV cache needs an even --block-size and a head_dim divisible by 4 (got block "
-            f"size {block_size}, head_dim {args.head_dim}); use --kv-cache-dtype auto"
+            f"size {block_size}, head_dim {args.head_dim}); use --kv-cache-dtype model"
         )
     shape = (args.num_layers, 2, args.num_kv_heads, num_blocks, block_size, row_width(args.head_dim, dtype))
     cache = torch.empty(shape, dtype=dtype, device=device)

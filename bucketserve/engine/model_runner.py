@@ -149,11 +149,14 @@ class ModelRunner:
     def _attends_row_by_row(self, batch: ScheduledBatch, i: int) -> bool:
         """Whether row ``i``, a prompt chunk, attends one token at a time through the native
         paged kernel, as decode rows do (a short chunk over a short context: see
-        ``PAGED_CHUNK_TOKENS``)."""
+        ``PAGED_CHUNK_TOKENS``; under an int8 cache, only a chunk over cached context)."""
         if not batch.is_prefill[i] or batch.padded or self.model.kernels is None:
             return False
         n, cached = batch.num_new_tokens[i], batch.seqs[i].num_computed_tokens
         if cached == 0 and self.kv_cache.dtype == torch.int8:
+            # Row by row it would read back its own K/V quantized; by flash it attends them as
+            # computed, so a prompt's first token is the unquantized cache's (a near tie flipped
+            # the embedded model's answer to the README's question).
             return False
         return n <= PAGED_CHUNK_TOKENS and n * (2 * cached + n) <= 2 * PAGED_CHUNK_PAIRS
 
