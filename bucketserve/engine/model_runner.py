@@ -46,6 +46,7 @@ class ModelRunner:
         # The pool's last block belongs to no sequence: padded batches write pad K/V there.
         self.scratch_slot = (kv_cache.shape[3] - 1) * block_size
         self.max_position = model.rotary.cos.shape[0] - 1
+        self.int8_cache = kv_cache.dtype == torch.int8  # fresh prompts then attend by flash
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -153,7 +154,7 @@ class ModelRunner:
         if not batch.is_prefill[i] or batch.padded or self.model.kernels is None:
             return False
         n, cached = batch.num_new_tokens[i], batch.seqs[i].num_computed_tokens
-        if cached == 0 and self.kv_cache.dtype == torch.int8:
+        if cached == 0 and self.int8_cache:
             # Row by row it would read back its own K/V quantized; by flash it attends them as
             # computed, so a prompt's first token is the unquantized cache's (a near tie flipped
             # the embedded model's answer to the README's question).
