@@ -265,7 +265,7 @@ def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_promp
     400 go through over the limit, so prompt work runs every fourth step, none waits longer."""
     sched = _slo_bucket(tpot_window=4, window_chunk=400)
     chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
-    # its 1-s TTFT target caps every step at a quarter second: no 400 tokens fit in one
+    # its 1-s TTFT target caps every step at a tenth of a second: no 400 tokens fit in one
     steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8, ttft_slo=1.0))
     carried = [i for i, n in enumerate(steps) if n]
     assert [steps[i] for i in carried] == [400, 400, 400, 300]
@@ -274,7 +274,7 @@ def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_promp
 
 def test_slo_bucket_does_not_keep_a_chat_waiting_out_the_window_past_its_ttft_deadline() -> None:
     """Right after a forced chunk of a late document, a 150-token chat with a 0.5-s TTFT
-    target arrives; the steps' quarter-second cap leaves no room for it, and the window would
+    target arrives; the steps' cap (a tenth of it) leaves no room for it, and the window would
     hold prompt work back for three more steps: it goes through in the next step instead,
     since waiting out the window would cost it its deadline."""
     sched = _slo_bucket(tpot_window=4, window_chunk=400)
@@ -315,8 +315,9 @@ def test_slo_bucket_lifts_the_limit_when_a_ttft_deadline_is_in_danger() -> None:
 
 def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
     """With nothing decoding there is no TPOT limit, but a 1-s class means a chat may arrive
-    at any moment: no step runs longer than a quarter of that second, so a 1,500-token
-    document (~2.3 s whole) goes in chunks, and a chat that arrives meanwhile goes first."""
+    at any moment: no step runs longer than a tenth of that second (no deadline is in
+    danger here), so a 1,500-token document (~2.3 s whole) goes in chunks, and a chat that
+    arrives meanwhile goes first."""
     sched = make(
         "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
         policy_config={"step_budget": "slo", "min_chunk": 16},
@@ -331,7 +332,7 @@ def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
         assert batch is not None
         shape = batch.shape()
         took = step_ms(KNOWN, shape) / 1e3
-        assert took <= 0.25 + 1e-9
+        assert took <= 0.1 + 1e-9
         now += took
         sched.observe_step(shape, took)
         sched.update(batch, [7] * len(batch), now)
@@ -347,11 +348,11 @@ def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
 
 
 def test_slo_bucket_steps_grow_while_the_queue_is_behind_its_ttft_deadlines() -> None:
-    """Twenty chats at once, 1-s class: each alone is on time, but at a quarter-second per
-    step the last would start seconds late. With --bucket-danger-ttft-share 0.5 a step may
-    grow to half the tightest target while that is so (more prompt tokens per second); by
-    default (0.25, the cap's own) it stays at a quarter."""
-    for share, longest in ((0.5, 0.5), (0.25, 0.25)):
+    """Twenty chats at once, 1-s class: each alone is on time, but at a tenth of a second per
+    step (the cap) the last would start seconds late. While that is so a step may grow to
+    --bucket-danger-ttft-share of the tightest target (more prompt tokens per second): a
+    quarter by default, half with 0.5; with 0.1, the cap's own, it does not grow."""
+    for share, longest in ((0.5, 0.5), (0.25, 0.25), (0.1, 0.1)):
         sched = make(
             "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
             policy_config={"step_budget": "slo", "min_chunk": 16, "danger_ttft_share": share},
@@ -397,9 +398,10 @@ def test_with_reject_late_a_queued_prompt_leaves_as_late_once_it_can_no_longer_b
     0.5 s. With --reject-late it leaves the queue at the end of that step, its blocks free,
     as late; without, it waits and runs late. The chat that has its first token and the
     request still on time stay either way."""
+    # Steps up to a quarter of the 0.5-s target, so that a 100-token prompt fits one.
     sched = make(
         "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
-        order={"order": "edf", "reject_late": reject_late},
+        policy_config={"ttft_share": 0.25}, order={"order": "edf", "reject_late": reject_late},
     )  # fmt: skip
     sched.cost_fit = OnlineCostFit(prior=KNOWN)
     first, second = seq(0, 100, 4, ttft_slo=0.5), seq(1, 100, 4, ttft_slo=0.5)
@@ -422,9 +424,12 @@ def test_with_reject_late_a_prompt_part_way_through_its_chunks_is_dropped_once_l
     """A 150-token chat (0.5-s target) alone, 100 tokens a step: its first chunk's step ends at
     0.6 s, past the point where the other 50 could still bring its first token in time. It
     ends as late and its blocks (the first chunk's KV) are free."""
+    # Steps up to a quarter of the 0.5-s target, so that the token budget, not the time, sets
+    # the chunk.
     sched = make(
         "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
-        policy_config={"step_budget": "slo"}, order={"order": "edf", "reject_late": True},
+        policy_config={"step_budget": "slo", "ttft_share": 0.25},
+        order={"order": "edf", "reject_late": True},
     )  # fmt: skip
     sched.cost_fit = OnlineCostFit(prior=KNOWN)
     chat = seq(0, 150, 4, ttft_slo=0.5)
@@ -442,9 +447,10 @@ def test_a_late_prompt_goes_behind_the_on_time_ones_for_a_bounded_time(demotion:
     ~0.1 s: still on time) wait; one prompt fits a step. Earliest deadline first alone runs
     the late one first and makes the other late too; demoted by 1 s, the late one goes after
     the on-time one but before a chat that arrives more than that second after it would be due."""
+    # Steps up to a quarter of the tightest (0.5-s) target, so that a 100-token prompt fits one.
     sched = make(
         "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=100,
-        policy_config={"step_budget": "slo", "late_demotion_s": demotion},
+        policy_config={"step_budget": "slo", "late_demotion_s": demotion, "ttft_share": 0.25},
         order={"order": "edf"},
     )  # fmt: skip
     sched.cost_fit = OnlineCostFit(prior=KNOWN)
@@ -552,13 +558,15 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
             for s in decoding
             if (t := targets(s, sched.config.order)[1]) is not None and (n := s.params.max_tokens)
         ]
-        # The limit: the least allowance of the decoding requests, capped at a quarter of
-        # the tightest TTFT target present (the 10-s default or a request's own), in danger
-        # or not (by default a step does not grow past the running requests' TPOT or the cap).
+        # The limit: the least allowance of the decoding requests, capped at a tenth of the
+        # tightest TTFT target present (the 10-s default or a request's own), or at a quarter
+        # of it while a TTFT deadline is in danger (by default a step never grows past the
+        # running requests' TPOT).
         present = [s.ttft_slo for s in arrivals if s.ttft_slo is not None and s.seq_id in sched.seqs]
         tightest_ms = min([10.0, *present]) * 1e3
         tpot_ms = min(allowances) * 1e3 if allowances else math.inf
-        assert budget.limit_ms == pytest.approx(min(tpot_ms, 0.25 * tightest_ms))
+        caps = [min(tpot_ms, share * tightest_ms) for share in (0.1, 0.25)]
+        assert any(budget.limit_ms == pytest.approx(cap) for cap in caps), (budget.limit_ms, caps)
         if took * 1e3 > budget.limit_ms + 1e-6:
             # over its limit only by the one chunk of progress (or by the decodes alone)
             assert len(shape.prefill) <= 1 and all(n <= min_chunk for n, _ in shape.prefill)
