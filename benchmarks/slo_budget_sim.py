@@ -20,12 +20,12 @@ What it measures
     - ``bucket-slo-lift``: ``bucket-slo`` with ``--bucket-ttft-lift`` (a queued prompt's TTFT
       deadline in danger lifts a step past the running requests' TPOT limit, to the TTFT cap)
     - ``bucket-slo-share1``: ``bucket-slo`` with ``--bucket-ttft-share 1`` (steps up to the
-      tightest TTFT target, not a quarter of it)
+      tightest TTFT target, not a tenth of it)
     - ``bucket-slo-share10``: ``bucket-slo`` with ``--bucket-ttft-share 0.1`` (steps up to a
       tenth of the tightest TTFT target)
     - ``bucket-slo-danger50``, ``-danger1``: ``bucket-slo`` whose steps may grow to half (all)
       of the tightest TTFT target while a TTFT deadline is in danger
-      (``--bucket-danger-ttft-share``; the default 0.25 is ``--bucket-ttft-share``'s: no growth)
+      (``--bucket-danger-ttft-share``; by default a quarter, from the cap's tenth)
     - ``bucket-slo-nodemote``: ``bucket-slo`` with ``--bucket-late-demotion 0`` (a prompt that
       will miss its TTFT target keeps its place in the deadline order instead of going behind
       the ones still on time)
