@@ -99,8 +99,7 @@ class BucketConfig:
         0.1,
         help="slo: no step runs longer than this share of the tightest TTFT target the server knows "
         "(--slo-classes, --default-ttft-slo, the requests' own), so one that arrives mid-step can "
-        "still start in time (0.1 since the twentieth session: 0.25 held less load over HTTP, "
-        "docs/RESULTS.md)",
+        "still start in time (a quarter held less load over HTTP on ShareGPT, docs/RESULTS.md)",
     )
     danger_ttft_share: float = option(
         0.25,
