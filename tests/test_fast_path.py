@@ -197,6 +197,72 @@ def test_native_decode_attention_equals_the_torch_reference(
     torch.testing.assert_close(tail, got[3:])
 
 
+@pytest.mark.parametrize("cache", ["bf16", "int8"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "cached", "n"),
+    # one query; a chunk inside one position tile; tiles and key tiles cut mid-block; fresh;
+    # a chunk whose cached context ends mid-block; one query head per kv head
+    [(9, 3, 0, 1), (9, 3, 37, 20), (9, 3, 45, 70), (9, 3, 0, 33), (4, 2, 100, 17), (2, 2, 16, 48)],
+)
+def test_native_chunk_attention_equals_one_masked_attention(
+    native: kernels.NativeKernels, cache: str, heads: int, kv_heads: int, cached: int, n: int
+) -> None:
+    """A bf16 chunk's native attention (cached keys read in place from a bf16 or int8 cache,
+    its own from its qkv rows, causal) is the masked SDPA over the same keys in fp32, within
+    bf16's rounding of the weights and the output."""
+    if not native.has_chunk_attention:
+        pytest.skip("the chunk kernel needs AVX512-BF16")
+    torch.manual_seed(cached + n)
+    head_dim, block_size, num_blocks = 64, 16, 24
+    if cache == "int8":
+        k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.arange(num_blocks * block_size)
+        kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
+        kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
+    else:
+        k_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim) * 3).bfloat16()
+        v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).bfloat16()
+    ctx = CachedContext(torch.randperm(num_blocks)[: (cached + block_size - 1) // block_size], cached)
+    # The chunk's rows as the kernel meets them in the model: q, k and v inside qkv's rows.
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim).bfloat16()
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim)
+    got = native.chunk_attention(qkv, k, v, k_cache, v_cache, ctx.block_ids, cached, heads)
+    q = qkv[:, :q_size].float().view(n, heads, head_dim).transpose(0, 1).unsqueeze(0)
+    ref = _attention(heads, kv_heads, head_dim)._chunk_over_cache_masked(
+        q, k.float(), v.float(), _float(k_cache, keys=True), _float(v_cache, keys=False), ctx
+    )
+    torch.testing.assert_close(got.float(), ref[0].transpose(0, 1).reshape(n, -1), atol=2e-2, rtol=2e-2)
+
+
+def test_native_chunk_attention_refuses_inputs_it_does_not_run(native: kernels.NativeKernels) -> None:
+    """fp32 queries, and block ids that cannot hold the cached tokens, are refused with a
+    message instead of read past."""
+    if not native.has_chunk_attention:
+        pytest.skip("the chunk kernel needs AVX512-BF16")
+    k_cache = torch.zeros(1, 4, 16, 64, dtype=torch.bfloat16)
+    qkv = torch.zeros(3, 3 * 64, dtype=torch.bfloat16)
+    k, v = qkv[:, 64:128].view(3, 1, 64), qkv[:, 128:].view(3, 1, 64)
+    with pytest.raises(ValueError, match="bfloat16"):
+        native.chunk_attention(
+            qkv.float(), k.float(), v.float(), k_cache.float(), k_cache.float(), torch.tensor([0]), 5, 1
+        )
+    with pytest.raises(ValueError, match="do not hold"):
+        native.chunk_attention(qkv, k, v, k_cache, k_cache, torch.tensor([0]), 17, 1)
+    with pytest.raises(ValueError, match="do not hold"):
+        native.chunk_attention(qkv, k, v, k_cache, k_cache, torch.tensor([4]), 5, 1)
+
+
+def _float(cache: torch.Tensor, keys: bool) -> torch.Tensor:
+    """A K (``keys``) or V cache as fp32 values [kv_heads, blocks, block_size, head_dim],
+    an int8 one dequantized."""
+    if cache.dtype != torch.int8:
+        return cache.float()
+    return kv_quant.read(cache, torch.arange(cache.shape[1]), torch.float32, keys)
+
+
 @pytest.mark.parametrize("keys", [True, False])
 def test_an_int8_kv_cache_gives_back_each_token_within_half_a_step_of_its_scale(keys: bool) -> None:
     torch.manual_seed(0)

@@ -132,6 +132,24 @@ class NativeKernels:
         self._argmax_rows = fn
         # w4a8 needs AVX512-VNNI (and BW): built in where -march=native has them.
         self.has_w4a8 = bool(lib.bucketserve_has_w4a8())
+        fn = lib.bucketserve_chunk_attention
+        fn.restype = ctypes.c_int
+        # out, q, q's row stride, k, v, their row stride, caches, whether int8, blocks, cached,
+        # n, heads, kv_heads, head_dim, num_blocks, block_size, scale
+        fn.argtypes = [
+            *[_ptr] * 2,
+            _i64,
+            *[_ptr] * 2,
+            _i64,
+            *[_ptr] * 2,
+            ctypes.c_int,
+            _ptr,
+            *[_i64] * 7,
+            ctypes.c_float,
+        ]
+        self._chunk_attention = fn
+        # The chunk kernel needs AVX512-BF16: built in where -march=native has it.
+        self.has_chunk_attention = bool(lib.bucketserve_has_chunk_attention())
         fn = lib.bucketserve_int8_attention_vectorized
         fn.restype = ctypes.c_int
         fn.argtypes = [_i64, _i64, _i64]
@@ -388,6 +406,69 @@ class NativeKernels:
             err = self._rope_write_kv(*args)
         if err:
             raise ValueError(f"rope_write_kv rejected its arguments (code {err})")
+
+    def chunk_attention(
+        self,
+        q: torch.Tensor,  # [n, >= heads * head_dim] bf16, rows unit-strided (qkv's rows may do)
+        k: torch.Tensor,  # [n, kv_heads, head_dim] bf16: the chunk's own keys, heads contiguous
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim] bf16, or int8 rows
+        v_cache: torch.Tensor,
+        block_ids: torch.Tensor,  # [blocks] int64: those holding the first ``cached`` tokens
+        cached: int,
+        heads: int,
+        checked: bool = False,
+    ) -> torch.Tensor:
+        """A bf16 prompt chunk of n tokens after ``cached`` ones: each query attends to the
+        cached tokens (read in place from the paged cache) and causally to the chunk's own
+        ``k``/``v``; [n, heads * head_dim]. Needs ``has_chunk_attention`` and head_dim 64."""
+        n = q.shape[0]
+        kvh, nb, bs, dim = _cache_shape(k_cache)
+        if not checked:
+            if not self.has_chunk_attention:
+                raise ValueError("chunk_attention needs a CPU with AVX512-BF16")
+            if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
+                raise ValueError("chunk_attention runs bfloat16 queries, keys and values")
+            if q.dim() != 2 or q.stride(1) != 1 or q.shape[1] < heads * dim:
+                raise ValueError("chunk_attention needs q as [n, >= heads * head_dim] unit-strided rows")
+            if (
+                k.shape != (n, kvh, dim)
+                or v.shape != k.shape
+                or k.stride()[1:] != (dim, 1)
+                or k.stride() != v.stride()
+            ):
+                raise ValueError("chunk_attention needs k and v as [n, kv_heads, head_dim] rows alike")
+            _check_caches(q.dtype, k_cache, v_cache)
+            if block_ids.dtype != torch.int64 or not block_ids.is_contiguous():
+                raise ValueError("chunk_attention needs contiguous int64 block ids")
+            if cached > block_ids.numel() * bs or (
+                block_ids.numel() and not 0 <= int(block_ids.min()) <= int(block_ids.max()) < nb
+            ):
+                raise ValueError("chunk_attention: the block ids do not hold the cached tokens")
+        out = torch.empty(n, heads * dim, dtype=q.dtype)
+        err = self._chunk_attention(
+            out.data_ptr(),
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            int(k_cache.dtype == torch.int8),
+            block_ids.data_ptr(),
+            cached,
+            n,
+            heads,
+            kvh,
+            dim,
+            nb,
+            bs,
+            dim**-0.5,
+        )
+        if err:
+            raise ValueError(f"chunk_attention rejected its arguments (code {err})")
+        return out
 
     def decode_attention(
         self,
