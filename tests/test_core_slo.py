@@ -367,6 +367,28 @@ def test_slo_bucket_steps_grow_while_the_queue_is_behind_its_ttft_deadlines() ->
         assert longest - 0.1 < took <= longest + 1e-9, (share, took)
 
 
+def test_slo_bucket_steps_grow_once_a_deep_queue_is_all_late() -> None:
+    """Forty chats that arrived 2 s ago under a 1-s class are all late: no deadline is left
+    to keep, so the step grows to --bucket-danger-ttft-share of the target (a quarter) and
+    prefills more per second. Not for a few late ones (a burst near capacity, where the
+    next arrivals would wait for the longer steps), nor for chats on time and not in danger
+    at the cap: their steps stay within a tenth."""
+    for arrival, chats, longest in ((-2.0, 40, 0.25), (-2.0, 4, 0.1), (0.0, 2, 0.1)):
+        sched = make(
+            "bucket", num_blocks=800, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+            policy_config={"step_budget": "slo", "min_chunk": 16},
+            order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
+        )  # fmt: skip
+        sched.cost_fit = OnlineCostFit(prior=KNOWN)
+        for i in range(chats):
+            sched.add(seq(i, 200, 8, arrival=arrival))
+        batch = sched.schedule(0.06)
+        assert batch is not None
+        assert all(sched.is_late(s, 0.06) for s in batch.seqs) is (arrival < 0)
+        took = step_ms(KNOWN, batch.shape()) / 1e3
+        assert longest - 0.1 < took <= longest + 1e-9, (chats, took)
+
+
 def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refused() -> None:
     sched = make("bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048)
     sched.cost_fit = OnlineCostFit(prior=KNOWN)  # a 1,500-token prefill: ~2.3 s

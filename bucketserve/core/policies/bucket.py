@@ -16,7 +16,8 @@ under ``ttft_share`` of the tightest TTFT target it knows (``core/budget.py``; t
 model is fitted online from the steps the executor reports), chunking prompts across steps,
 most urgent first, and lets a step grow (to ``danger_ttft_share`` of the tightest TTFT
 target, within the TPOT limit unless ``ttft_lift``) when one of the most urgent prompts, in
-urgency order, would otherwise miss a TTFT deadline it can still meet. A prompt that will
+urgency order, would otherwise miss a TTFT deadline it can still meet, or when a deep queue
+is all late already (nothing left to save; larger steps empty it sooner). A prompt that will
 miss its TTFT deadline anyway goes behind the ones still on time (``late_demotion_s``).
 The slo budget plans each step at a quantile of how far recent steps ran over their
 prediction (``plan_quantile``); with ``tpot_window`` it may also run a step as long as keeps
@@ -457,7 +458,8 @@ class BucketScheduler(Scheduler):
         ``danger_ttft_share`` of that target (within the TPOT limit, unless ``ttft_lift``)
         for this step if, at the limit, one of the most urgent prompts (started, or queued in
         the picked bucket), taken in urgency order, would finish its prefill after its TTFT
-        deadline when it could still meet it."""
+        deadline when it could still meet it, or if a full lookahead of them waits for its
+        first token and every one is late already."""
         order = self.config.order
         profile = self.cost_fit.profile()
         contexts = [len(s) for s in decoding]
@@ -511,15 +513,26 @@ class BucketScheduler(Scheduler):
             first = candidates[0]
             mid = first.num_computed_tokens + first.num_uncomputed_tokens // 2
             rate = max(budget(limit).take(self.config.max_num_batched_tokens, mid), 1)
-            ahead = 0
+            ahead = late = on_time = 0
             for seq in candidates[:DEADLINE_LOOKAHEAD]:
                 ahead += seq.num_uncomputed_tokens
-                if seq.first_token_time is not None or self.is_late(seq, now):
+                if seq.first_token_time is not None:
                     continue
+                if self.is_late(seq, now):
+                    late += 1
+                    continue
+                on_time += 1
                 deadline = seq.arrival_time + targets(seq, order)[0]
                 if now + math.ceil(ahead / rate) * limit > deadline:
                     limit = grown  # a TTFT deadline in danger
                     break
+            else:
+                # A full lookahead of late prompts and none still on time: a deep queue with
+                # no deadline left to keep (an offline batch, an overload), which larger steps
+                # empty sooner. Not a few late ones in a burst near capacity: there the next
+                # arrivals' TTFT still counts, and they would wait for the longer steps.
+                if late >= DEADLINE_LOOKAHEAD and not on_time:
+                    limit = grown
         return budget(limit)
 
     def _cannot_wait(self, now: float, prefilling: list[Sequence], bucket: Bucket | None) -> bool:
