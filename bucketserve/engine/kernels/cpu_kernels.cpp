@@ -1,6 +1,6 @@
-// The CPU engine's native kernels: paged attention for decode rows, rotary embedding fused
-// with the KV-cache write, the residual add fused with RMSNorm, SwiGLU's silu-and-multiply,
-// and the per-token int8
+// The CPU engine's native kernels: paged attention for decode rows, flash attention for bf16
+// prompt chunks over their cached context, rotary embedding fused with the KV-cache write,
+// the residual add fused with RMSNorm, SwiGLU's silu-and-multiply, and the per-token int8
 // quantization around torch._int_mm (the w8a8 weight format).
 //
 // Paged attention for decode rows (one query per sequence) reads K/V in place.
