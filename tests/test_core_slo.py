@@ -199,6 +199,18 @@ def _slo_bucket(**cfg: object):  # type: ignore[no-untyped-def]
     return sched
 
 
+def _two_class_bucket(num_blocks: int = 400, **cfg: object):  # type: ignore[no-untyped-def]
+    """The slo bucket policy under a 1-s class of chats (<= 256 tokens) and a 5-s class of
+    documents (no TPOT targets), on the known cost model."""
+    sched = make(
+        "bucket", num_blocks=num_blocks, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
+        policy_config={"step_budget": "slo", "min_chunk": 16, **cfg},
+        order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
+    )  # fmt: skip
+    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    return sched
+
+
 def _four_decoding(sched) -> FakeExecutor:  # type: ignore[no-untyped-def]
     """An executor on ``sched`` with four short requests past their prefill, decoding."""
     ex = FakeExecutor(sched, profile=KNOWN)
@@ -318,12 +330,7 @@ def test_slo_bucket_steps_keep_a_share_of_the_tightest_ttft_target() -> None:
     at any moment: no step runs longer than a tenth of that second (no deadline is in
     danger here), so a 1,500-token document (~2.3 s whole) goes in chunks, and a chat that
     arrives meanwhile goes first."""
-    sched = make(
-        "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
-        policy_config={"step_budget": "slo", "min_chunk": 16},
-        order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
-    )  # fmt: skip
-    sched.cost_fit = OnlineCostFit(prior=KNOWN)
+    sched = _two_class_bucket()
     now = 0.0
 
     def step() -> BatchShape:
@@ -353,12 +360,7 @@ def test_slo_bucket_steps_grow_while_the_queue_is_behind_its_ttft_deadlines() ->
     --bucket-danger-ttft-share of the tightest target (more prompt tokens per second): a
     quarter by default, half with 0.5; with 0.1, the cap's own, it does not grow."""
     for share, longest in ((0.5, 0.5), (0.25, 0.25), (0.1, 0.1)):
-        sched = make(
-            "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
-            policy_config={"step_budget": "slo", "min_chunk": 16, "danger_ttft_share": share},
-            order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
-        )  # fmt: skip
-        sched.cost_fit = OnlineCostFit(prior=KNOWN)
+        sched = _two_class_bucket(danger_ttft_share=share)
         for i in range(20):
             sched.add(seq(i, 200, 8))
         batch = sched.schedule(0.06)
@@ -374,12 +376,7 @@ def test_slo_bucket_steps_grow_once_a_deep_queue_is_all_late() -> None:
     next arrivals would wait for the longer steps), nor for chats on time and not in danger
     at the cap: their steps stay within a tenth."""
     for arrival, chats, longest in ((-2.0, 40, 0.25), (-2.0, 4, 0.1), (0.0, 2, 0.1)):
-        sched = make(
-            "bucket", num_blocks=800, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
-            policy_config={"step_budget": "slo", "min_chunk": 16},
-            order={"order": "edf", "slo_classes": ("256:1:-", "2048:5:-")},
-        )  # fmt: skip
-        sched.cost_fit = OnlineCostFit(prior=KNOWN)
+        sched = _two_class_bucket(num_blocks=800)
         for i in range(chats):
             sched.add(seq(i, 200, 8, arrival=arrival))
         batch = sched.schedule(0.06)

@@ -145,6 +145,28 @@ def test_a_bf16_chunk_over_cached_context_attends_in_the_dtype_its_cpu_runs_fast
     torch.testing.assert_close(fast.float(), exact, atol=2e-2, rtol=2e-2)
 
 
+def _random_caches(
+    int8: bool,
+    dtype: torch.dtype,
+    kv_heads: int,
+    num_blocks: int,
+    block_size: int,
+    head_dim: int,
+    key_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random K and V caches, every slot filled: int8 ones written by the torch quantizer from
+    normal values (keys x 3), else normal values (keys x ``key_scale``) in ``dtype``."""
+    if int8:
+        k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.arange(num_blocks * block_size)
+        kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
+        kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
+        return k_cache, v_cache
+    k_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim) * key_scale).to(dtype)
+    return k_cache, torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+
+
 @pytest.mark.parametrize("cache", ["dtype", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -165,15 +187,7 @@ def test_native_decode_attention_equals_the_torch_reference(
     weighs V in int16, 15 bits against the largest weight)."""
     torch.manual_seed(0)
     rows, num_blocks, width = 7, 64, 9
-    if cache == "int8":
-        k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
-        v_cache = torch.zeros_like(k_cache)
-        slots = torch.arange(num_blocks * block_size)
-        kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
-        kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
-    else:
-        k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
-        v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype)
+    k_cache, v_cache = _random_caches(cache == "int8", dtype, kv_heads, num_blocks, block_size, head_dim)
     tables = torch.randperm(num_blocks)[: rows * width].view(rows, width).contiguous()
     lens = torch.tensor(
         [1, block_size, block_size + 1, 2 * block_size - 1, width * block_size, 5, 3 * block_size]
@@ -214,15 +228,9 @@ def test_native_chunk_attention_equals_one_masked_attention(
         pytest.skip("the chunk kernel needs AVX512-BF16")
     torch.manual_seed(cached + n)
     head_dim, block_size, num_blocks = 64, 16, 24
-    if cache == "int8":
-        k_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim + SCALE_BYTES, dtype=torch.int8)
-        v_cache = torch.zeros_like(k_cache)
-        slots = torch.arange(num_blocks * block_size)
-        kv_quant.write(k_cache, slots, torch.randn(len(slots), kv_heads, head_dim) * 3, keys=True)
-        kv_quant.write(v_cache, slots, torch.randn(len(slots), kv_heads, head_dim), keys=False)
-    else:
-        k_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim) * 3).bfloat16()
-        v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim).bfloat16()
+    k_cache, v_cache = _random_caches(
+        cache == "int8", torch.bfloat16, kv_heads, num_blocks, block_size, head_dim, key_scale=3.0
+    )
     ctx = CachedContext(torch.randperm(num_blocks)[: (cached + block_size - 1) // block_size], cached)
     # The chunk's rows as the kernel meets them in the model: q, k and v inside qkv's rows.
     qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim).bfloat16()
