@@ -513,7 +513,7 @@ class BucketScheduler(Scheduler):
             first = candidates[0]
             mid = first.num_computed_tokens + first.num_uncomputed_tokens // 2
             rate = max(budget(limit).take(self.config.max_num_batched_tokens, mid), 1)
-            ahead = late = on_time = 0
+            ahead = late = 0
             for seq in candidates[:DEADLINE_LOOKAHEAD]:
                 ahead += seq.num_uncomputed_tokens
                 if seq.first_token_time is not None:
@@ -521,17 +521,16 @@ class BucketScheduler(Scheduler):
                 if self.is_late(seq, now):
                     late += 1
                     continue
-                on_time += 1
                 deadline = seq.arrival_time + targets(seq, order)[0]
                 if now + math.ceil(ahead / rate) * limit > deadline:
                     limit = grown  # a TTFT deadline in danger
                     break
             else:
-                # A full lookahead of late prompts and none still on time: a deep queue with
-                # no deadline left to keep (an offline batch, an overload), which larger steps
-                # empty sooner. Not a few late ones in a burst near capacity: there the next
-                # arrivals' TTFT still counts, and they would wait for the longer steps.
-                if late >= DEADLINE_LOOKAHEAD and not on_time:
+                # A full lookahead of late prompts: a deep queue with no deadline left to keep
+                # (an offline batch, an overload), which larger steps empty sooner. Not a few
+                # late ones in a burst near capacity: there the next arrivals' TTFT still
+                # counts, and they would wait for the longer steps.
+                if late == DEADLINE_LOOKAHEAD:
                     limit = grown
         return budget(limit)
 
