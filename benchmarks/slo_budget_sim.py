@@ -21,8 +21,8 @@ What it measures
       deadline in danger lifts a step past the running requests' TPOT limit, to the TTFT cap)
     - ``bucket-slo-share1``: ``bucket-slo`` with ``--bucket-ttft-share 1`` (steps up to the
       tightest TTFT target, not a tenth of it)
-    - ``bucket-slo-share10``: ``bucket-slo`` with ``--bucket-ttft-share 0.1`` (steps up to a
-      tenth of the tightest TTFT target)
+    - ``bucket-slo-share25``: ``bucket-slo`` with ``--bucket-ttft-share 0.25`` (steps up to a
+      quarter of the tightest TTFT target, the default before the tenth)
     - ``bucket-slo-danger50``, ``-danger1``: ``bucket-slo`` whose steps may grow to half (all)
       of the tightest TTFT target while a TTFT deadline is in danger
       (``--bucket-danger-ttft-share``; by default a quarter, from the cap's tenth)
@@ -76,7 +76,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
         "bucket-slo-lift": {"policy": "bucket", "policy_config": {"ttft_lift": True}},
         "bucket-slo-share1": {"policy": "bucket", "policy_config": {"ttft_share": 1.0}},
-        "bucket-slo-share10": {"policy": "bucket", "policy_config": {"ttft_share": 0.1}},
+        "bucket-slo-share25": {"policy": "bucket", "policy_config": {"ttft_share": 0.25}},
         "bucket-slo-danger50": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.5}},
         "bucket-slo-danger1": {"policy": "bucket", "policy_config": {"danger_ttft_share": 1.0}},
         "bucket-slo-nodemote": {"policy": "bucket", "policy_config": {"late_demotion_s": 0.0}},

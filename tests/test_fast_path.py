@@ -246,8 +246,8 @@ def test_native_chunk_attention_equals_one_masked_attention(
 
 
 def test_native_chunk_attention_refuses_inputs_it_does_not_run(native: kernels.NativeKernels) -> None:
-    """fp32 queries, and block ids that cannot hold the cached tokens, are refused with a
-    message instead of read past."""
+    """fp32 queries, block ids that cannot hold the cached tokens, and a head size the kernel
+    was not built for are refused with a message instead of read past."""
     if not native.has_chunk_attention:
         pytest.skip("the chunk kernel needs AVX512-BF16")
     k_cache = torch.zeros(1, 4, 16, 64, dtype=torch.bfloat16)
@@ -261,6 +261,11 @@ def test_native_chunk_attention_refuses_inputs_it_does_not_run(native: kernels.N
         native.chunk_attention(qkv, k, v, k_cache, k_cache, torch.tensor([0]), 17, 1)
     with pytest.raises(ValueError, match="do not hold"):
         native.chunk_attention(qkv, k, v, k_cache, k_cache, torch.tensor([4]), 5, 1)
+    wide = torch.zeros(1, 4, 16, 128, dtype=torch.bfloat16)
+    qkv128 = torch.zeros(3, 3 * 128, dtype=torch.bfloat16)
+    k128, v128 = qkv128[:, 128:256].view(3, 1, 128), qkv128[:, 256:].view(3, 1, 128)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        native.chunk_attention(qkv128, k128, v128, wide, wide, torch.tensor([0]), 5, 1)
 
 
 def _float(cache: torch.Tensor, keys: bool) -> torch.Tensor:

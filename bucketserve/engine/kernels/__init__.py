@@ -427,6 +427,8 @@ class NativeKernels:
         if not checked:
             if not self.has_chunk_attention:
                 raise ValueError("chunk_attention needs a CPU with AVX512-BF16")
+            if dim != 64:
+                raise ValueError(f"chunk_attention runs head_dim 64, got {dim}")
             if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
                 raise ValueError("chunk_attention runs bfloat16 queries, keys and values")
             if q.dim() != 2 or q.stride(1) != 1 or q.shape[1] < heads * dim:

@@ -1202,6 +1202,7 @@ void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t n) {
 // GEMMs reach 600-880, and the per-layer gather of the cache came on top.
 constexpr int64_t CHUNK_POSITIONS = 16;
 constexpr int64_t CHUNK_KEYS = 32;
+constexpr int64_t CHUNK_QUERIES = 4;  // query vectors scored together, each key pair loaded once for them
 
 struct ChunkScratch {
   std::vector<int32_t> kt;     // [D / 2][CHUNK_KEYS]: the key tile's dimension pairs
@@ -1209,8 +1210,8 @@ struct ChunkScratch {
   std::vector<uint16_t> krow;  // [16][D]: 16 keys in bf16, before the transpose
   std::vector<uint16_t> vrow;  // [CHUNK_KEYS][D]
   std::vector<int32_t> q;      // [positions x group][D / 2]: the query tile's pairs
-  std::vector<float> o, m, l, p;
-  std::vector<int32_t> pp;     // [4][CHUNK_KEYS / 2]: weights as bf16 token pairs
+  std::vector<float> o, m, l;  // per query vector: its weighted sum of V, running max and sum
+  std::vector<int32_t> pp;     // [CHUNK_QUERIES][CHUNK_KEYS / 2]: weights as bf16 token pairs
   ChunkScratch(int64_t d, int64_t group)
       : kt(static_cast<size_t>(d / 2 * CHUNK_KEYS)),
         vp(static_cast<size_t>(CHUNK_KEYS / 2 * d)),
@@ -1220,8 +1221,7 @@ struct ChunkScratch {
         o(static_cast<size_t>(CHUNK_POSITIONS * group * d)),
         m(static_cast<size_t>(CHUNK_POSITIONS * group)),
         l(static_cast<size_t>(CHUNK_POSITIONS * group)),
-        p(static_cast<size_t>(4 * CHUNK_KEYS)),
-        pp(static_cast<size_t>(4 * CHUNK_KEYS / 2)) {}
+        pp(static_cast<size_t>(CHUNK_QUERIES * CHUNK_KEYS / 2)) {}
 };
 
 // Key j of one kv head, K and V as D bf16s each into krow and vrow: a cached key from its
@@ -1331,21 +1331,22 @@ void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, 
         const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.vrow.data() + (2 * t2 + 1) * D + c)));
         _mm512_storeu_si512(s.vp.data() + t2 * D + c, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
       }
-    for (int64_t i0 = 0; i0 < M; i0 += 4) {
-      const int64_t nq = std::min<int64_t>(4, M - i0);
-      __m512 acc[4][2];
-      for (int64_t a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm512_setzero_ps();
+    for (int64_t i0 = 0; i0 < M; i0 += CHUNK_QUERIES) {
+      const int64_t nq = std::min(CHUNK_QUERIES, M - i0);
+      __m512 acc[CHUNK_QUERIES][2];
+      for (int64_t a = 0; a < CHUNK_QUERIES; ++a) acc[a][0] = acc[a][1] = _mm512_setzero_ps();
       for (int64_t x = 0; x < PAIRS; ++x) {
         const __m512bh k0 = (__m512bh)_mm512_loadu_si512(s.kt.data() + x * CHUNK_KEYS);
         const __m512bh k1 = (__m512bh)_mm512_loadu_si512(s.kt.data() + x * CHUNK_KEYS + 16);
-        for (int64_t a = 0; a < 4; ++a) {
+        for (int64_t a = 0; a < CHUNK_QUERIES; ++a) {
           const __m512bh qb = (__m512bh)_mm512_set1_epi32(s.q[std::min(i0 + a, M - 1) * PAIRS + x]);
           acc[a][0] = _mm512_dpbf16_ps(acc[a][0], k0, qb);
           acc[a][1] = _mm512_dpbf16_ps(acc[a][1], k1, qb);
         }
       }
-      float alpha[4] = {1.f, 1.f, 1.f, 1.f};
-      for (int64_t a = 0; a < 4; ++a) {
+      float alpha[CHUNK_QUERIES];
+      for (int64_t a = 0; a < CHUNK_QUERIES; ++a) {
+        alpha[a] = 1.f;
         const int64_t i = i0 + a;
         int32_t* pp = s.pp.data() + a * CHUNK_KEYS / 2;
         const int64_t visible = a < nq ? cached + p0 + i / group + 1 - j0 : 0;  // of this tile's keys
@@ -1371,16 +1372,16 @@ void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, 
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(e0)), to_bf16(e1), 1);
         _mm512_storeu_si512(pp, w);
       }
-      // O += P V for the (up to) four queries, each V pair loaded once for them all.
-      __m512 o[4][D / 16];
-      for (int64_t a = 0; a < 4; ++a)
+      // O += P V for the (up to) CHUNK_QUERIES queries, each V pair loaded once for them all.
+      __m512 o[CHUNK_QUERIES][D / 16];
+      for (int64_t a = 0; a < CHUNK_QUERIES; ++a)
         for (int64_t c = 0; c < D / 16; ++c)
           o[a][c] = a < nq ? _mm512_mul_ps(_mm512_loadu_ps(s.o.data() + (i0 + a) * D + 16 * c), _mm512_set1_ps(alpha[a]))
                            : _mm512_setzero_ps();
       for (int64_t t2 = 0; t2 < (nk + 1) / 2; ++t2) {
         __m512bh v[D / 16];
         for (int64_t c = 0; c < D / 16; ++c) v[c] = (__m512bh)_mm512_loadu_si512(s.vp.data() + t2 * D + 16 * c);
-        for (int64_t a = 0; a < 4; ++a) {
+        for (int64_t a = 0; a < CHUNK_QUERIES; ++a) {
           const __m512bh pb = (__m512bh)_mm512_set1_epi32(s.pp[a * CHUNK_KEYS / 2 + t2]);
           for (int64_t c = 0; c < D / 16; ++c) o[a][c] = _mm512_dpbf16_ps(o[a][c], v[c], pb);
         }
