@@ -215,8 +215,17 @@ def test_native_decode_attention_equals_the_torch_reference(
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "cached", "n"),
     # one query; a chunk inside one position tile; tiles and key tiles cut mid-block; fresh;
-    # a chunk whose cached context ends mid-block; one query head per kv head
-    [(9, 3, 0, 1), (9, 3, 37, 20), (9, 3, 45, 70), (9, 3, 0, 33), (4, 2, 100, 17), (2, 2, 16, 48)],
+    # a chunk whose cached context ends mid-block; one query head per kv head; keys over more
+    # than two key tiles, the last one partial
+    [
+        (9, 3, 0, 1),
+        (9, 3, 37, 20),
+        (9, 3, 45, 70),
+        (9, 3, 0, 33),
+        (4, 2, 100, 17),
+        (2, 2, 16, 48),
+        (9, 3, 130, 40),
+    ],
 )
 def test_native_chunk_attention_equals_one_masked_attention(
     native: kernels.NativeKernels, cache: str, heads: int, kv_heads: int, cached: int, n: int

@@ -26,9 +26,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _BF16_CHUNK_ATTENTION = cpu_has_amx()
 # Whether a bf16 model's prompt chunks attend through the native chunk kernel (fresh ones and
 # ones over cached context alike) where it is built (AVX512-BF16, head_dim 64). On a Zen 5
-# EPYC without AMX it ran 5x torch's causal SDPA on fresh 512-token chunks (1.3 against 7.3 ms
-# a layer) and 1.7-3x torch's flash over cached context (with its gather); on a CPU with AMX torch's bf16 flash
-# runs on AMX tiles and the two were not measured side by side, so it keeps torch's there.
+# EPYC without AMX its first version ran 5x torch's causal SDPA on fresh 512-token chunks (1.3
+# against 7.3 ms a layer) and 1.7-3x torch's flash over cached context (with its gather); the
+# second converts each key tile once a call and reaches ~650 GFLOP/s, about the bf16 GEMMs'.
+# On a CPU with AMX torch's bf16 flash runs on AMX tiles and the two were not measured side by
+# side, so it keeps torch's there.
 _NATIVE_CHUNK_ATTENTION = not _BF16_CHUNK_ATTENTION
 
 

@@ -1193,31 +1193,32 @@ void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t n) {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // Attention of a bf16 prompt chunk over its cached context and itself (causal), as one flash
-// pass: the chunk's queries in tiles of CHUNK_POSITIONS positions x the query group, the keys
-// CHUNK_KEYS at a time, each key tile converted once for the whole query tile (K to bf16
-// dimension pairs for VDPBF16PS, V to fp32), online softmax per query in fp32. Cached keys are
-// read where they lie in the paged cache (bf16, or int8 dequantized), the chunk's own from its
-// rows of qkv, unquantized. torch's CPU flash attention ran this shape at 45-155 GFLOP/s on a
-// Zen 5 EPYC without AMX (a 96-token chunk over 1,152 cached: 2.7 ms a layer), where its bf16
-// GEMMs reach 600-880, and the per-layer gather of the cache came on top.
+// pass: first every key tile of CHUNK_KEYS keys is converted once for the whole call (K to bf16
+// dimension pairs for VDPBF16PS, V to token pairs), then the chunk's queries in tiles of
+// CHUNK_POSITIONS positions x the query group run over those tiles, online softmax per query in
+// fp32. Cached keys are read where they lie in the paged cache (bf16, or int8 dequantized), the
+// chunk's own from its rows of qkv, unquantized. torch's CPU flash attention ran this shape at
+// 45-155 GFLOP/s on a Zen 5 EPYC without AMX (a 96-token chunk over 1,152 cached: 2.7 ms a
+// layer), where its bf16 GEMMs reach 600-880, and the per-layer gather of the cache came on top.
+// Converting each key tile per query tile instead (once per 16 positions) made the kernel 1.2x
+// (bf16 cache) to 1.4x (int8) slower at 512 positions over 1,536 cached; tiles of 32 keys and 4
+// queries scored together, 1.3x slower again (a session's A/B on the Zen 5 EPYC, same outputs).
 constexpr int64_t CHUNK_POSITIONS = 16;
-constexpr int64_t CHUNK_KEYS = 32;
-constexpr int64_t CHUNK_QUERIES = 4;  // query vectors scored together, each key pair loaded once for them
+constexpr int64_t CHUNK_KEYS = 64;  // a softmax update (max, exp, sum) per 64 keys a query
+constexpr int64_t CHUNK_QUERIES = 6;  // query vectors scored together, each key pair loaded once for them
+static_assert(CHUNK_KEYS % 32 == 0, "the weights are stored 32 keys (16 bf16 pairs) at a time");
+
+// One converted key tile of one kv head: K as [D / 2][CHUNK_KEYS] dimension pairs, then V as
+// [CHUNK_KEYS / 2][D] token pairs (each dimension's two side by side); keys past the end zero.
+template <int64_t D>
+constexpr int64_t CHUNK_TILE_WORDS = D / 2 * CHUNK_KEYS + CHUNK_KEYS / 2 * D;
 
 struct ChunkScratch {
-  std::vector<int32_t> kt;     // [D / 2][CHUNK_KEYS]: the key tile's dimension pairs
-  std::vector<int32_t> vp;     // [CHUNK_KEYS / 2][D]: V's token pairs, each dimension's two side by side
-  std::vector<uint16_t> krow;  // [16][D]: 16 keys in bf16, before the transpose
-  std::vector<uint16_t> vrow;  // [CHUNK_KEYS][D]
   std::vector<int32_t> q;      // [positions x group][D / 2]: the query tile's pairs
   std::vector<float> o, m, l;  // per query vector: its weighted sum of V, running max and sum
   std::vector<int32_t> pp;     // [CHUNK_QUERIES][CHUNK_KEYS / 2]: weights as bf16 token pairs
   ChunkScratch(int64_t d, int64_t group)
-      : kt(static_cast<size_t>(d / 2 * CHUNK_KEYS)),
-        vp(static_cast<size_t>(CHUNK_KEYS / 2 * d)),
-        krow(static_cast<size_t>(16 * d)),
-        vrow(static_cast<size_t>(CHUNK_KEYS * d)),
-        q(static_cast<size_t>(CHUNK_POSITIONS * group * d / 2)),
+      : q(static_cast<size_t>(CHUNK_POSITIONS * group * d / 2)),
         o(static_cast<size_t>(CHUNK_POSITIONS * group * d)),
         m(static_cast<size_t>(CHUNK_POSITIONS * group)),
         l(static_cast<size_t>(CHUNK_POSITIONS * group)),
@@ -1284,16 +1285,52 @@ inline void chunk_key(int64_t j, uint16_t* krow, uint16_t* vrow, const int8_t* k
   }
 }
 
-// One task: kv head h's query group at chunk positions p0 .. p0 + P - 1 (P <= CHUNK_POSITIONS).
+// The key tile of one kv head that starts at key j0 (of total keys), converted into tile
+// (CHUNK_TILE_WORDS<D> words).
+template <int64_t D, typename C>
+void chunk_convert_keys(int32_t* tile, int64_t j0, int64_t total, const uint16_t* k_own,
+                        const uint16_t* v_own, int64_t own_stride, const C* kh, const C* vh,
+                        const int64_t* blocks, int64_t cached, int64_t bs) {
+  constexpr int64_t PAIRS = D / 2;
+  alignas(64) uint16_t krow[16 * D], vrow[CHUNK_KEYS * D];
+  int32_t* kt = tile;
+  int32_t* vp = tile + PAIRS * CHUNK_KEYS;
+  const int64_t nk = std::min(CHUNK_KEYS, total - j0);
+  for (int64_t t = 0; t < CHUNK_KEYS; ++t) {  // K and V rows in bf16 (past the end: zeros)
+    if (t < nk)
+      chunk_key<D>(j0 + t, krow + (t % 16) * D, vrow + t * D, kh, vh, blocks, cached,
+                   k_own, v_own, own_stride, bs);
+    else {
+      std::memset(krow + (t % 16) * D, 0, D * sizeof(uint16_t));
+      std::memset(vrow + t * D, 0, D * sizeof(uint16_t));
+    }
+    if (t % 16 == 15) {  // 16 keys in: their dimension pairs
+      for (int64_t c = 0; c < PAIRS; c += 16) {
+        __m512i pairs[16];
+        for (int64_t r = 0; r < 16; ++r) pairs[r] = _mm512_loadu_si512(krow + r * D + 2 * c);
+        transpose16_epi32(pairs);  // pairs[x]: dimension pair c + x of the 16 keys
+        for (int64_t x = 0; x < 16; ++x)
+          _mm512_storeu_si512(kt + (c + x) * CHUNK_KEYS + (t - 15), pairs[x]);
+      }
+    }
+  }
+  for (int64_t t2 = 0; t2 < CHUNK_KEYS / 2; ++t2)  // V's token pairs
+    for (int64_t c = 0; c < D; c += 16) {
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + 2 * t2 * D + c)));
+      const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + (2 * t2 + 1) * D + c)));
+      _mm512_storeu_si512(vp + t2 * D + c, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+}
+
+// One task: a kv head's query group at chunk positions p0 .. p0 + P - 1 (P <= CHUNK_POSITIONS),
+// over the head's converted key tiles.
 // Scores by VDPBF16PS (16 keys a vector, one dimension pair an instruction), P V by VDPBF16PS
 // over token pairs (16 dimensions a vector), the weights rounded to bf16 as flash attention in
 // bf16 rounds them; the softmax's max, sum and rescaling in fp32.
-template <int64_t D, typename C>
+template <int64_t D>
 void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, int64_t q_stride,
-                          const uint16_t* k_own, const uint16_t* v_own, int64_t own_stride,
-                          const C* kh, const C* vh, const int64_t* blocks, int64_t cached,
-                          int64_t group, int64_t p0, int64_t P, int64_t bs, float scale,
-                          ChunkScratch& s) {
+                          const int32_t* tiles, int64_t cached, int64_t group, int64_t p0, int64_t P,
+                          float scale, ChunkScratch& s) {
   constexpr int64_t PAIRS = D / 2;
   const int64_t M = P * group;  // query vectors: position-major, then the group's heads
   for (int64_t i = 0; i < M; ++i) {
@@ -1307,41 +1344,20 @@ void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, 
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t j0 = 0; j0 < end; j0 += CHUNK_KEYS) {
     const int64_t nk = std::min(CHUNK_KEYS, end - j0);
-    for (int64_t t = 0; t < CHUNK_KEYS; ++t) {  // K and V rows in bf16 (past the end: zeros)
-      if (t < nk)
-        chunk_key<D>(j0 + t, s.krow.data() + (t % 16) * D, s.vrow.data() + t * D, kh, vh, blocks, cached,
-                     k_own, v_own, own_stride, bs);
-      else {
-        std::memset(s.krow.data() + (t % 16) * D, 0, D * sizeof(uint16_t));
-        std::memset(s.vrow.data() + t * D, 0, D * sizeof(uint16_t));
-      }
-      if (t % 16 == 15) {  // 16 keys in: their dimension pairs
-        for (int64_t c = 0; c < PAIRS; c += 16) {
-          __m512i kt[16];
-          for (int64_t r = 0; r < 16; ++r) kt[r] = _mm512_loadu_si512(s.krow.data() + r * D + 2 * c);
-          transpose16_epi32(kt);  // kt[x]: dimension pair c + x of the 16 keys
-          for (int64_t x = 0; x < 16; ++x)
-            _mm512_storeu_si512(s.kt.data() + (c + x) * CHUNK_KEYS + (t - 15), kt[x]);
-        }
-      }
-    }
-    for (int64_t t2 = 0; t2 < CHUNK_KEYS / 2; ++t2)  // V's token pairs
-      for (int64_t c = 0; c < D; c += 16) {
-        const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.vrow.data() + 2 * t2 * D + c)));
-        const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.vrow.data() + (2 * t2 + 1) * D + c)));
-        _mm512_storeu_si512(s.vp.data() + t2 * D + c, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-      }
+    const int32_t* kt = tiles + j0 / CHUNK_KEYS * CHUNK_TILE_WORDS<D>;
+    const int32_t* vp = kt + PAIRS * CHUNK_KEYS;
     for (int64_t i0 = 0; i0 < M; i0 += CHUNK_QUERIES) {
       const int64_t nq = std::min(CHUNK_QUERIES, M - i0);
-      __m512 acc[CHUNK_QUERIES][2];
-      for (int64_t a = 0; a < CHUNK_QUERIES; ++a) acc[a][0] = acc[a][1] = _mm512_setzero_ps();
+      constexpr int64_t KV = CHUNK_KEYS / 16;  // score vectors a query
+      __m512 acc[CHUNK_QUERIES][KV];
+      for (int64_t a = 0; a < CHUNK_QUERIES; ++a)
+        for (int64_t k = 0; k < KV; ++k) acc[a][k] = _mm512_setzero_ps();
       for (int64_t x = 0; x < PAIRS; ++x) {
-        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(s.kt.data() + x * CHUNK_KEYS);
-        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(s.kt.data() + x * CHUNK_KEYS + 16);
+        __m512bh kx[KV];
+        for (int64_t k = 0; k < KV; ++k) kx[k] = (__m512bh)_mm512_loadu_si512(kt + x * CHUNK_KEYS + 16 * k);
         for (int64_t a = 0; a < CHUNK_QUERIES; ++a) {
           const __m512bh qb = (__m512bh)_mm512_set1_epi32(s.q[std::min(i0 + a, M - 1) * PAIRS + x]);
-          acc[a][0] = _mm512_dpbf16_ps(acc[a][0], k0, qb);
-          acc[a][1] = _mm512_dpbf16_ps(acc[a][1], k1, qb);
+          for (int64_t k = 0; k < KV; ++k) acc[a][k] = _mm512_dpbf16_ps(acc[a][k], kx[k], qb);
         }
       }
       float alpha[CHUNK_QUERIES];
@@ -1355,22 +1371,28 @@ void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, 
           continue;
         }
         const __m512i vis = _mm512_set1_epi32(static_cast<int32_t>(std::min(visible, nk)));
-        const __mmask16 m0 = _mm512_cmplt_epi32_mask(lane, vis);
-        const __mmask16 m1 = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16)), vis);
         const __m512 ninf = _mm512_set1_ps(-INFINITY);
-        const __m512 s0 = _mm512_mask_mul_ps(ninf, m0, acc[a][0], _mm512_set1_ps(scale));
-        const __m512 s1 = _mm512_mask_mul_ps(ninf, m1, acc[a][1], _mm512_set1_ps(scale));
-        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
-        const float mnew = std::max(s.m[i], mx);
+        __mmask16 mask[KV];
+        __m512 sc[KV];
+        __m512 top = ninf;
+        for (int64_t k = 0; k < KV; ++k) {
+          mask[k] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(16 * k))), vis);
+          sc[k] = _mm512_mask_mul_ps(ninf, mask[k], acc[a][k], _mm512_set1_ps(scale));
+          top = _mm512_max_ps(top, sc[k]);
+        }
+        const float mnew = std::max(s.m[i], _mm512_reduce_max_ps(top));
         alpha[a] = std::isinf(s.m[i]) ? 0.f : std::exp(s.m[i] - mnew);
         const __m512 mv = _mm512_set1_ps(mnew);
-        const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_nonpositive(_mm512_sub_ps(s0, mv)));
-        const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_nonpositive(_mm512_sub_ps(s1, mv)));
-        s.l[i] = s.l[i] * alpha[a] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < KV; k += 2) {
+          // bf16 weights, keys 2x and 2x+1 side by side: 32 keys' weights as 16 pairs a store
+          const __m512 e0 = _mm512_maskz_mov_ps(mask[k], exp_nonpositive(_mm512_sub_ps(sc[k], mv)));
+          const __m512 e1 = _mm512_maskz_mov_ps(mask[k + 1], exp_nonpositive(_mm512_sub_ps(sc[k + 1], mv)));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+          _mm512_storeu_si512(pp + 8 * k, _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(e0)), to_bf16(e1), 1));
+        }
+        s.l[i] = s.l[i] * alpha[a] + _mm512_reduce_add_ps(sum);
         s.m[i] = mnew;
-        // bf16 weights, keys 2x and 2x+1 side by side: the 32 keys' weights as 16 pairs
-        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(e0)), to_bf16(e1), 1);
-        _mm512_storeu_si512(pp, w);
       }
       // O += P V for the (up to) CHUNK_QUERIES queries, each V pair loaded once for them all.
       __m512 o[CHUNK_QUERIES][D / 16];
@@ -1380,7 +1402,7 @@ void chunk_attention_tile(uint16_t* out, int64_t out_stride, const uint16_t* q, 
                            : _mm512_setzero_ps();
       for (int64_t t2 = 0; t2 < (nk + 1) / 2; ++t2) {
         __m512bh v[D / 16];
-        for (int64_t c = 0; c < D / 16; ++c) v[c] = (__m512bh)_mm512_loadu_si512(s.vp.data() + t2 * D + 16 * c);
+        for (int64_t c = 0; c < D / 16; ++c) v[c] = (__m512bh)_mm512_loadu_si512(vp + t2 * D + 16 * c);
         for (int64_t a = 0; a < CHUNK_QUERIES; ++a) {
           const __m512bh pb = (__m512bh)_mm512_set1_epi32(s.pp[a * CHUNK_KEYS / 2 + t2]);
           for (int64_t c = 0; c < D / 16; ++c) o[a][c] = _mm512_dpbf16_ps(o[a][c], v[c], pb);
@@ -1408,9 +1430,24 @@ int chunk_attention(uint16_t* out, const uint16_t* q, int64_t q_stride, const ui
   const int64_t group = heads / kv_heads;
   const int64_t row = std::is_same_v<C, int8_t> ? D + KV_SCALE_BYTES : D;
   const int64_t tiles = (n + CHUNK_POSITIONS - 1) / CHUNK_POSITIONS;
+  const int64_t total = cached + n, key_tiles = (total + CHUNK_KEYS - 1) / CHUNK_KEYS;
+  // The converted keys of every kv head ([kv_heads][key_tiles][CHUNK_TILE_WORDS]), kept by the
+  // calling thread between calls so a layer's call does not fault in fresh pages.
+  static thread_local std::vector<int32_t> converted;
+  const int64_t head_words = key_tiles * CHUNK_TILE_WORDS<D>;
+  if (converted.size() < static_cast<size_t>(kv_heads * head_words))
+    converted.resize(static_cast<size_t>(kv_heads * head_words));
+  int32_t* conv = converted.data();
 #pragma omp parallel
   {
     const DenormalsAreZero flush;
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t t = 0; t < key_tiles; ++t)
+        chunk_convert_keys<D, C>(conv + h * head_words + t * CHUNK_TILE_WORDS<D>, t * CHUNK_KEYS, total,
+                                 k_own + h * D, v_own + h * D, own_stride,
+                                 k_cache + h * num_blocks * bs * row, v_cache + h * num_blocks * bs * row,
+                                 blocks, cached, bs);
     ChunkScratch scratch(D, group);
     // Later tiles see more keys: the biggest first, handed out one at a time.
 #pragma omp for schedule(dynamic, 1) collapse(2)
@@ -1418,10 +1455,8 @@ int chunk_attention(uint16_t* out, const uint16_t* q, int64_t q_stride, const ui
       for (int64_t h = 0; h < kv_heads; ++h) {
         const int64_t p0 = tile * CHUNK_POSITIONS;
         const int64_t P = std::min(CHUNK_POSITIONS, n - p0);
-        chunk_attention_tile<D, C>(out + h * group * D, heads * D, q + h * group * D, q_stride,
-                                   k_own + h * D, v_own + h * D, own_stride,
-                                   k_cache + h * num_blocks * bs * row, v_cache + h * num_blocks * bs * row,
-                                   blocks, cached, group, p0, P, bs, scale, scratch);
+        chunk_attention_tile<D>(out + h * group * D, heads * D, q + h * group * D, q_stride,
+                                conv + h * head_words, cached, group, p0, P, scale, scratch);
       }
   }
   return 0;
