@@ -51,6 +51,22 @@ def test_fit_prefill_splits_rows_where_the_step_switches_weight_formats():
     assert none is None and no_split == NO_SPLIT and [round(x, 6) for x in one] == [20.0, 0.9, 0.0]
 
 
+def test_fit_prefill_splits_where_it_pays_even_beside_a_point_no_row_fits():
+    """The same two regimes plus one attention-heavy step 30% slower than either row can
+    predict: two rows still cut the typical (root mean square) error, so the split at 16 is
+    kept although the worst error stays about the same."""
+
+    def cost(batch: int, length: int) -> float:
+        tokens = batch * length
+        return 6 + 2 * tokens if tokens <= 16 else 37 + 0.84 * tokens + 0.0004 * batch * length**2
+
+    grid = [(1, 4), (1, 8), (1, 16), (1, 24), (1, 32), (2, 64), (1, 256), (4, 128), (2, 512)]
+    points = [Point(b, n, cost(b, n)) for b, n in grid] + [Point(4, 1024, 1.3 * cost(4, 1024))]
+    small, large, threshold = fit_prefill(points)
+    assert threshold == 16 and large is not None
+    assert [round(x, 6) for x in small] == [6.0, 2.0, 0.0]
+
+
 def test_a_profile_with_two_prefill_rows_charges_each_side_and_round_trips():
     p = Profile(
         prefill=(6.0, 2.0, 0.0),
