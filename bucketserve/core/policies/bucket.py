@@ -108,15 +108,6 @@ class BucketConfig:
         "share of the tightest TTFT target (larger steps prefill more per second; never less than "
         "--bucket-ttft-share), still within the running requests' TPOT limit unless --bucket-ttft-lift",
     )
-    light_step_share: float = option(
-        0.5,
-        help="slo: hold steps to this share of their limit while every one of the most urgent "
-        "waiting prompts would still get its first token within --bucket-light-ttft-share of its "
-        "TTFT target at that pace (below capacity: shorter steps, a lower TPOT; 1: off)",
-    )
-    light_ttft_share: float = option(
-        0.25, help="slo: the share of their TTFT targets that light steps keep the waiting prompts within"
-    )
     plan_quantile: float = option(
         0.75,
         help="slo: plan each step's time at this quantile of the recent steps' measured / "
@@ -170,12 +161,6 @@ class BucketConfig:
         check(
             0 < self.danger_ttft_share <= 1,
             f"danger_ttft_share must be in (0, 1], got {self.danger_ttft_share}",
-        )
-        check(
-            0 < self.light_step_share <= 1, f"light_step_share must be in (0, 1], got {self.light_step_share}"
-        )
-        check(
-            0 < self.light_ttft_share <= 1, f"light_ttft_share must be in (0, 1], got {self.light_ttft_share}"
         )
         check(0 <= self.plan_quantile < 1, f"plan_quantile must be in [0, 1), got {self.plan_quantile}")
         check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
@@ -474,10 +459,8 @@ class BucketScheduler(Scheduler):
         for this step if, at the limit, one of the most urgent prompts (started, or queued in
         the picked bucket), taken in urgency order, would finish its prefill after its TTFT
         deadline when it could still meet it, or if a full lookahead of them waits for its
-        first token and every one is late already. Otherwise held to ``light_step_share`` of
-        the limit while, at that pace, all of those prompts would still get their first token
-        within ``light_ttft_share`` of their TTFT targets (none late): below capacity the steps
-        stay short and the running requests decode more often."""
+        first token and every one is late already."""
+        order = self.config.order
         profile = self.cost_fit.profile()
         contexts = [len(s) for s in decoding]
 
@@ -516,62 +499,40 @@ class BucketScheduler(Scheduler):
         grown = max(self.cfg.danger_ttft_share, self.cfg.ttft_share) * tightest
         if not self.cfg.ttft_lift:
             grown = min(grown, tpot_limit)
-        light = limit * self.cfg.light_step_share
-        if grown <= limit and light >= limit:  # nothing to grow or to lighten
+        if grown <= limit:  # nothing to grow
             return budget(limit)
         queued = heapq.nsmallest(DEADLINE_LOOKAHEAD, bucket.heap) if bucket is not None else []
         candidates = sorted([*prefilling, *(s for _, _, s in queued)], key=lambda s: self._keys[s.seq_id])
-        if not candidates:
-            return budget(limit)
-        # The rate: prompt tokens a step takes at a limit, with the most urgent prompt's context
-        # halfway through its rest (chunks cost more as its context grows).
-        first = candidates[0]
-        mid = first.num_computed_tokens + first.num_uncomputed_tokens // 2
-        tokens = self.config.max_num_batched_tokens
-        if grown > limit:
-            missed, late = self._deadlines_missed(
-                candidates, now, limit, budget(limit).take(tokens, mid), 1.0
-            )
-            # A TTFT deadline in danger, or a full lookahead of late prompts: a deep queue with
-            # no deadline left to keep (an offline batch, an overload), which larger steps
-            # empty sooner. Not a few late ones in a burst near capacity: there the next
-            # arrivals' TTFT still counts, and they would wait for the longer steps.
-            if missed or late == DEADLINE_LOOKAHEAD:
-                return budget(grown)
-        if light < limit:
-            # Below capacity the queue keeps its deadlines with time to spare: steps held to the
-            # light share decode more often (a lower TPOT), as long as every one of the most
-            # urgent prompts still gets its first token within light_ttft_share of its target.
-            share = self.cfg.light_ttft_share
-            missed, late = self._deadlines_missed(
-                candidates, now, light, budget(light).take(tokens, mid), share
-            )
-            if not missed and not late:
-                return budget(light)
+        if candidates:
+            # EDF feasibility at this limit: the prompts in urgency order, each finishing after
+            # the ones before it at the rate the limit allows; any deadline missed lifts it.
+            # Prompts that lifting cannot help do not count: a recomputed one (its first token
+            # is out) and one whose prompt alone, run now, already ends past its deadline.
+            # The rate: prompt tokens a step takes at the limit, with the most urgent prompt's
+            # context halfway through its rest (chunks cost more as its context grows).
+            first = candidates[0]
+            mid = first.num_computed_tokens + first.num_uncomputed_tokens // 2
+            rate = max(budget(limit).take(self.config.max_num_batched_tokens, mid), 1)
+            ahead = late = 0
+            for seq in candidates[:DEADLINE_LOOKAHEAD]:
+                ahead += seq.num_uncomputed_tokens
+                if seq.first_token_time is not None:
+                    continue
+                if self.is_late(seq, now):
+                    late += 1
+                    continue
+                deadline = seq.arrival_time + targets(seq, order)[0]
+                if now + math.ceil(ahead / rate) * limit > deadline:
+                    limit = grown  # a TTFT deadline in danger
+                    break
+            else:
+                # A full lookahead of late prompts: a deep queue with no deadline left to keep
+                # (an offline batch, an overload), which larger steps empty sooner. Not a few
+                # late ones in a burst near capacity: there the next arrivals' TTFT still
+                # counts, and they would wait for the longer steps.
+                if late == DEADLINE_LOOKAHEAD:
+                    limit = grown
         return budget(limit)
-
-    def _deadlines_missed(
-        self, candidates: list[Sequence], now: float, limit: float, rate: int, share: float
-    ) -> tuple[bool, int]:
-        """EDF feasibility of steps of ``limit`` seconds taking ``rate`` prompt tokens each: the
-        prompts in urgency order, each finishing after the ones before it. Whether one that can
-        still meet its TTFT deadline (``share`` of its target after its arrival) would miss it,
-        and how many are late already (``is_late``: not even run whole now would they meet the
-        whole target). A recomputed prompt (its first token out) counts as neither."""
-        order = self.config.order
-        rate = max(rate, 1)
-        ahead = late = 0
-        for seq in candidates[:DEADLINE_LOOKAHEAD]:
-            ahead += seq.num_uncomputed_tokens
-            if seq.first_token_time is not None:
-                continue
-            if self.is_late(seq, now):
-                late += 1
-                continue
-            deadline = seq.arrival_time + share * targets(seq, order)[0]
-            if now + math.ceil(ahead / rate) * limit > deadline:
-                return True, late
-        return False, late
 
     def _cannot_wait(self, now: float, prefilling: list[Sequence], bucket: Bucket | None) -> bool:
         """slo, while the TPOT window applies: whether the most urgent prompt (started, or its
