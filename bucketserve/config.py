@@ -57,7 +57,11 @@ class SchedulerConfig:
         choices=policy_names,
         help="; ".join(f"{p.name}: {p.summary}" for p in all_policies()),
     )
-    max_num_seqs: int = option(128, help="most sequences running at once")
+    # 256 as vLLM's default on a GPU: bucket's step budget holds the running requests to their TPOT
+    # targets however many run, and on ShareGPT over HTTP it held 80% of the SLOs to >= 28
+    # req/s with 256 seats against 18.8 with 128; continuous, whose steps grow with its
+    # batch, did better with 128 (docs/RESULTS.md, issue 13, twenty-second session).
+    max_num_seqs: int = option(256, help="most sequences running at once")
     max_num_batched_tokens: int = option(1024, help="token budget per step (prefill chunks + decodes)")
     enable_chunked_prefill: bool = option(
         True, name="chunked-prefill", help="continuous: split a long prompt's prefill across steps"
@@ -266,10 +270,10 @@ class ServerConfig:
 
 
 # Where ``LLM`` and ``generate`` (offline batches: throughput, no one waiting on a token)
-# start from other limits than the server, as vLLM's usage-context defaults do on CPU (LLM_CLASS 256 sequences
-# and 4096 tokens a step against the API server's 128 and 2048). On the 200-request offline
-# benchmark, 256 sequences ran 13-15% faster than 128 and 4096 tokens 6-18% faster than 1024
-# (alternated pairs, docs/RESULTS.md); the server keeps the smaller steps its latency needs.
+# start from other limits than the server, as vLLM's usage-context defaults do on CPU (LLM_CLASS
+# 4096 tokens a step against the API server's 2048). On the 200-request offline benchmark,
+# 4096 tokens ran 6-18% faster than 1024 (alternated pairs, docs/RESULTS.md); the server keeps
+# the smaller steps its latency needs. Both start from 256 sequences.
 OFFLINE_SCHEDULER_DEFAULTS: Mapping[str, Any] = {"max_num_seqs": 256, "max_num_batched_tokens": 4096}
 
 

@@ -186,14 +186,14 @@ def test_generate_starts_from_the_offline_limits_and_serve_from_the_servers() ->
 
     assert limits("generate", "--prompt", "hi") == (256, 4096)
     assert limits("generate", "--prompt", "hi", "--max-num-seqs", "8") == (8, 4096)
-    assert limits("serve") == (128, 1024)
+    assert limits("serve") == (256, 1024)
     assert "(default: 256)" in " ".join(subcommand("generate").format_help().split())
 
 
 def test_llm_starts_from_the_offline_limits_unless_told_otherwise() -> None:
     _, offline = with_options(None, None, {}, OFFLINE_SCHEDULER_DEFAULTS)
     assert (offline.max_num_seqs, offline.max_num_batched_tokens) == (256, 4096)
-    assert SchedulerConfig().max_num_seqs == 128  # the server's default stays smaller
+    assert SchedulerConfig().max_num_batched_tokens == 1024  # the server's steps stay smaller
     _, told = with_options(None, None, {"max_num_seqs": 8}, OFFLINE_SCHEDULER_DEFAULTS)
     assert (told.max_num_seqs, told.max_num_batched_tokens) == (8, 4096)
     _, given = with_options(None, SchedulerConfig(max_num_seqs=16), {}, OFFLINE_SCHEDULER_DEFAULTS)
