@@ -55,18 +55,34 @@ def fit(xs: list[list[float]], ys: list[float]) -> list[float]:
 NO_SPLIT = 1 << 30
 
 
+def relative_errors(coef: list[float], feats: list[list[float]], ys: list[float]) -> list[float]:
+    """(predicted - measured) / measured of each point under the row ``coef``."""
+    pred = [coef[0] + coef[1] * f[0] + coef[2] * f[1] for f in feats]
+    return [(p - y) / y for p, y in zip(pred, ys, strict=True)]
+
+
+def worst(errors: list[float]) -> float:
+    return max(abs(e) for e in errors)
+
+
+def rms(errors: list[float]) -> float:
+    return math.sqrt(sum(e * e for e in errors) / len(errors))
+
+
+def max_relative_error(coef: list[float], feats: list[list[float]], ys: list[float]) -> float:
+    return worst(relative_errors(coef, feats, ys))
+
+
 def best_split(
     feats: list[list[float]],
     ys: list[float],
     keys: list[int],
     first_large: list[int],
-    score: Callable[[list[float]], float] | None = None,
+    score: Callable[[list[float]], float] = worst,
 ) -> tuple[float, list[float], list[float], int] | None:
     """Two rows, one for the points whose key is below each candidate in ``first_large`` and
     one for the rest (at least 3 points each): (score of their relative errors, small row,
-    large row, candidate) of the best, or None when no candidate leaves 3 points a side.
-    ``score``: the worst relative error unless given."""
-    score = score or worst
+    large row, candidate) of the best, or None when no candidate leaves 3 points a side."""
     best = None
     for t in first_large:
         small = [i for i, k in enumerate(keys) if k < t]
@@ -125,24 +141,6 @@ def prefill_features(p: Point) -> list[float]:
 
 def decode_features(p: Point) -> list[float]:
     return [p.batch * p.length, p.batch]
-
-
-def relative_errors(coef: list[float], feats: list[list[float]], ys: list[float]) -> list[float]:
-    """(predicted - measured) / measured of each point under the row ``coef``."""
-    pred = [coef[0] + coef[1] * f[0] + coef[2] * f[1] for f in feats]
-    return [(p - y) / y for p, y in zip(pred, ys, strict=True)]
-
-
-def worst(errors: list[float]) -> float:
-    return max(abs(e) for e in errors)
-
-
-def rms(errors: list[float]) -> float:
-    return math.sqrt(sum(e * e for e in errors) / len(errors))
-
-
-def max_relative_error(coef: list[float], feats: list[list[float]], ys: list[float]) -> float:
-    return worst(relative_errors(coef, feats, ys))
 
 
 # A step with prompt tokens, served, follows decode steps that ran in other weight formats
