@@ -1202,7 +1202,7 @@ void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t n) {
 // layer), where its bf16 GEMMs reach 600-880, and the per-layer gather of the cache came on top.
 // Converting each key tile per query tile instead (once per 16 positions) made the kernel 1.2x
 // (bf16 cache) to 1.4x (int8) slower at 512 positions over 1,536 cached; tiles of 32 keys and 4
-// queries scored together, 1.3x slower again (a session's A/B on the Zen 5 EPYC, same outputs).
+// queries scored together, ~1.25x slower again (a session's A/B on the Zen 5 EPYC, docs/RESULTS.md).
 constexpr int64_t CHUNK_POSITIONS = 16;
 constexpr int64_t CHUNK_KEYS = 64;  // a softmax update (max, exp, sum) per 64 keys a query
 constexpr int64_t CHUNK_QUERIES = 6;  // query vectors scored together, each key pair loaded once for them
