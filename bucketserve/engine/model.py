@@ -230,6 +230,8 @@ class Attention(nn.Module):
         self.o_proj = MultiFormatLinear(self.q_size, args.hidden_size, bias=False)
         self.kernels: NativeKernels | None = None  # set by LlamaModel.use_kernels
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 cos, sin [positions, D]
+        # Whether bf16 prompt chunks attend through the native chunk kernel (use_kernels).
+        self.chunk_kernel = False
 
     def forward(
         self,
@@ -280,13 +282,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
 
         outs = []
-        chunk_kernel = (
-            native
-            and _NATIVE_CHUNK_ATTENTION
-            and qkv.dtype == torch.bfloat16
-            and self.head_dim == 64
-            and self.kernels.has_chunk_attention
-        )
+        chunk_kernel = self.chunk_kernel and qkv.dtype == torch.bfloat16
         for row in meta.prefill:
             if chunk_kernel:
                 outs.append(self._native_chunk(qkv, k, v, k_cache, v_cache, row))
@@ -552,8 +548,15 @@ class LlamaModel(nn.Module):
             else (self.rotary.cos.float().contiguous(), self.rotary.sin.float().contiguous())
         )
         for layer in self.layers:
-            layer.self_attn.kernels = kernels
-            layer.self_attn.rope_tables = tables
+            attn = layer.self_attn
+            attn.kernels = kernels
+            attn.rope_tables = tables
+            attn.chunk_kernel = (
+                kernels is not None
+                and _NATIVE_CHUNK_ATTENTION
+                and attn.head_dim == 64
+                and kernels.has_chunk_attention
+            )
             layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
             layer.mlp.kernels = kernels
         self.norm.kernels = kernels
