@@ -131,14 +131,6 @@ class BucketConfig:
         "prompt chunks (0 or 1: every step on its own; off by default: on the CPU engine it saved "
         "step time but not SLO attainment, docs/RESULTS.md)",
     )
-    plan_window: int = option(
-        0,
-        metavar="STEPS",
-        help="slo: plan the running requests' steps to come at the mean measured time of the last "
-        "STEPS steps, where that is under their TPOT target x --bucket-tpot-margin, so that what "
-        "fast steps bank, and fast steps expected, fund a longer step now (0: the steps to come "
-        "planned at target x margin)",
-    )
     window_chunk: int = option(
         128,
         metavar="TOKENS",
@@ -182,7 +174,6 @@ class BucketConfig:
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
         check(0 < self.chunk_overhead <= 1, f"chunk_overhead must be in (0, 1], got {self.chunk_overhead}")
         check(self.tpot_window >= 0, f"tpot_window must be >= 0, got {self.tpot_window}")
-        check(self.plan_window >= 0, f"plan_window must be >= 0, got {self.plan_window}")
         check(self.window_chunk >= 1, f"window_chunk must be >= 1, got {self.window_chunk}")
 
 
@@ -205,8 +196,6 @@ class BucketScheduler(Scheduler):
         # without prompt tokens (_step_budget's window and progress).
         self._recent_steps: deque[float] = deque(maxlen=max(0, self.cfg.tpot_window - 1))
         self._steps_without_prompt = 0
-        # slo, plan_window: the last that many steps' measured times (_tpot_limit's plan).
-        self._plan_steps: deque[float] = deque(maxlen=self.cfg.plan_window)
 
     def add(self, seq: Sequence) -> None:
         super().add(seq)
@@ -218,8 +207,6 @@ class BucketScheduler(Scheduler):
         super().observe_step(shape, seconds)
         if self._recent_steps.maxlen:
             self._recent_steps.append(seconds)
-        if self._plan_steps.maxlen:
-            self._plan_steps.append(seconds)
 
     # -- queue: the buckets ------------------------------------------------------------
     def _enqueue(self, seq: Sequence) -> None:
@@ -605,20 +592,17 @@ class BucketScheduler(Scheduler):
         limit = math.inf
         margin = self.cfg.tpot_margin
         aim = (1 + margin) / 2  # the reply's share of its target
-        recent = self._plan_steps
-        mean = sum(recent) / len(recent) if recent and len(recent) == recent.maxlen else math.inf
         for seq in decoding:
             target = targets(seq, self.config.order)[1]
             if target is None:
                 continue
             held = target * margin
-            ahead = min(held, mean)  # the steps to come (plan_window: as the recent ones ran)
             end = -math.inf
             if seq.first_token_time is not None:
                 n, total = seq.num_output_tokens, seq.params.max_tokens
                 if seq.predicted_output_len is not None:
                     total = min(total, max(n + 1, seq.predicted_output_len))
-                end = seq.first_token_time + (total - 1) * target * aim - max(0, total - n - 1) * ahead
+                end = seq.first_token_time + (total - 1) * target * aim - max(0, total - n - 1) * held
             limit = min(limit, max(held, end - now))
         return limit
 
