@@ -168,64 +168,6 @@ def test_a_step_budget_always_lets_one_chunk_through() -> None:
     assert budget.take(1000, 0) == 0
 
 
-def test_a_chunk_cut_short_stretches_its_step_to_an_efficient_size_within_the_stretch_limit() -> None:
-    """A step carrying prompt tokens pays the prefill constant beside its decodes (20 - 7 ms
-    here); a chunk the limit cuts to ~40 tokens pays it over few of them. With room to
-    stretch, the chunk grows to the cost model's efficient size (the constant a tenth of its
-    time), the step's limit to what that chunk needs; with less room, as far as it allows."""
-    decode = [300] * 4
-    efficient = KNOWN.efficient_prompt_tokens(0.1, len(decode))
-    assert efficient == 130  # (20 - 7) x (1 - 0.1) / (0.1 x 0.9)
-    alone = step_ms(KNOWN, BatchShape((), tuple(decode))) / 1e3
-    short = StepBudget(KNOWN, decode, limit_s=alone + 0.05, max_tokens=4096, min_chunk=16).take(1500, 0)
-    assert 16 < short < efficient
-
-    roomy = StepBudget(KNOWN, decode, alone + 0.05, 4096, 16, stretch_s=1.0, efficient_tokens=efficient)
-    assert roomy.take(1500, 0) == efficient
-    assert roomy.stretched_ms == pytest.approx(roomy.predicted_s() * 1e3)
-    assert roomy.take(100, 0) == 0  # the stretched step is full
-    ending = StepBudget(KNOWN, decode, alone + 0.05, 4096, 16, stretch_s=1.0, efficient_tokens=efficient)
-    assert ending.take(100, 0) == 100  # a prompt that ends before the efficient size: whole
-
-    room = alone + 0.08
-    tight = StepBudget(KNOWN, decode, alone + 0.05, 4096, 16, stretch_s=room, efficient_tokens=efficient)
-    n = tight.take(1500, 0)
-    assert short < n < efficient and tight.predicted_s() <= room
-    assert KNOWN.efficient_prompt_tokens(1.0, 4) == 0  # share 1: no stretching
-
-
-def test_slo_bucket_stretches_a_documents_chunk_past_the_ttft_cap_within_the_tpot_limit() -> None:
-    """Four chats decode (TPOT target 0.3 s) while a 1,500-token document waits: a tenth of the
-    chats' 1-s TTFT target cuts its chunk to ~70 tokens; the step stretches to the efficient
-    130 (the prefill constant a tenth of the chunk's time), still within the chats' TPOT
-    limit. With --bucket-chunk-overhead 1 the chunk keeps to the cap."""
-    chunks = {}
-    for share in (0.1, 1.0):
-        sched = make(
-            "bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048,
-            policy_config={"step_budget": "slo", "min_chunk": 16, "chunk_overhead": share},
-            order={"order": "edf", "slo_classes": ("256:1:0.3", "2048:5:-")},
-        )  # fmt: skip
-        sched.cost_fit = OnlineCostFit(prior=KNOWN)
-        ex = FakeExecutor(sched, profile=KNOWN)
-        for i in range(4):
-            sched.add(seq(i, 40, 200))
-        for _ in range(3):
-            ex.step()
-        sched.add(seq(9, 1500, 8, arrival=ex.now))
-        now = ex.now + 0.06  # its bucket's dispatch window (0.05 s) has passed
-        batch = sched.schedule(now)
-        assert batch is not None
-        shape = batch.shape()
-        assert len(shape.decode) == 4
-        chunks[share] = max(n for n, _ in shape.prefill)
-        running = [s for s in sched.running if s.seq_id != "9"]
-        assert step_ms(KNOWN, shape) / 1e3 <= sched._tpot_limit(running, now) + 1e-9
-    assert chunks[0.1] == KNOWN.efficient_prompt_tokens(0.1, 4) == 130
-    assert 16 < chunks[1.0] < 100
-    assert step_ms(KNOWN, BatchShape(((chunks[1.0], 0),), (41,) * 4)) / 1e3 <= 0.1
-
-
 def test_without_a_time_limit_the_budget_is_the_tokens() -> None:
     budget = StepBudget(KNOWN, [300] * 8, limit_s=float("inf"), max_tokens=520, min_chunk=16)
     assert budget.take(1000, 0) == 512  # the decodes' 8 tokens count too
@@ -591,8 +533,7 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
     workload, num_blocks, min_chunk
 ) -> None:
     """Whatever arrives: KV never over the pool, every request finishes, no step over its
-    time limit by more than the one chunk progress allows (or, stretched for an efficient
-    chunk, past the decoding requests' TPOT allowance), and none waits unboundedly."""
+    time limit by more than the one chunk progress allows, and none waits unboundedly."""
     sched = make(
         "bucket",
         num_blocks=num_blocks,
@@ -645,12 +586,7 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
         tpot_ms = min(allowances) * 1e3 if allowances else math.inf
         caps = [min(tpot_ms, share * tightest_ms) for share in (0.1, 0.25)]
         assert any(budget.limit_ms == pytest.approx(cap) for cap in caps), (budget.limit_ms, caps)
-        limit_ms = budget.limit_ms
-        if budget.stretched_ms is not None:
-            # a chunk cut short stretched the step, never past the decoding requests' allowance
-            assert budget.limit_ms < budget.stretched_ms <= tpot_ms + 1e-6
-            limit_ms = budget.stretched_ms
-        if took * 1e3 > limit_ms + 1e-6:
+        if took * 1e3 > budget.limit_ms + 1e-6:
             # over its limit only by the one chunk of progress (or by the decodes alone)
             assert len(shape.prefill) <= 1 and all(n <= min_chunk for n, _ in shape.prefill)
         assert batch.num_real_tokens <= 1280  # the token budget, decodes included

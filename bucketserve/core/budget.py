@@ -14,14 +14,6 @@ first chunk of a step may always take ``min_chunk`` tokens (or the rest of its p
 over the limit, so a step exceeds its limit by at most one such chunk and a tight target
 never starves a waiting prompt. Decode rows count against the token budget here (as in
 ``continuous``), one token each.
-
-Efficient chunks: a chunk cut short by the limit, that does not end its prompt, pays the fixed
-cost of a step with prompt tokens over few of them (on the CPU engine a 200-token chunk over a
-1,000-token context cost 0.5 ms a token, a 512-token one 0.4, a fresh 1,024-token prompt 0.3).
-With ``stretch_s`` above the limit and ``efficient_tokens``, the first such chunk of a step
-grows to up to ``efficient_tokens`` (or the rest of its prompt) as far as ``stretch_s`` allows,
-and the step's limit becomes what that chunk needs (``efficient_tokens`` from the cost model:
-``Profile.efficient_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -43,8 +35,6 @@ class StepBudget:
         max_tokens: int,
         min_chunk: int,
         progress: bool = True,
-        stretch_s: float | None = None,
-        efficient_tokens: int = 0,
     ) -> None:
         self.profile = profile
         self.decode = tuple(decode_contexts)
@@ -53,11 +43,6 @@ class StepBudget:
         self.min_chunk = min_chunk
         self.progress = progress  # whether the first chunk may take min_chunk over the limit
         self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
-        # How far a chunk cut short may stretch the step (None: not past the limit), and to how
-        # many tokens (the cost model's efficient chunk).
-        self.stretch_ms = self.limit_ms if stretch_s is None else max(self.limit_ms, stretch_s * 1e3)
-        self.efficient_tokens = efficient_tokens
-        self.stretched_ms: float | None = None  # the limit a stretched chunk set (None: not stretched)
 
     @property
     def timed(self) -> bool:
@@ -75,24 +60,8 @@ class StepBudget:
         decode = (*self.decode, *(length for n, _, length in rows if n == 1))
         return step_ms(self.profile, BatchShape(prefill, decode)) / 1e3
 
-    @property
-    def step_limit_ms(self) -> float:
-        """The limit the step's chunks fit: the planned one, or what a stretched chunk set."""
-        return self.limit_ms if self.stretched_ms is None else self.stretched_ms
-
-    def _fits(self, n: int, cached: int, length: int, limit_ms: float | None = None) -> bool:
-        limit = self.step_limit_ms if limit_ms is None else limit_ms
-        return self.predicted_s(((n, cached, length),)) * 1e3 <= limit
-
-    def _most_that_fit(self, hi: int, cached: int, length: int, limit_ms: float) -> int:
-        lo = 0  # predicted time grows with n
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._fits(mid, cached, length, limit_ms):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    def _fits(self, n: int, cached: int, length: int) -> bool:
+        return self.predicted_s(((n, cached, length),)) * 1e3 <= self.limit_ms
 
     def take(self, want: int, cached: int) -> int:
         """How many of a prompt's ``want`` remaining tokens (after ``cached`` computed ones)
@@ -104,14 +73,14 @@ class StepBudget:
             return 0
         n = hi
         if self.timed and not self._fits(hi, cached, length):
-            n = self._most_that_fit(hi, cached, length, self.step_limit_ms)
-            goal = min(hi, self.efficient_tokens)
-            # A chunk cut short: stretch the step, once (one efficient chunk a step, not many).
-            if n < goal and self.stretched_ms is None and self.stretch_ms > self.limit_ms:
-                stretched = self._most_that_fit(goal, cached, length, self.stretch_ms)
-                if stretched > n:
-                    n = stretched
-                    self.stretched_ms = self.predicted_s(((n, cached, length),)) * 1e3
+            lo = 0  # the most tokens that fit: predicted time grows with n
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._fits(mid, cached, length):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            n = lo
         if n < min(want, self.min_chunk):
             n = min(want, self.tokens_left, self.min_chunk) if self.progress and not self.rows else 0
         if n > 0:

@@ -71,17 +71,6 @@ class Profile:
     def decode_fixed_ms(self, batch: int) -> float:
         return (self.decode_large if batch >= self.large_batch_threshold else self.decode_small)[0]
 
-    def efficient_prompt_tokens(self, overhead_share: float, decode_rows: int) -> int:
-        """The fewest prompt tokens a step beside ``decode_rows`` decode rows must carry for
-        the fixed cost of carrying any (the prefill row's constant, less the decode constant
-        such a step pays anyway) to be at most ``overhead_share`` of their time; 0 where that
-        cost is none. The row for large steps where the profile has two: the answer is one."""
-        a, b, _ = self.prefill_large if self.prefill_large is not None else self.prefill
-        fixed = a - self.decode_fixed_ms(decode_rows) if decode_rows else a
-        if fixed <= 0 or b <= 0 or overhead_share >= 1:
-            return 0
-        return math.ceil(fixed * (1 - overhead_share) / (overhead_share * b))
-
     def to_dict(self) -> dict[str, Any]:
         """DistServe's keys, then ours (sizes only where known)."""
         out: dict[str, Any] = {

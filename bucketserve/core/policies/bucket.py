@@ -115,13 +115,6 @@ class BucketConfig:
         "times scatter (0: at the cost model's prediction)",
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
-    chunk_overhead: float = option(
-        0.1,
-        help="slo: a prompt chunk cut short by the step's limit may stretch the step, within the "
-        "running requests' TPOT limit (past --bucket-ttft-share), until at most this share of its "
-        "time is the fixed cost of a step with prompt tokens (the cost model's): small chunks of a "
-        "long prompt cost the CPU engine up to 1.5x a large one's time a token (1: off)",
-    )
     tpot_window: int = option(
         0,
         metavar="STEPS",
@@ -172,7 +165,6 @@ class BucketConfig:
         check(0 <= self.plan_quantile < 1, f"plan_quantile must be in [0, 1), got {self.plan_quantile}")
         check(self.late_demotion_s >= 0, f"late_demotion_s must be >= 0, got {self.late_demotion_s}")
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
-        check(0 < self.chunk_overhead <= 1, f"chunk_overhead must be in (0, 1], got {self.chunk_overhead}")
         check(self.tpot_window >= 0, f"tpot_window must be >= 0, got {self.tpot_window}")
         check(self.window_chunk >= 1, f"window_chunk must be >= 1, got {self.window_chunk}")
 
@@ -495,15 +487,10 @@ class BucketScheduler(Scheduler):
         def budget(limit_s: float) -> StepBudget:
             tokens = self.config.max_num_batched_tokens
             planned = limit_s / slack if window is None else max(limit_s / slack, window)
-            # A chunk cut short by the limit may stretch the step to an efficient size, as far
-            # as the running requests' TPOT targets allow (StepBudget).
-            stretch = tpot_limit / slack if math.isfinite(tpot_limit) else None  # not unbounded
-            return StepBudget(profile, contexts, planned, tokens, chunk, progress, stretch, efficient)
+            return StepBudget(profile, contexts, planned, tokens, chunk, progress)
 
-        tpot_limit, efficient = math.inf, 0
         if profile is None:  # too few steps seen to predict one: the token budget alone
             return budget(math.inf)
-        efficient = profile.efficient_prompt_tokens(self.cfg.chunk_overhead, len(contexts))
         tpot_limit = self._tpot_limit(decoding, now)
         limit = min(tpot_limit, cap)
         # What the step may grow to while a TTFT deadline is in danger: a queue that is behind
