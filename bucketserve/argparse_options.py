@@ -190,3 +190,17 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return config_from_options(ServerConfig, args)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would exit the process
+        raise ConfigError(message)
+
+
+def serve_configs(args: Collection[str]) -> tuple[EngineConfig, SchedulerConfig]:
+    """The engine and scheduler configs a `bucketserve serve ARGS` runs with (server options
+    accepted and dropped); a ConfigError for arguments serve would refuse."""
+    parser = _RaisingParser(prog="bucketserve serve", add_help=False)
+    add_engine_options(parser)
+    add_server_options(parser)
+    return engine_configs(parser.parse_args(list(args)))

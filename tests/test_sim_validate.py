@@ -10,10 +10,20 @@ import pytest
 
 from bucketserve.cli import main
 from bucketserve.config import SchedulerConfig
+from bucketserve.core.cost import step_ms
 from bucketserve.core.scheduler import BatchShape
+from bucketserve.errors import ConfigError
 from bucketserve.sim.cost_model import CostModel, Profile, load_profile
 from bucketserve.sim.simulator import InstanceSpec, SimConfig, SimRequest, simulate
-from bucketserve.sim.validate import SpeedTrace, error_table, read_bench, validate_run
+from bucketserve.sim.validate import (
+    BenchRun,
+    SpeedTrace,
+    error_table,
+    fitted_profile,
+    read_bench,
+    recorded_server_args,
+    validate_run,
+)
 from bucketserve.wire import MeasuredRun, RequestRow, StepSample, write_json
 
 LINEAR = {
@@ -38,6 +48,7 @@ def bench_file(
     speed: float | None = None,
     delay: float = 0.0,
     transfer: float | None = None,
+    max_num_seqs: int = 128,
 ):
     """A bench-shaped result whose 'measurements' come from the simulator itself; with
     ``speed``, from a machine that slower, and with steps that say so; with ``delay``, from
@@ -47,7 +58,7 @@ def bench_file(
     requests = [SimRequest(0.05 * i, 20 + (37 * i) % 200, 2 + (11 * i) % 30) for i in range(60)]
     instance = InstanceSpec(profile, (1 << 20) // 1024)
     cfg = SimConfig(
-        SchedulerConfig(policy=policy, max_num_seqs=128, max_num_batched_tokens=1024),
+        SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=1024),
         instance,
         decode_instance=None if transfer is None else instance,
         link_bandwidth=math.inf,
@@ -196,3 +207,72 @@ def test_requests_enter_the_simulation_when_the_server_admitted_them(tmp_path, p
     path.write_text(json.dumps(data))
     [c] = validate_run(path, str(profile_path), 1 << 20, policy="continuous")
     assert c.error("p50_ttft_ms") < -0.1
+
+
+def test_a_compare_file_replays_each_server_with_the_arguments_it_was_started_with(tmp_path, profile_path):
+    """A server started as `--server tight='--policy continuous'` beside `--server-args
+    '--max-num-seqs 2'` ran continuous with two seats: the file records both, and the replay
+    uses them (with the command line's 256 seats instead, it would not match)."""
+    run = json.loads(bench_file(tmp_path, profile_path, "continuous", max_num_seqs=2).read_text())
+    config = {"server_args": "--max-num-seqs 2", "server": ["tight=--policy continuous"], "policies": None}
+    assert recorded_server_args(config) == {"tight": ["--max-num-seqs", "2", "--policy", "continuous"]}
+    compare = {"config": config, "servers": {"tight#1": {"points": [{"request_rate": 2.0, **run}]}}}
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(compare))
+    [c] = validate_run(path, str(profile_path), 1 << 20)
+    assert c.policy == "continuous"
+    assert all(abs(c.error(m)) < 1e-9 for m in ("output_throughput", "p50_ttft_ms", "p50_tpot_ms"))
+
+    compare["config"] = {}  # a file that does not record how its servers started
+    path.write_text(json.dumps(compare))
+    [c] = validate_run(path, str(profile_path), 1 << 20, policy="continuous")
+    assert c.error("p50_ttft_ms") < -0.1  # 256 seats: nobody waits for one
+
+
+def test_a_server_argument_serve_refuses_is_a_one_line_error(tmp_path, profile_path):
+    run = json.loads(bench_file(tmp_path, profile_path, "bucket").read_text())
+    compare = {
+        "config": {"server_args": "", "server": ["b=--bucket-no-such-option 1"]},
+        "servers": {"b": {"points": [{"request_rate": 2.0, **run}]}},
+    }
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(compare))
+    with pytest.raises(ConfigError, match="--bucket-no-such-option"):
+        validate_run(path, str(profile_path), 1 << 20)
+
+
+def _steps_at(profile: Profile, slowdown: float, count: int = 200) -> list[StepSample]:
+    """Steps of varied shapes (decode-only, prompt-only, mixed), each taking ``slowdown`` x
+    what ``profile`` charges it."""
+    shapes = []
+    for i in range(count):
+        prefill = tuple(((17 * i) % 300 + 8, (29 * i) % 400 * (i % 2)) for _ in range(i % 3))
+        decode = tuple(100 + (13 * i + 7 * j) % 500 for j in range((5 * i) % 40 + (0 if prefill else 1)))
+        shapes.append(BatchShape(prefill, decode))
+    return [StepSample(0.05 * i, slowdown * step_ms(profile, s) / 1e3, s) for i, s in enumerate(shapes)]
+
+
+def test_the_cost_model_fitted_to_a_files_steps_predicts_the_serving_paths_costs(profile_path):
+    """Steps measured at twice the profile's times (a server's own work, a slower machine):
+    the fit charges every shape, seen or not, twice what the profile does, and keeps the
+    profile's KV bytes per token. Too few steps to fit: a one-line error."""
+    profile = load_profile(str(profile_path))
+    fitted = fitted_profile([BenchRun("r", None, [], _steps_at(profile, 2.0))], profile)
+    assert fitted.kv_bytes_per_token == profile.kv_bytes_per_token
+    for shape in (
+        BatchShape(((700, 0),), ()),
+        BatchShape((), (900,) * 60),
+        BatchShape(((64, 512),), (300,) * 9),
+    ):
+        assert step_ms(fitted, shape) == pytest.approx(2 * step_ms(profile, shape), rel=1e-3)
+    with pytest.raises(ConfigError, match="too few step records"):
+        fitted_profile([BenchRun("r", None, [], _steps_at(profile, 2.0, count=10))], profile)
+
+
+def test_cli_validate_fits_the_steps_or_says_why_it_cannot(tmp_path, profile_path, capsys):
+    path = bench_file(tmp_path, profile_path, "continuous")  # no steps recorded
+    code = main(
+        ["simulate", "--validate", f"{path}:continuous", "--profile", str(profile_path), "--fit-steps"]
+    )
+    assert code == 2
+    assert "too few step records" in capsys.readouterr().err

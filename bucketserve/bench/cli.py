@@ -25,7 +25,6 @@ from bucketserve.bench.compare import CompareConfig, Target
 from bucketserve.bench.report import SLO, ReportConfig
 from bucketserve.bench.sweep import SweepConfig
 from bucketserve.bench.workload import ArrivalConfig, WorkloadConfig
-from bucketserve.core.policies import policy_names
 from bucketserve.errors import ConfigError
 
 # A run takes one rate (or a trace's time scale); a sweep and a comparison take a list.
@@ -259,7 +258,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from bucketserve.bench.compare import format_compare_table, pooled_capacities, run_compare
+    from bucketserve.bench.compare import (
+        compare_targets,
+        format_compare_table,
+        pooled_capacities,
+        run_compare,
+    )
     from bucketserve.bench.sweep import capacity, plot_sweeps
     from bucketserve.wire import write_json
 
@@ -268,9 +272,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     compare, workload_config = config_from_options(CompareConfig, a), config_from_options(WorkloadConfig, a)
     arrival, sweep = _arrivals(a, sweep=True), config_from_options(SweepConfig, a)
     report = config_from_options(ReportConfig, a, exclude=RUN_ONLY_REPORT)
-    given = [Target.from_server_arg(s) for s in a.server] + [Target.from_url_arg(u) for u in a.url]
-    policies = compare.policies if compare.policies is not None else (() if given else policy_names())
-    targets = [Target(p, policy=p) for p in policies] + given
+    targets = compare_targets(compare.policies, a.server, a.url)
     names = [t.name for t in targets]
     if not targets:
         raise ConfigError("nothing to compare: give --policies, --server and/or --url")

@@ -76,6 +76,11 @@ class Target:
             raise ValueError(f"bad --server {text!r}: use NAME='SERVE ARGS', e.g. c='--policy continuous'")
         return cls(name, args=tuple(shlex.split(args)))
 
+    def serve_args(self, server_args: Sequence[str] = ()) -> list[str]:
+        """The `bucketserve serve` arguments of a server we start: --policy, then the shared
+        --server-args, then its own."""
+        return [*(["--policy", self.policy] if self.policy else []), *server_args, *self.args]
+
     @classmethod
     def from_url_arg(cls, text: str) -> Target:
         """'NAME=URL' (or just URL, named by itself)."""
@@ -85,6 +90,16 @@ class Target:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"bad --url {text!r}: use NAME=http://HOST:PORT")
         return cls(name, url=url.rstrip("/"))
+
+
+def compare_targets(
+    policies: Sequence[str] | None, servers: Sequence[str] = (), urls: Sequence[str] = ()
+) -> list[Target]:
+    """The servers of a compare: one per policy (all of them when neither --policies nor a
+    --server or --url is given), then the --server and --url entries."""
+    given = [Target.from_server_arg(s) for s in servers] + [Target.from_url_arg(u) for u in urls]
+    chosen = policies if policies is not None else (() if given else policy_names())
+    return [Target(p, policy=p) for p in chosen] + given
 
 
 def run_compare(
@@ -111,7 +126,7 @@ def run_compare(
     def start(stack: contextlib.ExitStack, target: Target) -> ClientConfig | None:
         if target.url is None:
             log = log_dir / f"server-{target.name}.log" if log_dir else None
-            server = managed_server(target.policy, [*server_args, *target.args], log, startup_timeout)
+            server = managed_server(None, target.serve_args(server_args), log, startup_timeout)
         else:
             server = contextlib.nullcontext(target.url)
         try:

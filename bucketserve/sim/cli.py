@@ -214,6 +214,7 @@ def _validate(a: argparse.Namespace, server: ValidateConfig) -> int:
                 max_model_len=setup.max_model_len,
                 disaggregated=server.disaggregated,
                 kv_transfer_latency=server.kv_transfer_latency,
+                fit_steps=server.fit_steps,
             )
         )
     print(error_table(rows, server.target))

@@ -7,8 +7,16 @@ error. The simulator replays the same arrivals and lengths with
 a measured profile (``bucketserve profile``) and the server's KV budget and scheduler
 settings, and the two are compared on output throughput, TTFT p50 and TPOT p50.
 
-The bench cannot see a server's policy: a compare file names each server after the policy it
-started it with; for a ``bench run`` file pass ``--policy`` (or FILE:POLICY).
+The bench cannot see a server's policy: for a ``bench run`` file pass ``--policy`` (or
+FILE:POLICY). A ``bench compare`` file records how it started its servers (``--policies``,
+``--server NAME=ARGS``, ``--server-args``): each server is replayed with the policy, scheduler
+settings (SLO classes, ``--reject-late``, the policy's own options) and KV pool its arguments
+gave it, where they say; the command line's settings fill in the rest.
+
+``fit_steps``: instead of the profile's coefficients, the cost model is fitted to the file's own
+step records (the core's ``OnlineCostFit``, nothing forgotten; the profile still gives the KV
+bytes per token): the serving path's costs under the measured load, which an in-process
+profile does not see (the server's own work per step, the machine of the day).
 
 A file written by ``benchmarks/sim_validation.py`` also holds the engine's steps, each with
 its start, duration and batch shape. Then the cost model's estimate of every measured step is
@@ -23,13 +31,18 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import shlex
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bucketserve.argparse_options import serve_configs
+from bucketserve.bench.compare import compare_targets
 from bucketserve.config import EngineConfig, SchedulerConfig
+from bucketserve.core.cost import OnlineCostFit, Profile
 from bucketserve.core.policies import policy_names
+from bucketserve.errors import ConfigError
 from bucketserve.metrics import RequestRecord, summarize
 from bucketserve.options import check, check_fields, default_of, option, parse_bytes
 from bucketserve.sim.cost_model import CostModel, load_profile
@@ -74,6 +87,12 @@ class ValidateConfig:
         metavar="SECONDS",
         help="with --disaggregated: each KV transfer's time, as the server measured it (its "
         "bucketserve:kv_transfer_seconds mean)",
+    )
+    fit_steps: bool = option(
+        False,
+        help="fit the cost model to the bench files' own step records (the serving path's costs "
+        "under load) instead of the profile's coefficients; the profile still gives the KV bytes "
+        "per token",
     )
     target: float = option(0.15, help="relative error target")
 
@@ -139,6 +158,8 @@ class BenchRun:
     # Per record, when the server's engine took the request in (None: not known). Over
     # HTTP that is later than the client sent it, and all at once, in another order.
     admitted: list[float | None] | None = None
+    # A compare file's server: the `bucketserve serve` arguments it was started with.
+    server_args: list[str] | None = None
 
 
 def _rate(rate: float | None) -> str:
@@ -153,11 +174,13 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     if isinstance(data.get("requests"), list):
         return [_bench_run(name, data.get("config", {}).get("policy"), MeasuredRun.from_dict(data))]
     if isinstance(data.get("servers"), dict):
+        started = recorded_server_args(data.get("config", {}))
         return [
             _bench_run(
                 f"{name} {server} @ {_rate(p.get('request_rate'))}",
                 server if server in policy_names() else None,
                 MeasuredRun.from_dict(p),
+                started.get(server.partition("#")[0]),  # rounds are named NAME#R
             )
             for server, entry in data["servers"].items()
             for p in entry.get("points", [])
@@ -165,7 +188,19 @@ def read_bench(path: str | Path) -> list[BenchRun]:
     raise ValueError(f"{path}: neither a `bench run` nor a `bench compare` result (no requests or servers)")
 
 
-def _bench_run(name: str, policy: str | None, run: MeasuredRun) -> BenchRun:
+def recorded_server_args(config: dict[str, Any]) -> dict[str, list[str]]:
+    """The `bucketserve serve` arguments of each server a compare file's run started (not the
+    --url ones), from the options its config records ({} where it records none)."""
+    if "server_args" not in config:
+        return {}
+    targets = compare_targets(config.get("policies"), config.get("server") or (), config.get("url") or ())
+    shared = shlex.split(config.get("server_args") or "")
+    return {t.name: t.serve_args(shared) for t in targets if t.url is None}
+
+
+def _bench_run(
+    name: str, policy: str | None, run: MeasuredRun, server_args: list[str] | None = None
+) -> BenchRun:
     admitted = [r.admitted for r in run.requests]
     return BenchRun(
         name,
@@ -173,7 +208,26 @@ def _bench_run(name: str, policy: str | None, run: MeasuredRun) -> BenchRun:
         [r.to_record() for r in run.requests],
         run.steps or None,  # `sim_validation.py` records them in process, `bench` from /debug/steps
         None if all(t is None for t in admitted) else admitted,
+        server_args,
     )
+
+
+def fitted_profile(runs: list[BenchRun], prior: Profile) -> Profile:
+    """A cost model fitted to every step the runs recorded (``OnlineCostFit``, nothing
+    forgotten), ``prior``'s sizes kept; a ConfigError where too few steps of each kind were."""
+    fit = OnlineCostFit(prior=prior, half_life=math.inf)
+    for run in runs:
+        for step in run.steps or ():
+            fit.observe(step.shape, step.duration)
+    if not fit.fitted:
+        raise ConfigError(
+            f"too few step records to fit a cost model ({fit.num_prefill_steps} with prompt tokens, "
+            f"{fit.num_decode_steps} without; {fit.min_steps} of each needed): the file has no steps"
+            " (`bench` records them from the server's /debug/steps)"
+        )
+    profile = fit.profile()
+    assert profile is not None  # fitted
+    return dataclasses.replace(profile, name=f"fitted to the steps of {len(runs)} runs")
 
 
 def span(records: list[RequestRecord]) -> float:
@@ -210,20 +264,35 @@ def validate_run(
     max_model_len: int = 8192,
     disaggregated: bool = False,
     kv_transfer_latency: float = 0.0,
+    fit_steps: bool = False,
 ) -> list[Comparison]:
     """Simulate the requests of each run in a bench file and compare the three metrics;
-    ``policy`` is the server's where the file does not say. ``disaggregated``: a prefill and
-    a decode instance alike, each KV transfer taking ``kv_transfer_latency`` seconds (on one
-    host, Ray's object store: a fixed cost, not a link's bandwidth)."""
+    ``policy``, ``scheduler``, ``kv_cache_memory``, ``block_size`` and ``max_model_len`` are
+    the server's where the file does not say (a compare file records its servers' arguments).
+    ``disaggregated``: a prefill and a decode instance alike, each KV transfer taking
+    ``kv_transfer_latency`` seconds (on one host, Ray's object store: a fixed cost, not a
+    link's bandwidth). ``fit_steps``: the cost model fitted to the file's steps."""
     prof = load_profile(profile)
     if prof.kv_bytes_per_token is None:
         raise ValueError(f"profile {profile!r} has no kv_bytes_per_token; use one from `bucketserve profile`")
-    capacity = kv_cache_memory // prof.kv_bytes_per_token
+    runs = read_bench(path)
+    if fit_steps:
+        prof = fitted_profile(runs, prof)
     out = []
-    for run in read_bench(path):
-        run_policy = run.policy or policy  # a compare file names its servers' policies
+    for run in runs:
+        sched_cfg, kv_bytes, blocks, context = None, kv_cache_memory, block_size, max_model_len
+        if run.server_args is not None:
+            try:
+                engine, sched_cfg = serve_configs(run.server_args)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {run.name!r} ran with arguments serve refuses: {e}") from e
+            kv_bytes = engine.kv_cache_memory or kv_cache_memory
+            blocks, context = engine.block_size, engine.max_model_len or max_model_len
+        run_policy = sched_cfg.policy if sched_cfg is not None else run.policy or policy
         if run_policy is None:
             raise ValueError(f"{path}: the server's policy of {run.name!r} is unknown; pass --policy")
+        if sched_cfg is None:
+            sched_cfg = SchedulerConfig(policy=run_policy, **(scheduler or {}))
         admitted = run.admitted or [None] * len(run.records)
         kept = [(r, a) for r, a in zip(run.records, admitted, strict=True) if r.ok and r.output_tokens > 0]
         ok = [r for r, _ in kept]
@@ -236,13 +305,13 @@ def validate_run(
             for r, a in kept
         ]
         sent = [r.arrival - t0 for r in ok]
-        instance = InstanceSpec(prof, capacity)
+        instance = InstanceSpec(prof, kv_bytes // prof.kv_bytes_per_token)
         sim_cfg = SimConfig(
-            SchedulerConfig(policy=run_policy, **(scheduler or {})),
+            sched_cfg,
             instance,
             decode_instance=instance if disaggregated else None,
-            block_size=block_size,
-            max_model_len=max_model_len,
+            block_size=blocks,
+            max_model_len=context,
             link_bandwidth=math.inf,
             link_latency=kv_transfer_latency,
             first_token_at_decode=True,  # what our disaggregated server does
