@@ -222,8 +222,8 @@ def fitted_profile(runs: list[BenchRun], prior: Profile) -> Profile:
     if not fit.fitted:
         raise ConfigError(
             f"too few step records to fit a cost model ({fit.num_prefill_steps} with prompt tokens, "
-            f"{fit.num_decode_steps} without; {fit.min_steps} of each needed): the file has no steps"
-            " (`bench` records them from the server's /debug/steps)"
+            f"{fit.num_decode_steps} without; {fit.min_steps} of each needed; `bench` records a "
+            "server's steps from its /debug/steps)"
         )
     profile = fit.profile()
     assert profile is not None  # fitted
