@@ -199,6 +199,8 @@ def test_compare_rounds_are_named_apart_and_their_attainment_pooled_per_server(
     printed = capsys.readouterr().out
     pooled = printed[printed.index("pooled over the rounds") :]
     assert "fast: >= 100" in pooled and "slow: below the lowest rate" in pooled
+    repeats = printed[printed.index("over the rounds: median") :].splitlines()
+    assert sum(r.split()[:1] in (["fast"], ["slow"]) for r in repeats) == 4  # 2 servers x 2 rates
 
 
 def test_pooled_capacity_is_the_capacity_of_the_mean_attainment_over_rounds() -> None:
@@ -214,6 +216,28 @@ def test_pooled_capacity_is_the_capacity_of_the_mean_attainment_over_rounds() ->
     assert list(pooled) == ["x"]
     assert pooled["x"] == pytest.approx(2.0)  # mean 0.8 at 2 req/s; each round alone: 2.25 and 1.67
     assert compare.capacity(curves["x#1"], 0.8) == pytest.approx(2.25)
+
+
+def test_the_repeats_table_gives_each_servers_median_and_spread_over_the_rounds() -> None:
+    def point(rate: float, attainment: float, chat_ttft_p99: float, tpot: float) -> compare.SweepPoint:
+        classes = {"<=256": {"p99_ttft_ms": chat_ttft_p99}, "<=2048": {"p99_ttft_ms": 9999.0}}
+        summary = {"slo_attainment": attainment, "median_tpot_ms": tpot, "slo_classes": classes}
+        return compare.SweepPoint(rate, summary, None)  # type: ignore[arg-type]
+
+    curves = {
+        "x#1": [point(2, 1.0, 300, 40.0), point(4, 0.9, 800, 90.0)],
+        "x#2": [point(2, 0.8, 900, 70.0), point(4, 0.7, 700, 95.0)],
+        "x#3": [point(2, 0.9, 500, 55.0), point(4, 0.5, 600, 99.0)],
+        "y": [point(2, 1.0, 100, 10.0)],  # not run in rounds: no row
+    }
+    rows = compare.format_repeats_table(curves).splitlines()
+    assert "TTFT p99 (1st class)" in rows[1]
+    x2 = next(r for r in rows if r.split()[:2] == ["x", "2.00"]).split()
+    assert x2[2:] == ["3", "0.90", "[0.80-1.00]", "500", "[300-900]", "55.0", "[40.0-70.0]"]
+    x4 = next(r for r in rows if r.split()[:2] == ["x", "4.00"]).split()
+    assert x4[2:] == ["3", "0.70", "[0.50-0.90]", "700", "[600-800]", "95.0", "[90.0-99.0]"]
+    assert not any(r.split()[:1] == ["y"] for r in rows)
+    assert compare.format_repeats_table({"y": curves["y"]}) == ""
 
 
 def test_compare_refuses_a_hash_in_a_server_name(capsys) -> None:

@@ -261,6 +261,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from bucketserve.bench.compare import (
         compare_targets,
         format_compare_table,
+        format_repeats_table,
         pooled_capacities,
         run_compare,
     )
@@ -300,6 +301,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         warmup_requests=sweep.warmup_requests,
     )
     print(format_compare_table(curves, sweep.target_attainment))
+    if repeats := format_repeats_table(curves):
+        print(repeats)
     write_json(
         f"{stem}.json",
         {

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import math
 import shlex
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ class CompareConfig:
     rounds: int = option(
         1,
         help="run the whole comparison this many times; each round's results are named NAME#R and "
-        "the table adds each server's capacity from its attainment pooled over the rounds",
+        "the table adds each server's capacity from its attainment pooled over the rounds, and "
+        "per server and rate the median and spread over the rounds of SLO attainment, TTFT p99 "
+        "and TPOT p50",
     )
 
     def __post_init__(self) -> None:
@@ -249,6 +252,47 @@ def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float)
             lines.append("pooled over the rounds (mean attainment at each rate):")
             rounds = rounds_by_server(curves)
             lines += [_capacity_line(n, c, rounds[n]) for n, c in pooled.items()]
+    return "\n".join(lines)
+
+
+def format_repeats_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
+    """Per server run in rounds and rate: the median over the rounds and the lowest and highest
+    round of SLO attainment, TTFT p99 (of the shortest SLO class where the runs had classes:
+    the chats a policy should not keep waiting) and TPOT p50, so that a difference between
+    servers can be told from the machine's run-to-run spread; '' without rounds."""
+    by_server = rounds_by_server(curves)
+    if not by_server:
+        return ""
+
+    def cell(values: list[float], fmt: str) -> str:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return "n/a"
+        lo, mid, hi = min(values), statistics.median(values), max(values)
+        return f"{mid:{fmt}} [{lo:{fmt}}-{hi:{fmt}}]"
+
+    def short_ttft_p99(p: SweepPoint) -> float:
+        classes = p.summary.get("slo_classes")
+        if classes:
+            return next(iter(classes.values()))["p99_ttft_ms"]
+        return p.summary.get("p99_ttft_ms", math.nan)
+
+    classed = any("slo_classes" in p.summary for pts in by_server.values() for p in pts)
+    ttft = "TTFT p99 (1st class)" if classed else "TTFT p99"
+    lines = [
+        "over the rounds: median [lowest-highest round]",
+        f"{'server':>12} {'rate':>6} {'rounds':>6} {'SLO att.':>17} {ttft:>23} {'TPOT p50':>23}",
+        "(latencies in ms)",
+    ]
+    for name, points in by_server.items():
+        for rate in sorted({p.rate for p in points}):
+            at = [p for p in points if p.rate == rate]
+            lines.append(
+                f"{name[:12]:>12} {rate:>6.2f} {len(at):>6} "
+                f"{cell([p.summary.get('slo_attainment', math.nan) for p in at], '.2f'):>17} "
+                f"{cell([short_ttft_p99(p) for p in at], '.0f'):>23} "
+                f"{cell([p.summary.get('median_tpot_ms', math.nan) for p in at], '.1f'):>23}"
+            )
     return "\n".join(lines)
 
 
