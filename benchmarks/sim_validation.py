@@ -41,7 +41,7 @@ def to_measured_run(run: Replay) -> MeasuredRun:
     """The run as a bench result file holds it, in seconds from its start."""
     # the engine's records are on its clock: latencies keep, arrivals count from the start
     rows = [dataclasses.replace(RequestRow.from_record(r), sent=r.arrival - run.start) for r in run.records]
-    steps = [StepSample(s.start - run.start, s.duration, s.shape) for s in run.steps]
+    steps = [StepSample(s.start - run.start, s.duration, s.shape, s.schedule_time) for s in run.steps]
     return MeasuredRun(summarize(run.records, run.duration), rows, steps)
 
 

@@ -188,16 +188,19 @@ class RequestRow:
 class StepSample:
     """One measured engine step: when it started (seconds, on the clock of whoever holds it:
     the server's monotonic clock in ``/debug/steps``, the run's in a result file), how long
-    it took, and what it computed."""
+    it took, and what it computed; where the engine recorded it, how much of the duration the
+    scheduler took to pick the batch (the rest ran it)."""
 
     start: float
     duration: float
     shape: BatchShape
+    schedule: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat: start and duration (to the microsecond), then the batch shape's fields."""
+        """Flat: start and duration (to the microsecond), then the batch shape's fields, then
+        the scheduling time where known."""
         s = self.shape
-        return {
+        d: dict[str, Any] = {
             "start": round(self.start, 6),
             "duration": round(self.duration, 6),
             "prefill": [[n, c] for n, c in s.prefill],
@@ -205,6 +208,9 @@ class StepSample:
             "padded": s.padded,
             "ghost_rows": s.num_ghost_rows,
         }
+        if self.schedule is not None:
+            d["schedule"] = round(self.schedule, 6)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepSample:
@@ -214,7 +220,9 @@ class StepSample:
             bool(d.get("padded", False)),
             int(d.get("ghost_rows", 0)),
         )
-        return cls(float(d["start"]), float(d["duration"]), shape)
+        schedule = d.get("schedule")  # files written before it was recorded have none
+        start, duration = float(d["start"]), float(d["duration"])
+        return cls(start, duration, shape, None if schedule is None else float(schedule))
 
 
 @dataclass

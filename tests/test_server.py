@@ -300,6 +300,7 @@ def test_debug_steps_lists_the_engine_steps_with_their_batch_shapes(server: Serv
     assert data["now"] < admitted < httpx.get(server.url + "/debug/steps").json()["now"]
     steps = data["steps"]
     assert all(s["start"] + s["duration"] <= data["now"] for s in steps)
+    assert all(0 < s["schedule"] < s["duration"] for s in steps)  # picking the batch, then running it
     # The last three steps served this request alone: its prefill, then two decodes.
     last = steps[-3:]
     assert [s["prefill"] for s in last] == [[[7, 0]], [], []]
