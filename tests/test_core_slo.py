@@ -485,6 +485,7 @@ def test_a_late_prompt_goes_behind_the_on_time_ones_for_a_bounded_time(demotion:
     assert second is not None
     prompts = [s for s, n in zip(second.seqs, second.num_new_tokens, strict=True) if n > 1]
     assert prompts == ([late] if demotion else [on_time])
+    assert sched.num_late_demotions == (1 if demotion else 0)  # once, though checked every step
 
 
 @pytest.mark.parametrize(

@@ -281,6 +281,7 @@ def test_metrics_parse_and_count_requests(server: Server) -> None:
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert ("bucketserve:" + gauge, ()) in after
     assert ("bucketserve:num_preemptions_total", ()) in after
+    assert metric(after, "bucketserve:num_late_demotions_total") == 0  # nothing here was late
     # the default policy is bucket: one queue per bucket, labelled by its length range
     assert metric(after, "bucketserve:num_buckets") >= 1
     assert ("bucketserve:bucket_queue_length", (("bucket", "[0,256)"),)) in after

@@ -407,6 +407,12 @@ class Scheduler(abc.ABC):
         """Times waiting queues were merged."""
         return 0
 
+    @property
+    def num_late_demotions(self) -> int:
+        """Prompts moved behind the ones still on time once they could not meet their TTFT
+        target (the ``bucket`` policy's ``late_demotion_s``; none for a policy without it)."""
+        return 0
+
     # -- state -------------------------------------------------------------------------
     @property
     def num_running(self) -> int:

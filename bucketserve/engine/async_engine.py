@@ -69,6 +69,7 @@ class EngineSnapshot:
     queue_edges: tuple[int, ...] = ()  # queue i holds prompt lengths [edges[i], edges[i + 1])
     num_queue_splits: int = 0  # times a bucket split, since start
     num_queue_merges: int = 0
+    num_late_demotions: int = 0  # late prompts moved behind the on-time ones (Scheduler.num_late_demotions)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -532,4 +533,5 @@ class AsyncEngine:
             queue_edges=tuple(engine.scheduler.queue_edges()),
             num_queue_splits=engine.scheduler.num_queue_splits,
             num_queue_merges=engine.scheduler.num_queue_merges,
+            num_late_demotions=engine.scheduler.num_late_demotions,
         )

@@ -57,6 +57,14 @@ class _EngineCollector(Collector):
         )
         c.add_metric(value, s.num_late)
         yield c
+        c = CounterMetricFamily(
+            "bucketserve:num_late_demotions",
+            "Prompts the bucket policy moved behind the ones still on time once they could no longer "
+            "meet their TTFT target (--bucket-late-demotion).",
+            labels=labels,
+        )
+        c.add_metric(value, s.num_late_demotions)
+        yield c
         c = CounterMetricFamily("bucketserve:engine_steps", "Engine steps since start.", labels=labels)
         c.add_metric(value, s.num_steps)
         yield c

@@ -184,6 +184,7 @@ class BucketScheduler(Scheduler):
         # come and go so that a step need not scan every request for the tightest target.
         self._own_ttfts: dict[str, float] = {}
         self._demoted: set[str] = set()  # late prompts whose key moved (_demote_late)
+        self._num_demotions = 0  # since start (num_late_demotions)
         # slo: the last tpot_window - 1 steps' measured times, and how many steps in a row ran
         # without prompt tokens (_step_budget's window and progress).
         self._recent_steps: deque[float] = deque(maxlen=max(0, self.cfg.tpot_window - 1))
@@ -251,6 +252,10 @@ class BucketScheduler(Scheduler):
     @property
     def num_queue_merges(self) -> int:
         return self.buckets.num_merges
+
+    @property
+    def num_late_demotions(self) -> int:
+        return self._num_demotions
 
     def _adapt(self) -> None:
         """Split or merge buckets for the current load (once per step, not per arrival)."""
@@ -382,6 +387,7 @@ class BucketScheduler(Scheduler):
             if seq.seq_id in self._demoted or seq.first_token_time is not None or not self.is_late(seq, now):
                 return False
             self._demoted.add(seq.seq_id)
+            self._num_demotions += 1
             self._keys[seq.seq_id] += self.cfg.late_demotion_s
             return True
 
