@@ -40,13 +40,16 @@ def test_sigterm_drains_streams_in_flight_refuses_new_requests_with_503_and_exit
             t.start()
         started.wait(timeout=30)
         server.proc.send_signal(signal.SIGTERM)
-        refused = None
+        # The drain starts at once; /health (which never queues) says when. A request sent
+        # before the signal is handled would be accepted and wait behind every stream (one
+        # sequence at a time), and the server could end its drain meanwhile and exit.
+        health = None
         deadline = time.monotonic() + 5
-        while refused is None and time.monotonic() < deadline:  # the drain starts at once
-            r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
-            refused = r if r.status_code == 503 else None
+        while health != 503 and time.monotonic() < deadline:
+            health = httpx.get(server.url + "/health", timeout=10).status_code
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        refused = r if r.status_code == 503 else None
         refused_at = time.monotonic()
-        health = httpx.get(server.url + "/health", timeout=10).status_code
         for t in threads:
             t.join(timeout=60)
     finally:
