@@ -194,7 +194,7 @@ class StepSample:
     start: float
     duration: float
     shape: BatchShape
-    schedule: float | None = None
+    schedule_time: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat: start and duration (to the microsecond), then the batch shape's fields, then
@@ -208,8 +208,8 @@ class StepSample:
             "padded": s.padded,
             "ghost_rows": s.num_ghost_rows,
         }
-        if self.schedule is not None:
-            d["schedule"] = round(self.schedule, 6)
+        if self.schedule_time is not None:
+            d["schedule_time"] = round(self.schedule_time, 6)
         return d
 
     @classmethod
@@ -220,7 +220,7 @@ class StepSample:
             bool(d.get("padded", False)),
             int(d.get("ghost_rows", 0)),
         )
-        schedule = d.get("schedule")  # files written before it was recorded have none
+        schedule = d.get("schedule_time")  # files written before it was recorded have none
         start, duration = float(d["start"]), float(d["duration"])
         return cls(start, duration, shape, None if schedule is None else float(schedule))
 

@@ -281,6 +281,7 @@ def test_metrics_parse_and_count_requests(server: Server) -> None:
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert ("bucketserve:" + gauge, ()) in after
     assert ("bucketserve:num_preemptions_total", ()) in after
+    assert ("bucketserve:num_late_demotions_total", ()) in after  # exported (metric() reads 0 if not)
     assert metric(after, "bucketserve:num_late_demotions_total") == 0  # nothing here was late
     # the default policy is bucket: one queue per bucket, labelled by its length range
     assert metric(after, "bucketserve:num_buckets") >= 1
@@ -301,7 +302,7 @@ def test_debug_steps_lists_the_engine_steps_with_their_batch_shapes(server: Serv
     assert data["now"] < admitted < httpx.get(server.url + "/debug/steps").json()["now"]
     steps = data["steps"]
     assert all(s["start"] + s["duration"] <= data["now"] for s in steps)
-    assert all(0 < s["schedule"] < s["duration"] for s in steps)  # picking the batch, then running it
+    assert all(0 < s["schedule_time"] < s["duration"] for s in steps)  # picking the batch, then running it
     # The last three steps served this request alone: its prefill, then two decodes.
     last = steps[-3:]
     assert [s["prefill"] for s in last] == [[[7, 0]], [], []]

@@ -76,11 +76,11 @@ def test_a_step_sample_round_trips_flat(step: StepSample, tmp_path: Path) -> Non
 
 
 def test_a_step_sample_carries_its_scheduling_time_where_it_was_recorded(tmp_path: Path) -> None:
-    timed = dataclasses.replace(STEP, schedule=0.000412)
+    timed = dataclasses.replace(STEP, schedule_time=0.000412)
     d = timed.to_dict()
-    assert d["schedule"] == 0.000412
+    assert d["schedule_time"] == 0.000412
     assert StepSample.from_dict(through_file(d, tmp_path)) == timed
-    assert StepSample.from_dict(STEP.to_dict()).schedule is None  # an older file: not known
+    assert StepSample.from_dict(STEP.to_dict()).schedule_time is None  # an older file: not known
 
 
 def test_a_measured_run_round_trips_with_and_without_steps(tmp_path: Path) -> None:
