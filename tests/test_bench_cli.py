@@ -15,8 +15,11 @@ from conftest import build_tokenizer
 from fake_openai_server import FakeServer
 
 from bucketserve.bench import compare, servers
+from bucketserve.bench.runner import RunResult
 from bucketserve.cli import main
+from bucketserve.core.scheduler import BatchShape
 from bucketserve.sim.validate import read_bench
+from bucketserve.wire import StepSample
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +204,7 @@ def test_compare_rounds_are_named_apart_and_their_attainment_pooled_per_server(
     assert "fast: >= 100" in pooled and "slow: below the lowest rate" in pooled
     repeats = printed[printed.index("over the rounds: median") :].splitlines()
     assert sum(r.split()[:1] in (["fast"], ["slow"]) for r in repeats) == 4  # 2 servers x 2 rates
+    assert "engine steps" not in printed  # servers that report no steps: no step table
 
 
 def test_pooled_capacity_is_the_capacity_of_the_mean_attainment_over_rounds() -> None:
@@ -238,6 +242,29 @@ def test_the_repeats_table_gives_each_servers_median_and_spread_over_the_rounds(
     assert x4[2:] == ["3", "0.70", "[0.50-0.90]", "700", "[600-800]", "95.0", "[90.0-99.0]"]
     assert not any(r.split()[:1] == ["y"] for r in rows)
     assert compare.format_repeats_table({"y": curves["y"]}) == ""
+
+
+def test_the_step_table_splits_each_runs_engine_time_into_prompt_and_decode_only_steps() -> None:
+    def step(duration: float, prompt: tuple[tuple[int, int], ...] = ()) -> StepSample:
+        return StepSample(0.0, duration, BatchShape(prompt, (100, 120)))
+
+    def point(scale: float) -> compare.SweepPoint:
+        steps = [step(0.2 * scale, ((300, 0),)), step(0.1 * scale, ((64, 300), (40, 0))), step(0.01 * scale)]
+        return compare.SweepPoint(3.0, {}, RunResult([], 1.0, steps))
+
+    curves = {
+        "x#1": [point(1.0)],
+        "x#2": [point(2.0)],
+        "x#3": [point(3.0)],
+        "peer": [compare.SweepPoint(3.0, {}, RunResult([], 1.0, None))],  # reported no steps: no row
+    }
+    rows = compare.format_step_table(curves).splitlines()
+    x = next(r for r in rows if r.split()[:1] == ["x"]).split()
+    # the median round (scale 2): busy 0.62 s of 1 s, two prompt steps of 0.6 s in all whose
+    # prompt tokens are 300 and 104 (median 202), one decode-only step of 0.02 s
+    assert x[1:] == ["3.00", "0.62", "2", "0.6", "202", "1", "0.0"]
+    assert not any(r.split()[:1] == ["peer"] for r in rows)
+    assert compare.format_step_table({"peer": curves["peer"]}) == ""
 
 
 def test_compare_refuses_a_hash_in_a_server_name(capsys) -> None:

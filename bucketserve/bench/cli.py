@@ -262,6 +262,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         compare_targets,
         format_compare_table,
         format_repeats_table,
+        format_step_table,
         pooled_capacities,
         run_compare,
     )
@@ -303,6 +304,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
     print(format_compare_table(curves, sweep.target_attainment))
     if repeats := format_repeats_table(curves):
         print(repeats)
+    if steps := format_step_table(curves):
+        print(steps)
     write_json(
         f"{stem}.json",
         {

@@ -296,6 +296,70 @@ def format_repeats_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class StepSplit:
+    """Where one run's engine time went: its steps with prompt tokens against its decode-only
+    steps (the server's own step records, ``/debug/steps``)."""
+
+    busy: float  # share of the run's duration spent in steps
+    prompt_steps: int
+    prompt_s: float
+    prompt_tokens_p50: float  # prompt tokens in a step that has any
+    decode_steps: int
+    decode_s: float
+
+    @classmethod
+    def of(cls, p: SweepPoint) -> StepSplit | None:
+        """None where the server reported no steps (not a bucketserve server)."""
+        steps = p.result.steps
+        if not steps or p.result.duration <= 0:
+            return None
+        prompt = [st for st in steps if st.shape.prefill]
+        decode = [st for st in steps if not st.shape.prefill]
+        return cls(
+            busy=sum(st.duration for st in steps) / p.result.duration,
+            prompt_steps=len(prompt),
+            prompt_s=sum(st.duration for st in prompt),
+            prompt_tokens_p50=statistics.median(sum(n for n, _ in st.shape.prefill) for st in prompt)
+            if prompt
+            else 0.0,
+            decode_steps=len(decode),
+            decode_s=sum(st.duration for st in decode),
+        )
+
+
+def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
+    """Per server (its rounds pooled) and rate, the median over the runs of where the engine's
+    time went: the share of the run it was busy, its steps with prompt tokens (how many, their
+    seconds, their prompt tokens at the median) and its decode-only steps. A policy that cuts
+    prompts finely spends more in prompt steps for the same prompts, and every request
+    decoding through them waits that long for a token; '' where no server reported steps."""
+    groups = rounds_by_server(curves)
+    for name, points in curves.items():
+        if "#" not in name:
+            groups[name] = list(points)
+    lines = [
+        "engine steps: median over the runs (seconds; the server's /debug/steps)",
+        f"{'server':>12} {'rate':>6} {'busy':>5} {'prompt steps':>12} {'their s':>8} "
+        f"{'tokens p50':>10} {'decode-only':>11} {'their s':>8}",
+    ]
+    for name, points in groups.items():
+        for rate in sorted({p.rate for p in points}):
+            splits = [StepSplit.of(p) for p in points if p.rate == rate]
+            if not splits or any(sp is None for sp in splits):
+                continue
+
+            def mid(field: str, splits: list[StepSplit | None] = splits) -> float:
+                return statistics.median(getattr(sp, field) for sp in splits)
+
+            lines.append(
+                f"{name[:12]:>12} {rate:>6.2f} {mid('busy'):>5.2f} {mid('prompt_steps'):>12.0f} "
+                f"{mid('prompt_s'):>8.1f} {mid('prompt_tokens_p50'):>10.0f} {mid('decode_steps'):>11.0f} "
+                f"{mid('decode_s'):>8.1f}"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _capacity_line(name: str, cap: float, points: Sequence[SweepPoint]) -> str:
     """'  NAME: C', with '>=' when every rate met the target (the sweep did not bound it)."""
     top = max((p.rate for p in points if math.isfinite(p.rate)), default=math.nan)
