@@ -265,6 +265,15 @@ def test_the_step_table_splits_each_runs_engine_time_into_prompt_and_decode_only
     assert x[1:] == ["3.00", "0.62", "2", "0.6", "202", "1", "0.0"]
     assert not any(r.split()[:1] == ["peer"] for r in rows)
     assert compare.format_step_table({"peer": curves["peer"]}) == ""
+    assert "*" not in compare.format_step_table(curves)
+
+    # A long run whose first 6 s fell out of the server's step record: busy over the 4 s the
+    # record covers, and the row says it is partial.
+    late = [StepSample(6.0, 1.0, BatchShape(((200, 0),), ())), StepSample(7.0, 2.0, BatchShape((), (50,)))]
+    cut = compare.format_step_table({"long": [compare.SweepPoint(1.0, {}, RunResult([], 10.0, late))]})
+    row = next(r for r in cut.splitlines() if r.split()[:1] == ["long"]).split()
+    assert row[1:] == ["1.00", "0.75", "1", "1.0", "200", "1", "2.0", "*"]
+    assert cut.splitlines()[-1].startswith("* from the first step the server still held")
 
 
 def test_compare_refuses_a_hash_in_a_server_name(capsys) -> None:

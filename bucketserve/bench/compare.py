@@ -301,23 +301,27 @@ class StepSplit:
     """Where one run's engine time went: its steps with prompt tokens against its decode-only
     steps (the server's own step records, ``/debug/steps``)."""
 
-    busy: float  # share of the run's duration spent in steps
+    busy: float  # share of the run's duration (from its first recorded step) spent in steps
     prompt_steps: int
     prompt_s: float
     prompt_tokens_p50: float  # prompt tokens in a step that has any
     decode_steps: int
     decode_s: float
+    # The run's time of its first recorded step: a server keeps its last few thousand steps
+    # (``/debug/steps``), so a long run's record can start after the run did.
+    from_s: float
 
     @classmethod
     def of(cls, p: SweepPoint) -> StepSplit | None:
         """None where the server reported no steps (not a bucketserve server)."""
         steps = p.result.steps
-        if not steps or p.result.duration <= 0:
+        from_s = max(0.0, steps[0].start) if steps else 0.0
+        if not steps or p.result.duration <= from_s:
             return None
         prompt = [st for st in steps if st.shape.prefill]
         decode = [st for st in steps if not st.shape.prefill]
         return cls(
-            busy=sum(st.duration for st in steps) / p.result.duration,
+            busy=sum(st.duration for st in steps) / (p.result.duration - from_s),
             prompt_steps=len(prompt),
             prompt_s=sum(st.duration for st in prompt),
             prompt_tokens_p50=statistics.median(sum(n for n, _ in st.shape.prefill) for st in prompt)
@@ -325,6 +329,7 @@ class StepSplit:
             else 0.0,
             decode_steps=len(decode),
             decode_s=sum(st.duration for st in decode),
+            from_s=from_s,
         )
 
 
@@ -333,7 +338,9 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     time went: the share of the run it was busy, its steps with prompt tokens (how many, their
     seconds, their prompt tokens at the median) and its decode-only steps. A policy that cuts
     prompts finely spends more in prompt steps for the same prompts, and every request
-    decoding through them waits that long for a token; '' where no server reported steps."""
+    decoding through them waits that long for a token. A row marked * covers only the steps the
+    server still held (its record started over a second into some run); '' where no server
+    reported steps."""
     groups = rounds_by_server(curves)
     for name, points in curves.items():
         if "#" not in name:
@@ -343,11 +350,14 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
         f"{'server':>12} {'rate':>6} {'busy':>5} {'prompt steps':>12} {'their s':>8} "
         f"{'tokens p50':>10} {'decode-only':>11} {'their s':>8}",
     ]
+    cut = False
     for name, points in groups.items():
         for rate in sorted({p.rate for p in points}):
             splits = [StepSplit.of(p) for p in points if p.rate == rate]
             if not splits or any(sp is None for sp in splits):
                 continue
+            partial = any(sp.from_s > 1.0 for sp in splits if sp is not None)
+            cut |= partial
 
             def mid(field: str, splits: list[StepSplit | None] = splits) -> float:
                 return statistics.median(getattr(sp, field) for sp in splits)
@@ -355,8 +365,10 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
             lines.append(
                 f"{name[:12]:>12} {rate:>6.2f} {mid('busy'):>5.2f} {mid('prompt_steps'):>12.0f} "
                 f"{mid('prompt_s'):>8.1f} {mid('prompt_tokens_p50'):>10.0f} {mid('decode_steps'):>11.0f} "
-                f"{mid('decode_s'):>8.1f}"
+                f"{mid('decode_s'):>8.1f}{' *' if partial else ''}"
             )
+    if cut:
+        lines.append("* from the first step the server still held, over a second into the run")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
