@@ -315,8 +315,10 @@ class StepSplit:
     def of(cls, p: SweepPoint) -> StepSplit | None:
         """None where the server reported no steps (not a bucketserve server)."""
         steps = p.result.steps
-        from_s = max(0.0, steps[0].start) if steps else 0.0
-        if not steps or p.result.duration <= from_s:
+        if not steps:
+            return None
+        from_s = max(0.0, steps[0].start)
+        if p.result.duration <= from_s:
             return None
         prompt = [st for st in steps if st.shape.prefill]
         decode = [st for st in steps if not st.shape.prefill]
@@ -353,13 +355,14 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     cut = False
     for name, points in groups.items():
         for rate in sorted({p.rate for p in points}):
-            splits = [StepSplit.of(p) for p in points if p.rate == rate]
-            if not splits or any(sp is None for sp in splits):
-                continue
-            partial = any(sp.from_s > 1.0 for sp in splits if sp is not None)
+            found = [StepSplit.of(p) for p in points if p.rate == rate]
+            splits = [sp for sp in found if sp is not None]
+            if not splits or len(splits) < len(found):
+                continue  # some run has no steps to split
+            partial = any(sp.from_s > 1.0 for sp in splits)
             cut |= partial
 
-            def mid(field: str, splits: list[StepSplit | None] = splits) -> float:
+            def mid(field: str, splits: list[StepSplit] = splits) -> float:
                 return statistics.median(getattr(sp, field) for sp in splits)
 
             lines.append(

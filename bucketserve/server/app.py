@@ -120,7 +120,7 @@ async def prometheus_metrics(request: Request) -> Response:
 @router.get("/debug/steps", dependencies=[Depends(check_api_key)])
 async def engine_steps(request: Request) -> JSONResponse:
     """The engine's recent steps (up to 4096) as ``wire.StepSample``s, each starting on the
-    server's monotonic clock, with the share of its duration the scheduler took; ``now`` is
+    server's monotonic clock, with the seconds of it the scheduler took; ``now`` is
     that clock at the reply. The bench client stores
     them with a run, for `bucketserve simulate --validate`. Behind the API key: they tell
     the lengths of other clients' prompts."""
