@@ -284,6 +284,50 @@ def test_slo_bucket_forces_a_waiting_prompt_through_after_a_window_without_promp
     assert all(b - a == 4 for a, b in itertools.pairwise(carried))
 
 
+def test_slo_bucket_spends_banked_time_on_window_chunks_up_to_the_window_ttft_share() -> None:
+    """The document's 1-s TTFT target caps a step at a tenth of a second, so a 200-token
+    window chunk (~200 ms) never fits and goes through forced, every fourth step. With
+    --bucket-window-ttft-share 0.5 a step on time the chats banked may run up to half a
+    second: chunks go as soon as the banked time covers them, so the document's prompt is
+    done in fewer steps, and every chat still keeps its TPOT target over its reply."""
+    done_at = {}
+    for share in (None, 0.5):
+        sched = _slo_bucket(tpot_window=4, window_chunk=200, window_ttft_share=share)
+        chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
+        steps = _decode_beside_a_document(sched, chats, seq(9, 1500, 8, ttft_slo=1.0))
+        carried = [i for i, n in enumerate(steps) if n]
+        assert sum(steps[i] for i in carried) == 1500
+        assert all(steps[i] >= 200 for i in carried[:-1])  # window chunks, bar the prompt's last
+        done_at[share] = carried[-1]
+        for s in chats:
+            assert s.finished_time is not None and s.first_token_time is not None
+            assert (s.finished_time - s.first_token_time) / (s.num_output_tokens - 1) <= 0.1
+    assert done_at[0.5] < done_at[None]
+
+
+def test_slo_bucket_holds_a_window_step_within_the_decoding_requests_tpot_limit() -> None:
+    """The window bounds the mean of the last steps, not each reply. Four chats (100-ms TPOT
+    target, 90 ms with the margin) whose first tokens came 10 s ago have nothing banked, so
+    their TPOT limit is 90 ms; fast decode-only steps leave the window 4 x 90 ms less their
+    ~12 ms each. A document arrives: the step's plan stays within the chats' 90 ms, and so
+    do its prompt tokens (~70 fit beside the four rows), not the window's ~300 ms."""
+    sched = _slo_bucket(tpot_window=4, window_chunk=32)
+    ex = FakeExecutor(sched, profile=KNOWN)
+    chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
+    for s in chats:
+        sched.add(s)
+    for _ in range(5):
+        ex.step()
+    for s in chats:
+        s.first_token_time = ex.now - 10.0
+    sched.add(seq(9, 1500, 8, arrival=ex.now - 0.1))  # waited out the dispatch window
+    ex.step()
+    budget = sched.last_budget
+    assert budget is not None and budget.timed
+    assert budget.limit_ms <= 90.0 + 1e-6
+    assert 32 <= ex.batches[-1].shape().prefill[0][0] <= 72
+
+
 def test_slo_bucket_does_not_keep_a_chat_waiting_out_the_window_past_its_ttft_deadline() -> None:
     """Right after a forced chunk of a late document, a 150-token chat with a 0.5-s TTFT
     target arrives; the steps' cap (a tenth of it) leaves no room for it, and the window would

@@ -22,8 +22,10 @@ miss its TTFT deadline anyway goes behind the ones still on time (``late_demotio
 The slo budget plans each step at a quantile of how far recent steps ran over their
 prediction (``plan_quantile``); with ``tpot_window`` it may also run a step as long as keeps
 the mean of the last that many measured steps within the tightest TPOT target
-(``_window_limit``), so that decode-only steps bank time for fewer, larger chunks (each step
-with prompt tokens pays a fixed overhead beside its decode rows).
+(``_window_limit``; up to ``window_ttft_share`` of the tightest TTFT target, and within every
+decoding request's TPOT limit over its reply), so that decode-only steps bank time for fewer,
+larger chunks (each step with prompt tokens pays a fixed overhead beside its decode rows, and
+on a CPU with AMX a small chunk costs several times a large one's per token).
 """
 
 from __future__ import annotations
@@ -132,6 +134,14 @@ class BucketConfig:
         "a waiting prompt is forced through with this many, over the limit, only after "
         "--bucket-tpot-window - 1 steps without prompt tokens",
     )
+    window_ttft_share: float | None = option(
+        None,
+        metavar="SHARE",
+        help="slo, while the TPOT window applies: a step may run up to this share of the tightest "
+        "TTFT target on time the steps before it banked, still within the decoding requests' TPOT "
+        "limit over their replies (default: --bucket-ttft-share; larger lets a window chunk fit "
+        "banked time instead of waiting out the window to be forced through)",
+    )
     late_demotion_s: float = option(
         30.0,
         name="late-demotion",
@@ -167,6 +177,10 @@ class BucketConfig:
         check(self.min_chunk >= 1, f"min_chunk must be >= 1, got {self.min_chunk}")
         check(self.tpot_window >= 0, f"tpot_window must be >= 0, got {self.tpot_window}")
         check(self.window_chunk >= 1, f"window_chunk must be >= 1, got {self.window_chunk}")
+        check(
+            self.window_ttft_share is None or 0 < self.window_ttft_share <= 1,
+            f"window_ttft_share must be in (0, 1], got {self.window_ttft_share}",
+        )
 
 
 class BucketScheduler(Scheduler):
@@ -482,9 +496,13 @@ class BucketScheduler(Scheduler):
         # The TPOT window (``_window_limit``): while it applies, prompt work comes in chunks of
         # at least window_chunk, and a waiting prompt is forced through only after a window of
         # steps without prompt tokens (the decode-only steps bank the time for it).
-        window = self._window_limit(decoding, cap)
+        window_share = self.cfg.window_ttft_share
+        window = self._window_limit(decoding, cap if window_share is None else window_share * tightest)
         chunk, progress = self.cfg.min_chunk, True
         if window is not None:
+            # The window bounds the mean of the last steps, not each reply: a request that
+            # spent its own bank (a long step before the window) keeps its TPOT limit.
+            window = min(window, self._tpot_limit(decoding, now))
             chunk = max(chunk, self.cfg.window_chunk)
             progress = self._steps_without_prompt >= self.cfg.tpot_window - 1 or self._cannot_wait(
                 now, prefilling, bucket
@@ -560,7 +578,9 @@ class BucketScheduler(Scheduler):
         many steps were measured, or while no decoding request has a TPOT target. Every
         running request decodes in every step, so this bounds each one's time per output
         token over the window; measured times correct a step that ran over its prediction in
-        the steps after it, so the window plans at the prediction, not at a quantile."""
+        the steps after it, so the window plans at the prediction, not at a quantile. (The
+        caller holds it within ``_tpot_limit`` too: the mean of recent steps says nothing of a
+        request that spent its bank before them.)"""
         recent = self._recent_steps
         if not recent.maxlen or len(recent) < recent.maxlen:
             return None
