@@ -499,10 +499,11 @@ class BucketScheduler(Scheduler):
         window_share = self.cfg.window_ttft_share
         window = self._window_limit(decoding, cap if window_share is None else window_share * tightest)
         chunk, progress = self.cfg.min_chunk, True
+        tpot_limit = self._tpot_limit(decoding, now)
         if window is not None:
             # The window bounds the mean of the last steps, not each reply: a request that
             # spent its own bank (a long step before the window) keeps its TPOT limit.
-            window = min(window, self._tpot_limit(decoding, now))
+            window = min(window, tpot_limit)
             chunk = max(chunk, self.cfg.window_chunk)
             progress = self._steps_without_prompt >= self.cfg.tpot_window - 1 or self._cannot_wait(
                 now, prefilling, bucket
@@ -515,7 +516,6 @@ class BucketScheduler(Scheduler):
 
         if profile is None:  # too few steps seen to predict one: the token budget alone
             return budget(math.inf)
-        tpot_limit = self._tpot_limit(decoding, now)
         limit = min(tpot_limit, cap)
         # What the step may grow to while a TTFT deadline is in danger: a queue that is behind
         # already keeps a new arrival waiting longer than a step, and larger steps prefill more
