@@ -123,8 +123,9 @@ class BucketConfig:
         help="slo: a step may also run as long as keeps the mean time of the last STEPS steps "
         "(measured: one that ran over shortens the next) within the running requests' tightest "
         "TPOT target x --bucket-tpot-margin, so that decode-only steps bank time for fewer, larger "
-        "prompt chunks (0 or 1: every step on its own; off by default: on the CPU engine it saved "
-        "step time but not SLO attainment, docs/RESULTS.md)",
+        "prompt chunks (0 or 1: every step on its own; off by default: with 16 steps, 512-token "
+        "chunks and --bucket-window-ttft-share 0.4 it held more load on a CPU with AMX, but an "
+        "earlier form lost load on an AMD CPU, docs/RESULTS.md)",
     )
     window_chunk: int = option(
         128,
