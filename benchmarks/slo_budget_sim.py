@@ -29,8 +29,9 @@ What it measures
     - ``bucket-slo-nodemote``: ``bucket-slo`` with ``--bucket-late-demotion 0`` (a prompt that
       will miss its TTFT target keeps its place in the deadline order instead of going behind
       the ones still on time)
-    - ``bucket-slo-window``: ``bucket-slo`` with ``--bucket-tpot-window 8`` (decode-only steps
-      bank time for fewer, larger prompt chunks, the mean of 8 steps within the TPOT target)
+    - ``bucket-slo-nowindow``: ``bucket-slo`` with ``--bucket-tpot-window 0`` (every step held
+      to its own limit; the default before the twenty-ninth session, which turned the TPOT
+      window on: decode-only steps bank time for fewer, larger prompt chunks)
     - ``continuous-B``: vLLM-style, chunked prefill, token budget B for each of
       ``--continuous-budgets`` (its best setting is the baseline); ``continuous-B-late`` the
       same with ``--reject-late`` (behind every queued prompt, first come first served)
@@ -80,7 +81,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
         "bucket-slo-danger50": {"policy": "bucket", "policy_config": {"danger_ttft_share": 0.5}},
         "bucket-slo-danger1": {"policy": "bucket", "policy_config": {"danger_ttft_share": 1.0}},
         "bucket-slo-nodemote": {"policy": "bucket", "policy_config": {"late_demotion_s": 0.0}},
-        "bucket-slo-window": {"policy": "bucket", "policy_config": {"tpot_window": 8}},
+        "bucket-slo-nowindow": {"policy": "bucket", "policy_config": {"tpot_window": 0}},
     }
     for b in continuous_budgets:
         out[f"continuous-{b}"] = {"policy": "continuous", "max_num_batched_tokens": b}

@@ -136,6 +136,22 @@ def slo_attainment(records: list[RequestRecord], targets: Targets) -> float:
     return sum(meets_slo(r, *targets(r)) for r in records) / len(records)
 
 
+def slo_misses(records: list[RequestRecord], targets: Targets) -> dict[str, int]:
+    """Why requests missed their targets, each counted once, in this order: ``failed`` (no
+    reply: an error, a 429 for a request that could not make its TTFT, a timeout), ``ttft``
+    (a reply whose first token came late), ``tpot`` (on time, but decoded too slowly)."""
+    out = {"failed": 0, "ttft": 0, "tpot": 0}
+    for r in records:
+        ttft_s, tpot_s = targets(r)
+        if not r.ok:
+            out["failed"] += 1
+        elif ttft_s is not None and r.ttft > ttft_s:
+            out["ttft"] += 1
+        elif tpot_s is not None and r.tpot > tpot_s:
+            out["tpot"] += 1
+    return out
+
+
 def goodput(records: list[RequestRecord], targets: Targets, duration: float) -> float:
     """Requests per second that met their SLOs (vLLM's request_goodput)."""
     return sum(meets_slo(r, *targets(r)) for r in records) / duration if duration else math.nan

@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from bucketserve.bench.report import SLO, class_summaries
-from bucketserve.metrics import RequestRecord, goodput, load_capacity, slo_attainment, summarize
+from bucketserve.metrics import RequestRecord, goodput, load_capacity, slo_attainment, slo_misses, summarize
 from bucketserve.workloads import LengthPair
 from bucketserve.workloads.arrivals import all_at_once, gamma, poisson, scale_times
 from bucketserve.workloads.synthetic import alpaca_like, fixed, longbench_like, mixed, uniform
@@ -138,6 +138,19 @@ def test_slo_classes_hold_each_request_to_the_targets_of_its_prompt_length() -> 
     assert by_class["<=100"]["p99_ttft_ms"] == pytest.approx(300, rel=0.05)
     assert by_class["longer"]["slo_attainment"] == 0.5
     assert str(slo) == "<=100: ttft<=200ms; longer: ttft<=5000ms"
+
+
+def test_slo_misses_count_each_miss_once_by_its_first_cause() -> None:
+    records = [
+        RequestRecord(0.0, 0.1, 1.0, 50, 11),  # met
+        RequestRecord(0.0, math.nan, math.nan, 50, 0, error="HTTP 429"),  # no reply
+        RequestRecord(0.0, 0.5, 9.0, 50, 11),  # first token late (and slow: counted as late)
+        RequestRecord(0.0, 0.1, 9.0, 50, 11),  # on time, decoded too slowly
+    ]
+    assert slo_misses(records, lambda r: (0.2, 0.2)) == {"failed": 1, "ttft": 1, "tpot": 1}
+    assert slo_misses(records, lambda r: (None, None)) == {"failed": 1, "ttft": 0, "tpot": 0}
+    by_class = class_summaries(records, SLO.parse([], ("100:0.2:0.2",)))
+    assert (by_class["<=100"]["missed_failed"], by_class["<=100"]["missed_ttft"]) == (1, 1)
 
 
 def test_load_capacity_interpolates_where_attainment_crosses_the_target():

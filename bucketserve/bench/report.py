@@ -9,7 +9,7 @@ from typing import Any
 
 from bucketserve.bench.runner import RunResult
 from bucketserve.core.ordering import SloClass, parse_slo_classes
-from bucketserve.metrics import RequestRecord, goodput, percentile, slo_attainment, summarize
+from bucketserve.metrics import RequestRecord, goodput, percentile, slo_attainment, slo_misses, summarize
 from bucketserve.options import check_fields, option
 from bucketserve.wire import MeasuredRun, RequestRow
 
@@ -93,7 +93,8 @@ def class_label(slo: SLO, prompt_tokens: int) -> str:
 
 
 def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[str, float]]:
-    """Per length class: requests, SLO attainment, p99 TTFT and p50 TPOT (ms, completed ones)."""
+    """Per length class: requests, SLO attainment, p99 TTFT and p50 TPOT (ms, completed ones),
+    and the misses by cause (``slo_misses``: ``missed_failed``, ``missed_ttft``, ``missed_tpot``)."""
     groups: dict[str, list[RequestRecord]] = {}
     for r in records:
         groups.setdefault(class_label(slo, r.prompt_tokens), []).append(r)
@@ -106,6 +107,7 @@ def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[st
             "slo_attainment": slo_attainment(group, slo.of),
             "p99_ttft_ms": percentile([r.ttft * 1e3 for r in ok], 99),
             "median_tpot_ms": percentile([r.tpot * 1e3 for r in ok if r.output_tokens > 1], 50),
+            **{f"missed_{k}": v for k, v in slo_misses(group, slo.of).items()},
         }
     return out
 

@@ -20,8 +20,8 @@ urgency order, would otherwise miss a TTFT deadline it can still meet, or when a
 is all late already (nothing left to save; larger steps empty it sooner). A prompt that will
 miss its TTFT deadline anyway goes behind the ones still on time (``late_demotion_s``).
 The slo budget plans each step at a quantile of how far recent steps ran over their
-prediction (``plan_quantile``); with ``tpot_window`` it may also run a step as long as keeps
-the mean of the last that many measured steps within the tightest TPOT target
+prediction (``plan_quantile``); with ``tpot_window`` (16 by default) it may also run a step
+as long as keeps the mean of the last that many measured steps within the tightest TPOT target
 (``_window_limit``; up to ``window_ttft_share`` of the tightest TTFT target, and within every
 decoding request's TPOT limit over its reply), so that decode-only steps bank time for fewer,
 larger chunks (each step with prompt tokens pays a fixed overhead beside its decode rows, and
@@ -118,30 +118,31 @@ class BucketConfig:
     )
     min_chunk: int = option(32, help="slo: the fewest prompt tokens a step takes while prompts wait")
     tpot_window: int = option(
-        0,
+        16,
         metavar="STEPS",
         help="slo: a step may also run as long as keeps the mean time of the last STEPS steps "
         "(measured: one that ran over shortens the next) within the running requests' tightest "
         "TPOT target x --bucket-tpot-margin, so that decode-only steps bank time for fewer, larger "
-        "prompt chunks (0 or 1: every step on its own; off by default: with 16 steps, 512-token "
-        "chunks and --bucket-window-ttft-share 0.4 it held more load on a CPU with AMX, but an "
-        "earlier form lost load on an AMD CPU, docs/RESULTS.md)",
+        "prompt chunks (0 or 1: every step on its own, the default before the twenty-ninth "
+        "session; on a CPU with AMX the window held more load on the Azure trace and about as "
+        "much on the other workloads, docs/RESULTS.md)",
     )
     window_chunk: int = option(
-        128,
+        512,
         metavar="TOKENS",
         help="slo, while the TPOT window applies: the fewest prompt tokens a chunk takes unless it "
-        "ends its prompt (a step with prompt tokens costs a fixed overhead beside its decode rows); "
-        "a waiting prompt is forced through with this many, over the limit, only after "
-        "--bucket-tpot-window - 1 steps without prompt tokens",
+        "ends its prompt (a step with prompt tokens costs a fixed overhead beside its decode rows, "
+        "and on a CPU with AMX a 128-token chunk costs 1.6x a 512-token one per token); a waiting "
+        "prompt is forced through with this many, over the limit, only after "
+        "--bucket-tpot-window - 1 steps without prompt tokens or when its TTFT deadline cannot wait",
     )
-    window_ttft_share: float | None = option(
-        None,
+    window_ttft_share: float = option(
+        0.4,
         metavar="SHARE",
         help="slo, while the TPOT window applies: a step may run up to this share of the tightest "
         "TTFT target on time the steps before it banked, still within the decoding requests' TPOT "
-        "limit over their replies (default: --bucket-ttft-share; larger lets a window chunk fit "
-        "banked time instead of waiting out the window to be forced through)",
+        "limit over their replies (at --bucket-ttft-share's 0.1 a 512-token window chunk never fit "
+        "on a CPU and every one waited out the window to be forced through)",
     )
     late_demotion_s: float = option(
         30.0,
@@ -179,7 +180,7 @@ class BucketConfig:
         check(self.tpot_window >= 0, f"tpot_window must be >= 0, got {self.tpot_window}")
         check(self.window_chunk >= 1, f"window_chunk must be >= 1, got {self.window_chunk}")
         check(
-            self.window_ttft_share is None or 0 < self.window_ttft_share <= 1,
+            0 < self.window_ttft_share <= 1,
             f"window_ttft_share must be in (0, 1], got {self.window_ttft_share}",
         )
 
@@ -497,8 +498,7 @@ class BucketScheduler(Scheduler):
         # The TPOT window (``_window_limit``): while it applies, prompt work comes in chunks of
         # at least window_chunk, and a waiting prompt is forced through only after a window of
         # steps without prompt tokens (the decode-only steps bank the time for it).
-        window_share = self.cfg.window_ttft_share
-        window = self._window_limit(decoding, cap if window_share is None else window_share * tightest)
+        window = self._window_limit(decoding, self.cfg.window_ttft_share * tightest)
         chunk, progress = self.cfg.min_chunk, True
         tpot_limit = self._tpot_limit(decoding, now)
         if window is not None:
