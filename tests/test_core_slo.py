@@ -334,6 +334,27 @@ def test_slo_bucket_holds_a_window_step_within_the_decoding_requests_tpot_limit(
     assert 32 <= ex.batches[-1].shape().prefill[0][0] <= 72
 
 
+def test_slo_bucket_plans_a_window_steps_tpot_hold_at_the_overrun_quantile() -> None:
+    """As in the test above, but recent steps ran 1.5x their prediction: the window's step is
+    held to the chats' 90-ms TPOT limit over 1.5, as a step-by-step limit is, so that a step
+    that runs over as the recent ones did still keeps the chats within their targets."""
+    sched = _slo_bucket(tpot_window=4, window_chunk=32)
+    ex = FakeExecutor(sched, profile=KNOWN)
+    chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
+    for s in chats:
+        sched.add(s)
+    for _ in range(5):
+        ex.step()
+    for s in chats:
+        s.first_token_time = ex.now - 10.0
+    sched.cost_fit.error_quantile = lambda q: 1.5  # type: ignore[method-assign]
+    sched.add(seq(9, 1500, 8, arrival=ex.now - 0.1))
+    ex.step()
+    budget = sched.last_budget
+    assert budget is not None and budget.timed
+    assert budget.limit_ms == pytest.approx(90.0 / 1.5)
+
+
 def test_slo_bucket_does_not_keep_a_chat_waiting_out_the_window_past_its_ttft_deadline() -> None:
     """Right after a forced chunk of a late document, a 150-token chat with a 0.5-s TTFT
     target arrives; the steps' cap (a tenth of it) leaves no room for it, and the window would
