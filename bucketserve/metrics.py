@@ -8,6 +8,7 @@ mean/median/p99 _ttft_ms, _tpot_ms, _itl_ms, _e2el_ms (plus p50/p90).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -118,11 +119,26 @@ def summarize(records: list[RequestRecord], duration: float) -> dict[str, float]
     return out
 
 
+MISS_CAUSES = ("failed", "ttft", "tpot")
+
+
+def miss_cause(record: RequestRecord, ttft_s: float | None, tpot_s: float | None) -> str | None:
+    """Why ``record`` missed its targets, the first cause in ``MISS_CAUSES``' order: "failed"
+    (no reply: an error, a 429 for a request that could not make its TTFT, a timeout), "ttft"
+    (its first token came later than ttft_s), "tpot" (on time, but decoded slower than
+    tpot_s); None when it met them (a None target is not checked)."""
+    if not record.ok:
+        return "failed"
+    if ttft_s is not None and not record.ttft <= ttft_s:
+        return "ttft"
+    if tpot_s is not None and not record.tpot <= tpot_s:
+        return "tpot"
+    return None
+
+
 def meets_slo(record: RequestRecord, ttft_s: float | None, tpot_s: float | None) -> bool:
     """Completed, with TTFT <= ttft_s and TPOT <= tpot_s (a None target is not checked)."""
-    return (
-        record.ok and (ttft_s is None or record.ttft <= ttft_s) and (tpot_s is None or record.tpot <= tpot_s)
-    )
+    return miss_cause(record, ttft_s, tpot_s) is None
 
 
 # A request's (TTFT, TPOT) targets in seconds, None = not checked: one pair for all, or by class.
@@ -137,19 +153,10 @@ def slo_attainment(records: list[RequestRecord], targets: Targets) -> float:
 
 
 def slo_misses(records: list[RequestRecord], targets: Targets) -> dict[str, int]:
-    """Why requests missed their targets, each counted once, in this order: ``failed`` (no
-    reply: an error, a 429 for a request that could not make its TTFT, a timeout), ``ttft``
-    (a reply whose first token came late), ``tpot`` (on time, but decoded too slowly)."""
-    out = {"failed": 0, "ttft": 0, "tpot": 0}
-    for r in records:
-        ttft_s, tpot_s = targets(r)
-        if not r.ok:
-            out["failed"] += 1
-        elif ttft_s is not None and r.ttft > ttft_s:
-            out["ttft"] += 1
-        elif tpot_s is not None and r.tpot > tpot_s:
-            out["tpot"] += 1
-    return out
+    """How many requests missed their targets, by first cause (``miss_cause``), in
+    ``MISS_CAUSES``' order."""
+    causes = Counter(miss_cause(r, *targets(r)) for r in records)
+    return {cause: causes[cause] for cause in MISS_CAUSES}
 
 
 def goodput(records: list[RequestRecord], targets: Targets, duration: float) -> float:

@@ -126,7 +126,7 @@ def test_compare_starts_each_server_with_its_own_arguments_and_reports_each_leng
     summary = data["servers"]["c2048"]["points"][0]["summary"]
     assert summary["slo_attainment"] == 0.0
     assert summary["slo_classes"]["<=64"]["requests"] == 4 and "<=8" not in summary["slo_classes"]
-    assert summary["slo_classes"]["<=64"]["missed_ttft"] == 4  # replied, each first token late
+    assert summary["slo_classes"]["<=64"]["missed"]["ttft"] == 4  # replied, each first token late
     out = capsys.readouterr().out
     assert "by length class:" in out and "missed: failed/TTFT/TPOT" in out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["c2048"] and "<=64" in line)

@@ -311,13 +311,9 @@ def test_slo_bucket_spends_banked_time_on_window_chunks_up_to_the_window_ttft_sh
     assert done_at[0.5] < done_at[0.1]
 
 
-def test_slo_bucket_holds_a_window_step_within_the_decoding_requests_tpot_limit() -> None:
-    """The window bounds the mean of the last steps, not each reply. Four chats (100-ms TPOT
-    target, 90 ms with the margin) whose first tokens came 10 s ago have nothing banked, so
-    their TPOT limit is 90 ms; fast decode-only steps leave the window 4 x 90 ms less their
-    ~12 ms each. A document arrives: the step's plan stays within the chats' 90 ms, and so
-    do its prompt tokens (~70 fit beside the four rows), not the window's ~300 ms."""
-    sched = _slo_bucket(tpot_window=4, window_chunk=32)
+def _chats_with_nothing_banked(sched) -> FakeExecutor:  # type: ignore[no-untyped-def]
+    """Four chats (100-ms TPOT target) decoding on ``sched`` in virtual time, a window of
+    fast steps measured, their first tokens 10 s ago: their replies have banked nothing."""
     ex = FakeExecutor(sched, profile=KNOWN)
     chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
     for s in chats:
@@ -326,6 +322,17 @@ def test_slo_bucket_holds_a_window_step_within_the_decoding_requests_tpot_limit(
         ex.step()
     for s in chats:
         s.first_token_time = ex.now - 10.0
+    return ex
+
+
+def test_slo_bucket_holds_a_window_step_within_the_decoding_requests_tpot_limit() -> None:
+    """The window bounds the mean of the last steps, not each reply. Four chats (100-ms TPOT
+    target, 90 ms with the margin) whose first tokens came 10 s ago have nothing banked, so
+    their TPOT limit is 90 ms; fast decode-only steps leave the window 4 x 90 ms less their
+    ~12 ms each. A document arrives: the step's plan stays within the chats' 90 ms, and so
+    do its prompt tokens (~70 fit beside the four rows), not the window's ~300 ms."""
+    sched = _slo_bucket(tpot_window=4, window_chunk=32)
+    ex = _chats_with_nothing_banked(sched)
     sched.add(seq(9, 1500, 8, arrival=ex.now - 0.1))  # waited out the dispatch window
     ex.step()
     budget = sched.last_budget
@@ -339,14 +346,7 @@ def test_slo_bucket_plans_a_window_steps_tpot_hold_at_the_overrun_quantile() -> 
     held to the chats' 90-ms TPOT limit over 1.5, as a step-by-step limit is, so that a step
     that runs over as the recent ones did still keeps the chats within their targets."""
     sched = _slo_bucket(tpot_window=4, window_chunk=32)
-    ex = FakeExecutor(sched, profile=KNOWN)
-    chats = [seq(i, 40, 120, tpot_slo=0.1) for i in range(4)]
-    for s in chats:
-        sched.add(s)
-    for _ in range(5):
-        ex.step()
-    for s in chats:
-        s.first_token_time = ex.now - 10.0
+    ex = _chats_with_nothing_banked(sched)
     sched.cost_fit.error_quantile = lambda q: 1.5  # type: ignore[method-assign]
     sched.add(seq(9, 1500, 8, arrival=ex.now - 0.1))
     ex.step()

@@ -23,9 +23,6 @@ from bucketserve.core.policies import policy_names
 from bucketserve.metrics import load_capacity
 from bucketserve.options import check, check_fields, option
 
-# A length class's misses by cause (bench.report.class_summaries), in the table's order.
-MISSES = ("missed_failed", "missed_ttft", "missed_tpot")
-
 
 @dataclass
 class CompareConfig:
@@ -399,11 +396,11 @@ def _class_lines(curves: dict[str, Sequence[SweepPoint]]) -> list[str]:
         for label, c in p.summary["slo_classes"].items():
             cells = ["n/a" if math.isnan(c[k]) else f"{c[k]:.2f}" for k in ("p99_ttft_ms", "median_tpot_ms")]
             # Result files from before the miss counts have none: a blank cell.
-            missed = "/".join(str(c[k]) for k in MISSES) if all(k in c for k in MISSES) else ""
+            missed = "/".join(str(n) for n in c["missed"].values()) if "missed" in c else ""
             lines.append(
                 f"{name[:12]:>12} {p.rate:>6.2f} {label:>8} {c['requests']:>5} {c['slo_attainment']:>8.2f} "
                 f"{cells[0]:>9} {cells[1]:>9} {missed:>24}"
             )
-    if any("missed_failed" in c for _, p in rows for c in p.summary["slo_classes"].values()):
+    if any("missed" in c for _, p in rows for c in p.summary["slo_classes"].values()):
         lines.append("(missed: no reply, e.g. a 429 or a timeout / first token late / decoded too slowly)")
     return lines

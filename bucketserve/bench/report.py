@@ -92,9 +92,9 @@ def class_label(slo: SLO, prompt_tokens: int) -> str:
     return next((f"<={c.max_prompt}" for c in slo.classes if prompt_tokens <= c.max_prompt), "longer")
 
 
-def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[str, float]]:
+def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[str, Any]]:
     """Per length class: requests, SLO attainment, p99 TTFT and p50 TPOT (ms, completed ones),
-    and the misses by cause (``slo_misses``: ``missed_failed``, ``missed_ttft``, ``missed_tpot``)."""
+    and ``missed``: the misses by cause (``metrics.slo_misses``)."""
     groups: dict[str, list[RequestRecord]] = {}
     for r in records:
         groups.setdefault(class_label(slo, r.prompt_tokens), []).append(r)
@@ -107,7 +107,7 @@ def class_summaries(records: list[RequestRecord], slo: SLO) -> dict[str, dict[st
             "slo_attainment": slo_attainment(group, slo.of),
             "p99_ttft_ms": percentile([r.ttft * 1e3 for r in ok], 99),
             "median_tpot_ms": percentile([r.tpot * 1e3 for r in ok if r.output_tokens > 1], 50),
-            **{f"missed_{k}": v for k, v in slo_misses(group, slo.of).items()},
+            "missed": slo_misses(group, slo.of),
         }
     return out
 
