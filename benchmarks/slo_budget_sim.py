@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         head = " ".join(f"{r:>5g}" for r in rates)
         print(f"{'variant':<20} {'capacity':>9} {'vs continuous':>14} {'vs any continuous':>18}  {head}")
         for name, v in per.items():
-            ratios = [v["capacity"] / c if c else float("nan") for c in (best_cont, best_late)]
+            # "-" where no continuous variant ran (--variants without one) or none held 80%.
+            ratios = [f"{v['capacity'] / c:.2f}x" if c else "-" for c in (best_cont, best_late)]
             cells = " ".join(f"{p['slo_attainment']:5.2f}" for p in v["points"])
-            print(f"{name:<20} {v['capacity']:9.2f} {ratios[0]:13.2f}x {ratios[1]:17.2f}x  {cells}")
+            print(f"{name:<20} {v['capacity']:9.2f} {ratios[0]:>14} {ratios[1]:>18}  {cells}")
     out = Path(a.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
