@@ -241,6 +241,44 @@ def test_edf_serves_the_tightest_deadline_first() -> None:
     assert [s.seq_id for s in batch.seqs] == ["r1"]
 
 
+CLASSES = ("256:1:-", "2048:5:-")  # chats: TTFT 1 s; documents: 5 s
+
+
+@pytest.mark.parametrize("order, first", [("edf", "r0"), ("edfs", "r1")])
+def test_edfs_puts_a_long_document_behind_a_chat_that_edf_would_run_after_it(order: str, first: str) -> None:
+    """A 1,600-token job with the documents' 5-s target, queued at 0, and a chat arriving at
+    4.5 s: EDF's deadlines are 5 and 5.5 s; edfs moves the document, 4 s looser than the
+    chats, by 4 x 1,600 x 0.0006 = 3.84 s to 8.84 s, so the chat goes first."""
+    sched = make(
+        "bucket",
+        num_blocks=2000,
+        max_model_len=2048,
+        max_num_seqs=1,
+        order=OrderConfig(order=order, slo_classes=CLASSES, deadline_token_share=0.0006),
+        policy_config=BucketConfig(dispatch_window_s=0.0),
+    )
+    sched.add(seq(0, 1500, 100, arrival=0.0))
+    sched.add(seq(1, 200, 100, arrival=4.5))
+    batch = sched.schedule(4.5)
+    assert [s.seq_id for s in batch.seqs] == [first]
+
+
+def test_edfs_keeps_deadline_order_in_the_tightest_class_whatever_the_sizes() -> None:
+    sched = make(
+        "bucket",
+        num_blocks=2000,
+        max_model_len=512,
+        max_num_seqs=1,
+        order=OrderConfig(order="edfs", slo_classes=CLASSES),
+        policy_config=BucketConfig(dispatch_window_s=0.0),
+    )
+    for i, size in ((2, 10), (0, 250), (1, 100)):  # the largest chat arrived first
+        sched.add(seq(i, size, 100, arrival=0.01 * i))
+    ex = FakeExecutor(sched)
+    ex.run([])
+    assert [b.seqs[0].seq_id for b in ex.batches if b.num_prefill_rows] == ["r0", "r1", "r2"]
+
+
 def test_a_bucket_bounds_its_longest_queued_prompt() -> None:
     """``Bucket.longest``, the S_b behind N_b: the longest prompt queued since the bucket was
     formed or last empty; a pop leaves it (a bound, kept in O(1)), a split measures each half."""

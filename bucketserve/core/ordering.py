@@ -8,7 +8,7 @@ from bucketserve.core.sequence import Sequence
 from bucketserve.errors import ConfigError
 from bucketserve.options import check, check_fields, option
 
-ORDERS = ("fcfs", "sjf", "ljf", "edf")
+ORDERS = ("fcfs", "sjf", "ljf", "edf", "edfs")
 
 
 @dataclass
@@ -18,8 +18,17 @@ class OrderConfig:
     Each request gets a fixed urgency key, in seconds; the lowest runs first:
 
         key = arrival + priority * aging_s            (fcfs)
-            + the request's TTFT target               (edf; see ``targets``)
+            + the request's TTFT target T             (edf; see ``targets``)
+            + T + (T - T0) * job tokens * deadline_token_share   (edfs)
             + predicted job tokens * token_weight_s   (sjf; minus for ljf)
+
+    edfs is EDF with a size term for the requests whose target T is looser than the tightest
+    target the configuration knows, T0 (its classes and default): the tightest class keeps
+    plain deadline order (among equal deadlines any reordering costs deadlines near capacity:
+    sizing the chats too lost load on ShareGPT), while a long document with a loose target
+    moves back by seconds, behind the chats that arrive meanwhile and behind shorter
+    documents, so under overload the queue gives up the largest jobs first (docs/RESULTS.md,
+    issue 13, thirty-first session). With one target for all it is edf.
 
     Because the key never changes after arrival, aging is built in: a request is overtaken
     only by requests that arrive less than (its key - their key offset) later, so no request
@@ -29,7 +38,9 @@ class OrderConfig:
     order: str = option(
         "edf",
         choices=ORDERS,
-        help="who goes first: fcfs, sjf/ljf (shortest/longest job), edf (earliest TTFT deadline)",
+        help="who goes first: fcfs, sjf/ljf (shortest/longest job), edf (earliest TTFT deadline), "
+        "edfs (edf, and a request with a looser TTFT target than the tightest class or default "
+        "later by its size: --deadline-token-share)",
     )
     aging_s: float = option(
         1.0,
@@ -42,6 +53,13 @@ class OrderConfig:
         name="token-weight",
         metavar="SECONDS",
         help="sjf/ljf: one token of job size is worth this much waiting",
+    )
+    deadline_token_share: float = option(
+        0.0006,
+        metavar="SHARE",
+        help="edfs: one token of job size (prompt + predicted or maximum output) moves a "
+        "request's key later by this share of how much looser its TTFT target is than the "
+        "tightest class or default (targets 1 s and 5 s: a 1,500-token document by 3.6 s)",
     )
     default_ttft_slo_s: float = option(
         10.0,
@@ -76,6 +94,10 @@ class OrderConfig:
         check_fields(self)
         check(self.aging_s >= 0, f"aging_s must be >= 0, got {self.aging_s}")
         check(self.token_weight_s >= 0, f"token_weight_s must be >= 0, got {self.token_weight_s}")
+        check(
+            self.deadline_token_share >= 0,
+            f"deadline_token_share must be >= 0, got {self.deadline_token_share}",
+        )
         check(self.default_ttft_slo_s > 0, f"default_ttft_slo_s must be > 0, got {self.default_ttft_slo_s}")
         check(
             self.default_tpot_slo_s is None or self.default_tpot_slo_s > 0,
@@ -139,6 +161,10 @@ def urgency(seq: Sequence, cfg: OrderConfig) -> float:
     key = seq.arrival_time + seq.priority * cfg.aging_s
     if cfg.order == "edf":
         key += targets(seq, cfg)[0]
+    elif cfg.order == "edfs":
+        ttft = targets(seq, cfg)[0]
+        tightest = min([cfg.default_ttft_slo_s, *(c.ttft_s for c in cfg.classes)])
+        key += ttft + max(0.0, ttft - tightest) * job_tokens(seq) * cfg.deadline_token_share
     elif cfg.order == "sjf":
         key += job_tokens(seq) * cfg.token_weight_s
     elif cfg.order == "ljf":
