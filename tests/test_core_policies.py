@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from bucketserve.config import BucketConfig, OrderConfig
 from bucketserve.core.buckets import BucketManager, optimal_boundaries
 from bucketserve.core.policies import policy_names
+from bucketserve.core.scheduler import Scheduler
 from bucketserve.core.sequence import FinishReason
 from bucketserve.errors import InvalidRequestError
 from tests.core_helpers import FakeExecutor, make, seq
@@ -224,15 +225,21 @@ def test_priority_runs_first_but_aging_bounds_the_wait() -> None:
     assert before and after
 
 
-def test_edf_serves_the_tightest_deadline_first() -> None:
-    sched = make(
+def one_seat_bucket(order: OrderConfig, max_model_len: int = 256) -> Scheduler:
+    """A bucket scheduler that prefills one prompt at a time, dispatching at once: who runs
+    first is the order's alone."""
+    return make(
         "bucket",
         num_blocks=2000,
-        max_model_len=256,
+        max_model_len=max_model_len,
         max_num_seqs=1,
-        order=OrderConfig(order="edf"),
+        order=order,
         policy_config=BucketConfig(dispatch_window_s=0.0),
     )
+
+
+def test_edf_serves_the_tightest_deadline_first() -> None:
+    sched = one_seat_bucket(OrderConfig(order="edf"))
     relaxed = seq(0, 10, 2, arrival=0.0, ttft_slo=5.0)
     urgent = seq(1, 10, 2, arrival=0.0, ttft_slo=0.1)
     sched.add(relaxed)
@@ -249,13 +256,8 @@ def test_edfs_puts_a_long_document_behind_a_chat_that_edf_would_run_after_it(ord
     """A 1,600-token job with the documents' 5-s target, queued at 0, and a chat arriving at
     4.5 s: EDF's deadlines are 5 and 5.5 s; edfs moves the document, 4 s looser than the
     chats, by 4 x 1,600 x 0.0006 = 3.84 s to 8.84 s, so the chat goes first."""
-    sched = make(
-        "bucket",
-        num_blocks=2000,
-        max_model_len=2048,
-        max_num_seqs=1,
-        order=OrderConfig(order=order, slo_classes=CLASSES, deadline_token_share=0.0006),
-        policy_config=BucketConfig(dispatch_window_s=0.0),
+    sched = one_seat_bucket(
+        OrderConfig(order=order, slo_classes=CLASSES, deadline_token_share=0.0006), max_model_len=2048
     )
     sched.add(seq(0, 1500, 100, arrival=0.0))
     sched.add(seq(1, 200, 100, arrival=4.5))
@@ -264,14 +266,7 @@ def test_edfs_puts_a_long_document_behind_a_chat_that_edf_would_run_after_it(ord
 
 
 def test_edfs_keeps_deadline_order_in_the_tightest_class_whatever_the_sizes() -> None:
-    sched = make(
-        "bucket",
-        num_blocks=2000,
-        max_model_len=512,
-        max_num_seqs=1,
-        order=OrderConfig(order="edfs", slo_classes=CLASSES),
-        policy_config=BucketConfig(dispatch_window_s=0.0),
-    )
+    sched = one_seat_bucket(OrderConfig(order="edfs", slo_classes=CLASSES), max_model_len=512)
     for i, size in ((2, 10), (0, 250), (1, 100)):  # the largest chat arrived first
         sched.add(seq(i, size, 100, arrival=0.01 * i))
     ex = FakeExecutor(sched)

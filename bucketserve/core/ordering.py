@@ -104,6 +104,9 @@ class OrderConfig:
             f"default_tpot_slo_s must be > 0, got {self.default_tpot_slo_s}",
         )
         self.classes = parse_slo_classes(self.slo_classes)
+        # The tightest TTFT target the configuration knows (its classes and default): T0 of
+        # edfs, and the bucket policy's step cap before requests bring their own.
+        self.tightest_ttft_s = min([self.default_ttft_slo_s, *(c.ttft_s for c in self.classes)])
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,7 @@ def urgency(seq: Sequence, cfg: OrderConfig) -> float:
         key += targets(seq, cfg)[0]
     elif cfg.order == "edfs":
         ttft = targets(seq, cfg)[0]
-        tightest = min([cfg.default_ttft_slo_s, *(c.ttft_s for c in cfg.classes)])
-        key += ttft + max(0.0, ttft - tightest) * job_tokens(seq) * cfg.deadline_token_share
+        key += ttft + max(0.0, ttft - cfg.tightest_ttft_s) * job_tokens(seq) * cfg.deadline_token_share
     elif cfg.order == "sjf":
         key += job_tokens(seq) * cfg.token_weight_s
     elif cfg.order == "ljf":

@@ -194,8 +194,6 @@ class BucketScheduler(Scheduler):
         self.monitor = Monitor(max_model_len)
         self._keys: dict[str, float] = {}
         self.last_budget: StepBudget | None = None  # slo: the last step's budget (for tests)
-        order = config.order
-        self._known_ttft = min([order.default_ttft_slo_s, *(c.ttft_s for c in order.classes)])
         # The requests present with a TTFT target of their own (few, usually none), kept as they
         # come and go so that a step need not scan every request for the tightest target.
         self._own_ttfts: dict[str, float] = {}
@@ -493,7 +491,7 @@ class BucketScheduler(Scheduler):
         # of the tightest TTFT target the server knows (its classes and default, and the
         # requests present that brought their own).
         own = min(self._own_ttfts.values(), default=math.inf)
-        tightest = min(self._known_ttft, own)
+        tightest = min(self.config.order.tightest_ttft_s, own)
         cap = self.cfg.ttft_share * tightest
         # The TPOT window (``_window_limit``): while it applies, prompt work comes in chunks of
         # at least window_chunk, and a waiting prompt is forced through only after a window of
