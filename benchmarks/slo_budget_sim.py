@@ -9,7 +9,8 @@ What it measures
 
     - ``bucket``: BucketServe as in the paper (whole prompts, token budget per step, FCFS)
     - ``bucket-edf``: the same with ``--order edf`` (earliest TTFT deadline first)
-    - ``bucket-slo``: the bucket policy's defaults, ``--bucket-step-budget slo --order edf``
+    - ``bucket-slo``: the bucket policy's defaults, ``--bucket-step-budget slo --order edfs``
+      (here every request's own TTFT target is within the 10-s default, so edfs orders as edf)
       (prompt tokens per step from the TPOT and TTFT targets, by the cost model fitted online
       from the simulated steps; chunked prompts, most urgent first)
     - ``bucket-slo-late``: ``bucket-slo`` with ``--reject-late`` (a request that cannot meet
@@ -72,7 +73,7 @@ def variants(continuous_budgets: list[int]) -> dict[str, dict[str, Any]]:
             "policy_config": {"step_budget": "tokens"},
             "order": {"order": "edf"},
         },
-        "bucket-slo": {"policy": "bucket"},  # the defaults: the slo step budget, EDF
+        "bucket-slo": {"policy": "bucket"},  # the defaults: the slo step budget, edfs
         "bucket-slo-late": {"policy": "bucket", "order": {"reject_late": True}},
         "bucket-slo-optimal": {"policy": "bucket", "policy_config": {"split_mode": "optimal"}},
         "bucket-slo-lift": {"policy": "bucket", "policy_config": {"ttft_lift": True}},

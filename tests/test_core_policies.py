@@ -251,13 +251,16 @@ def test_edf_serves_the_tightest_deadline_first() -> None:
 CLASSES = ("256:1:-", "2048:5:-")  # chats: TTFT 1 s; documents: 5 s
 
 
-@pytest.mark.parametrize("order, first", [("edf", "r0"), ("edfs", "r1")])
-def test_edfs_puts_a_long_document_behind_a_chat_that_edf_would_run_after_it(order: str, first: str) -> None:
+@pytest.mark.parametrize("order, first", [("edf", "r0"), ("edfs", "r1"), (None, "r1")])
+def test_edfs_puts_a_long_document_behind_a_chat_that_edf_would_run_after_it(
+    order: str | None, first: str
+) -> None:
     """A 1,600-token job with the documents' 5-s target, queued at 0, and a chat arriving at
-    4.5 s: EDF's deadlines are 5 and 5.5 s; edfs moves the document, 4 s looser than the
-    chats, by 4 x 1,600 x 0.0006 = 3.84 s to 8.84 s, so the chat goes first."""
+    4.5 s: EDF's deadlines are 5 and 5.5 s; edfs (the default: order None) moves the document,
+    4 s looser than the chats, by 4 x 1,600 x 0.0006 = 3.84 s to 8.84 s, so the chat goes first."""
+    chosen = {} if order is None else {"order": order}
     sched = one_seat_bucket(
-        OrderConfig(order=order, slo_classes=CLASSES, deadline_token_share=0.0006), max_model_len=2048
+        OrderConfig(**chosen, slo_classes=CLASSES, deadline_token_share=0.0006), max_model_len=2048
     )
     sched.add(seq(0, 1500, 100, arrival=0.0))
     sched.add(seq(1, 200, 100, arrival=4.5))
