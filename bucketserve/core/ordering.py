@@ -29,7 +29,8 @@ class OrderConfig:
     moves back by seconds, behind the chats that arrive meanwhile and behind shorter
     documents, so under overload the queue gives up the largest jobs first (docs/RESULTS.md,
     issue 13, thirty-first session; the default since the thirty-second, where it held more
-    load than edf on the Azure trace and ShareGPT, and about as much on chats and documents).
+    load than edf on the Azure trace and ShareGPT, and less on chats and documents by less
+    than that workload's capacity moves between commands).
     With one target for all it is edf, and so it is for targets the requests bring themselves
     (``ttft_slo_ms``) within the tightest configured one: T0 is what the configuration knows,
     fixed, so that a key does not depend on which requests were present at its arrival.
