@@ -48,12 +48,13 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _help(f: dataclasses.Field, prefix: str, default: Any) -> str:
     text = f.metadata["help"]
-    if default is not dataclasses.MISSING and "default" not in text:
-        # (a None default is explained in words by the help itself)
+    if default is not dataclasses.MISSING and "(default" not in text:
+        # (a help that shows its default itself, "(default: ...)", keeps its words; a None
+        # default is explained in words by the help itself)
         if isinstance(default, bool):
             shown = f"--{'' if default else 'no-'}{option_name(f, prefix)}"
         elif isinstance(default, tuple):
-            shown = ",".join(map(str, default))
+            shown = ",".join(map(str, default)) or "none"
         elif f.metadata.get("parse") is parse_bytes and isinstance(default, int):
             shown = _bytes_text(default)
         else:

@@ -44,7 +44,7 @@ class OrderConfig:
         "edfs",
         choices=ORDERS,
         help="who goes first: fcfs, sjf/ljf (shortest/longest job), edf (earliest TTFT deadline), "
-        "edfs (edf, and a request with a looser TTFT target than the tightest class or default "
+        "edfs (edf, and a request with a looser TTFT target than the tightest configured one "
         "later by its size: --deadline-token-share)",
     )
     aging_s: float = option(
