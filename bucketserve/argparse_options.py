@@ -49,8 +49,7 @@ def _default(f: dataclasses.Field) -> Any:
 def _help(f: dataclasses.Field, prefix: str, default: Any) -> str:
     text = f.metadata["help"]
     if default is not dataclasses.MISSING and "(default" not in text:
-        # (a help that shows its default itself, "(default: ...)", keeps its words; a None
-        # default is explained in words by the help itself)
+        # (a help that writes its own "(default: ...)" keeps its words)
         if isinstance(default, bool):
             shown = f"--{'' if default else 'no-'}{option_name(f, prefix)}"
         elif isinstance(default, tuple):
@@ -58,7 +57,7 @@ def _help(f: dataclasses.Field, prefix: str, default: Any) -> str:
         elif f.metadata.get("parse") is parse_bytes and isinstance(default, int):
             shown = _bytes_text(default)
         else:
-            shown = default
+            shown = "none" if default is None else default
         text = f"{text} (default: {shown})"
     return text.replace("%", "%%")  # argparse formats help with %
 

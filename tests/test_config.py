@@ -192,11 +192,12 @@ def test_generate_starts_from_the_offline_limits_and_serve_from_the_servers() ->
 
 def test_help_shows_every_default_even_where_the_text_says_default_in_prose() -> None:
     """--deadline-token-share's help speaks of "the tightest class or default" target and
-    --order's of no default; both still show theirs, and an empty list reads "none"."""
+    --order's of no default; both still show theirs, and an empty list or None reads "none"."""
     text = " ".join(subcommand("serve").format_help().split())
     assert "by 3.6 s) (default: 0.0006)" in text
     assert "--deadline-token-share) (default: edfs)" in text
     assert "come first (default: none)" in text
+    assert "(default: None)" not in text  # --prefill-replicas: no disaggregation unless given
 
 
 def test_llm_starts_from_the_offline_limits_unless_told_otherwise() -> None:

@@ -19,7 +19,7 @@ class OrderConfig:
 
         key = arrival + priority * aging_s            (fcfs)
             + the request's TTFT target T             (edf; see ``targets``)
-            + T + (T - T0) * job tokens * deadline_token_share   (edfs)
+            + T + max(0, T - T0) * job tokens * deadline_token_share   (edfs)
             + predicted job tokens * token_weight_s   (sjf; minus for ljf)
 
     edfs is EDF with a size term for the requests whose target T is looser than the tightest
