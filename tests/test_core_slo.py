@@ -168,6 +168,27 @@ def test_a_step_budget_always_lets_one_chunk_through() -> None:
     assert budget.take(1000, 0) == 0
 
 
+def test_over_the_limit_short_prompts_share_the_one_chunk_of_progress() -> None:
+    """Where the decodes alone fill the limit, a burst of short prompts goes through together,
+    whole, while their tokens stay within the one chunk progress allows: not one a step."""
+    budget = StepBudget(KNOWN, [300] * 8, limit_s=0.001, max_tokens=4096, min_chunk=64)
+    assert budget.take(20, 0) == 20  # forced: nothing fits
+    assert budget.take(30, 0) == 30  # whole, 50 of the chunk's 64
+    assert budget.take(20, 0) == 0  # would pass the chunk: waits
+    assert budget.take(10, 0) == 10  # whole, 60 of 64
+    assert budget.take(1000, 0) == 0  # never a partial chunk past the first
+
+
+def test_a_step_with_room_takes_nothing_over_its_limit() -> None:
+    """Progress forces only a step's first chunk: once a prompt fitted, no other goes over."""
+    decode = [300] * 8
+    alone = step_ms(KNOWN, BatchShape((), tuple(decode))) / 1e3
+    budget = StepBudget(KNOWN, decode, limit_s=alone + 0.02, max_tokens=4096, min_chunk=64)
+    first = budget.take(1000, 0)
+    assert 64 <= first < 1000
+    assert budget.take(8, 0) == 0
+
+
 def test_without_a_time_limit_the_budget_is_the_tokens() -> None:
     budget = StepBudget(KNOWN, [300] * 8, limit_s=float("inf"), max_tokens=520, min_chunk=16)
     assert budget.take(1000, 0) == 512  # the decodes' 8 tokens count too
@@ -664,9 +685,9 @@ def test_slo_bucket_never_runs_out_of_memory_bounds_every_step_and_starves_no_on
         banked = budget.limit_ms <= min(tpot_ms, 0.4 * tightest_ms) + 1e-6 and window > 0
         assert banked or any(budget.limit_ms == pytest.approx(cap) for cap in caps), (budget.limit_ms, caps)
         if took * 1e3 > budget.limit_ms + 1e-6:
-            # over its limit only by the one chunk of progress (min_chunk tokens, the window
-            # chunk while the window applies), or by the decodes alone
-            assert len(shape.prefill) <= 1 and all(n <= budget.min_chunk for n, _ in shape.prefill)
+            # over its limit only by the one chunk of progress (min_chunk tokens in all, the
+            # window chunk while the window applies), or by the decodes alone
+            assert sum(n for n, _ in shape.prefill) <= budget.min_chunk
         assert batch.num_real_tokens <= 1280  # the token budget, decodes included
         now += took
         sched.update(batch, [7] * len(batch), now)
