@@ -132,9 +132,10 @@ class BucketConfig:
         metavar="TOKENS",
         help="slo, while the TPOT window applies: the fewest prompt tokens a chunk takes unless it "
         "ends its prompt (a step with prompt tokens costs a fixed overhead beside its decode rows, "
-        "and on a CPU with AMX a 128-token chunk costs 1.6x a 512-token one per token); a waiting "
-        "prompt is forced through with this many, over the limit, only after "
-        "--bucket-tpot-window - 1 steps without prompt tokens or when its TTFT deadline cannot wait",
+        "and on a CPU with AMX a 128-token chunk costs 1.6x a 512-token one per token); waiting "
+        "prompts are forced through with this many tokens, over the limit (one chunk, or whole "
+        "short prompts), only after --bucket-tpot-window - 1 steps without prompt tokens or when "
+        "the most urgent one's TTFT deadline cannot wait",
     )
     window_ttft_share: float = option(
         0.4,
