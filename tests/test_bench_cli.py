@@ -266,7 +266,8 @@ def test_the_step_table_splits_each_runs_engine_time_into_prompt_and_decode_only
     x = next(r for r in rows if r.split()[:1] == ["x"]).split()
     # the median round (scale 2): busy 0.62 s of 1 s, two prompt steps of 0.6 s in all whose
     # prompt tokens are 300 and 104 (median 202), one decode-only step of 0.02 s
-    assert x[1:] == ["3.00", "0.62", "2", "0.6", "202", "1", "0.0"]
+    # no decode-only step of 16-64 rows to time the machine by
+    assert x[1:] == ["3.00", "0.62", "2", "0.6", "202", "1", "0.0", "n/a"]
     assert not any(r.split()[:1] == ["peer"] for r in rows)
     assert compare.format_step_table({"peer": curves["peer"]}) == ""
     assert "*" not in compare.format_step_table(curves)
@@ -276,8 +277,28 @@ def test_the_step_table_splits_each_runs_engine_time_into_prompt_and_decode_only
     late = [StepSample(6.0, 1.0, BatchShape(((200, 0),), ())), StepSample(7.0, 2.0, BatchShape((), (50,)))]
     cut = compare.format_step_table({"long": [compare.SweepPoint(1.0, {}, RunResult([], 10.0, late))]})
     row = next(r for r in cut.splitlines() if r.split()[:1] == ["long"]).split()
-    assert row[1:] == ["1.00", "0.75", "1", "1.0", "200", "1", "2.0", "*"]
+    assert row[1:] == ["1.00", "0.75", "1", "1.0", "200", "1", "2.0", "n/a", "*"]
     assert cut.splitlines()[-1].startswith("* from the first step the server still held")
+
+
+def test_the_step_table_times_the_machine_in_each_run_by_its_decode_only_steps() -> None:
+    """ms per decode row of the decode-only steps of 16-64 rows, median per run, and the runs'
+    median [lowest-highest]: a round on a slowed machine shows."""
+
+    def point(row_ms: float) -> compare.SweepPoint:
+        steps = [
+            StepSample(0.0, 0.2, BatchShape(((300, 0),), (100,) * 20)),  # has prompt tokens: not timed
+            StepSample(0.2, 1e-3 * row_ms * 20, BatchShape((), (100,) * 20)),
+            StepSample(0.3, 1e-3 * row_ms * 32, BatchShape((), (200,) * 32)),
+            StepSample(0.4, 1e-3 * row_ms * 40, BatchShape((), (300,) * 40)),
+            StepSample(0.5, 0.05, BatchShape((), (100,) * 4)),  # too few rows: its fixed cost rules
+            StepSample(0.6, 0.05, BatchShape((), (900,) * 100)),  # too many: a loaded run's contexts
+        ]
+        return compare.SweepPoint(3.0, {}, RunResult([], 2.0, steps))
+
+    rows = compare.format_step_table({"x#1": [point(1.2)], "x#2": [point(0.9)], "x#3": [point(1.0)]})
+    x = next(r for r in rows.splitlines() if r.split()[:1] == ["x"]).split()
+    assert x[-2:] == ["1.00", "[0.90-1.20]"]
 
 
 def test_compare_refuses_a_hash_in_a_server_name(capsys) -> None:

@@ -22,6 +22,7 @@ from bucketserve.bench.workload import Workload
 from bucketserve.core.policies import policy_names
 from bucketserve.metrics import load_capacity
 from bucketserve.options import check, check_fields, option
+from bucketserve.wire import StepSample
 
 
 @dataclass
@@ -255,6 +256,14 @@ def format_compare_table(curves: dict[str, Sequence[SweepPoint]], target: float)
     return "\n".join(lines)
 
 
+def _spread(values: Sequence[float | None], fmt: str) -> str:
+    """'MEDIAN [LOW-HIGH]' of the values that are numbers, 'n/a' where none is."""
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    if not known:
+        return "n/a"
+    return f"{statistics.median(known):{fmt}} [{min(known):{fmt}}-{max(known):{fmt}}]"
+
+
 def format_repeats_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     """Per server run in rounds and rate: the median over the rounds and the lowest and highest
     round of SLO attainment, TTFT p99 (of the shortest SLO class where the runs had classes:
@@ -263,13 +272,6 @@ def format_repeats_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     by_server = rounds_by_server(curves)
     if not by_server:
         return ""
-
-    def cell(values: list[float], fmt: str) -> str:
-        values = [v for v in values if v is not None and not math.isnan(v)]
-        if not values:
-            return "n/a"
-        lo, mid, hi = min(values), statistics.median(values), max(values)
-        return f"{mid:{fmt}} [{lo:{fmt}}-{hi:{fmt}}]"
 
     def short_ttft_p99(p: SweepPoint) -> float:
         classes = p.summary.get("slo_classes")
@@ -289,11 +291,23 @@ def format_repeats_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
             at = [p for p in points if p.rate == rate]
             lines.append(
                 f"{name[:12]:>12} {rate:>6.2f} {len(at):>6} "
-                f"{cell([p.summary.get('slo_attainment', math.nan) for p in at], '.2f'):>17} "
-                f"{cell([short_ttft_p99(p) for p in at], '.0f'):>23} "
-                f"{cell([p.summary.get('median_tpot_ms', math.nan) for p in at], '.1f'):>23}"
+                f"{_spread([p.summary.get('slo_attainment', math.nan) for p in at], '.2f'):>17} "
+                f"{_spread([short_ttft_p99(p) for p in at], '.0f'):>23} "
+                f"{_spread([p.summary.get('median_tpot_ms', math.nan) for p in at], '.1f'):>23}"
             )
     return "\n".join(lines)
+
+
+# Decode-only steps of this many rows time the machine (StepSplit.decode_row_ms): in smaller
+# ones the step's fixed cost outweighs its rows; larger ones come only at a high load, with the
+# longer contexts of a loaded run.
+SPEED_ROWS = (16, 64)
+
+
+def _decode_row_ms(decode_only: Sequence[StepSample]) -> list[float]:
+    lo, hi = SPEED_ROWS
+    timed = (st for st in decode_only if lo <= len(st.shape.decode) <= hi)
+    return [1e3 * st.duration / len(st.shape.decode) for st in timed]
 
 
 @dataclass(frozen=True)
@@ -307,6 +321,10 @@ class StepSplit:
     prompt_tokens_p50: float  # prompt tokens in a step that has any
     decode_steps: int
     decode_s: float
+    # Milliseconds per decode row of the decode-only steps of SPEED_ROWS rows, at the median
+    # (nan where none): the machine's speed during the run, as every policy runs such steps
+    # alike (two runs of one server read 30% apart on the 2-vCPU VMs).
+    decode_row_ms: float
     # The run's time of its first recorded step: a server keeps its last few thousand steps
     # (``/debug/steps``), so a long run's record can start after the run did.
     from_s: float
@@ -331,6 +349,7 @@ class StepSplit:
             else 0.0,
             decode_steps=len(decode),
             decode_s=sum(st.duration for st in decode),
+            decode_row_ms=statistics.median(timed) if (timed := _decode_row_ms(decode)) else math.nan,
             from_s=from_s,
         )
 
@@ -342,7 +361,8 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     prompts finely spends more in prompt steps for the same prompts, and every request
     decoding through them waits that long for a token. A row marked * covers only the steps the
     server still held (its record started over a second into some run); '' where no server
-    reported steps."""
+    reported steps. Last, the machine's speed in each run (``StepSplit.decode_row_ms``) at
+    the median and [lowest-highest]: runs that read apart on it ran on a machine that did."""
     groups = rounds_by_server(curves)
     for name, points in curves.items():
         if "#" not in name:
@@ -350,7 +370,7 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
     lines = [
         "engine steps: median over the runs (seconds; the server's /debug/steps)",
         f"{'server':>12} {'rate':>6} {'busy':>5} {'prompt steps':>12} {'their s':>8} "
-        f"{'tokens p50':>10} {'decode-only':>11} {'their s':>8}",
+        f"{'tokens p50':>10} {'decode-only':>11} {'their s':>8} {'ms/decode row':>19}",
     ]
     cut = False
     for name, points in groups.items():
@@ -368,7 +388,8 @@ def format_step_table(curves: dict[str, Sequence[SweepPoint]]) -> str:
             lines.append(
                 f"{name[:12]:>12} {rate:>6.2f} {mid('busy'):>5.2f} {mid('prompt_steps'):>12.0f} "
                 f"{mid('prompt_s'):>8.1f} {mid('prompt_tokens_p50'):>10.0f} {mid('decode_steps'):>11.0f} "
-                f"{mid('decode_s'):>8.1f}{' *' if partial else ''}"
+                f"{mid('decode_s'):>8.1f} {_spread([sp.decode_row_ms for sp in splits], '.2f'):>19}"
+                f"{' *' if partial else ''}"
             )
     if cut:
         lines.append("* from the first step the server still held, over a second into the run")
