@@ -15,8 +15,8 @@ over the limit, and whole prompts after it while the tokens so taken stay within
 ``min_chunk``; so a step exceeds its limit by at most one chunk's tokens and a tight target
 never starves a waiting prompt. (Whole prompts: where the running decodes alone fill the
 limit, one short prompt a step left a burst of chats waiting a step each; ShareGPT at 11
-req/s, RESULTS issue 13 thirty-third session.) Decode rows count against the token budget here (as in
-``continuous``), one token each.
+req/s, RESULTS issue 13 thirty-third session.) Decode rows count against the token budget
+here (as in ``continuous``), one token each.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class StepBudget:
         self.limit_ms = limit_s * 1e3
         self.tokens_left = max_tokens - len(decode_contexts)  # decodes count against the tokens
         self.min_chunk = min_chunk
-        self.progress = progress  # whether the first chunk may take min_chunk over the limit
+        self.progress = progress  # whether a step may take min_chunk tokens over the limit
         self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
         self.forced: list[int] = []  # per row, the tokens it took over the limit (progress)
 
