@@ -46,7 +46,9 @@ class StepBudget:
         self.min_chunk = min_chunk
         self.progress = progress  # whether a step may take min_chunk tokens over the limit
         self.rows: list[tuple[int, int, int]] = []  # (tokens, cached, sequence length) per prompt
-        self.forced: list[int] = []  # per row, the tokens it took over the limit (progress)
+        # Whether the first chunk went over the limit (progress): then so did every row after it,
+        # as the predicted time only grows, and all the rows' tokens count against min_chunk.
+        self.over = False
 
     @property
     def timed(self) -> bool:
@@ -87,21 +89,20 @@ class StepBudget:
                 else:
                     hi = mid - 1
             n = lo
-        forced = 0
         if n < min(want, self.min_chunk):
             n = 0
             if self.progress and not self.rows:
-                n = forced = min(want, self.tokens_left, self.min_chunk)
-            elif (spent := sum(self.forced)) and want <= min(self.tokens_left, self.min_chunk - spent):
-                n = forced = want  # a whole prompt within the progress chunk's tokens
+                n = min(want, self.tokens_left, self.min_chunk)
+                self.over = True
+            elif self.over and want <= min(self.tokens_left, self.min_chunk - sum(r[0] for r in self.rows)):
+                n = want  # a whole prompt within the progress chunk's tokens
         if n > 0:
             self.rows.append((n, cached, length))
-            self.forced.append(forced)
             self.tokens_left -= n
         return n
 
     def give_back(self) -> None:
         """Undo the last ``take`` (its prompt could not get KV blocks after all)."""
         n, _, _ = self.rows.pop()
-        self.forced.pop()
         self.tokens_left += n
+        self.over = self.over and bool(self.rows)
