@@ -478,6 +478,37 @@ def test_slo_bucket_steps_grow_once_a_deep_queue_is_all_late() -> None:
         assert longest - 0.1 < took <= longest + 1e-9, (chats, took)
 
 
+def test_bucket_holds_a_prompt_for_its_share_of_its_own_ttft_target() -> None:
+    """--bucket-hold-share 0.2 under a 1-s class of chats and a 5-s class of documents: while
+    something decodes, a queued chat is held 0.2 s and a document 1 s before their bucket is
+    dispatched, so the chats that arrive meanwhile go through in one step; with 0 (and no
+    dispatch window) each chat goes in the first step after it arrives."""
+
+    def prompt_steps(hold_share: float, arrivals: list[tuple[int, float]]) -> list[tuple[float, list[str]]]:
+        """When each step with new prompts ran, and whose: a long reply decodes from t=0 while
+        the prompts of ``arrivals`` (length, time) come in; a step every 50 ms."""
+        sched = _two_class_bucket(hold_share=hold_share, dispatch_window_s=0.0, step_budget="tokens")
+        sched.add(seq(0, 16, 1000))
+        pending = [seq(i + 1, n, 8, arrival=t) for i, (n, t) in enumerate(arrivals)]
+        steps = []
+        for tick in range(40):
+            now = round(tick * 0.05, 2)
+            while pending and pending[0].arrival_time <= now:
+                sched.add(pending.pop(0))
+            batch = sched.schedule(now)
+            assert batch is not None  # the long reply decodes in every step
+            prompts = [s.seq_id for s, p in zip(batch.seqs, batch.is_prefill, strict=True) if p]
+            if tick and prompts:
+                steps.append((now, prompts))
+            sched.update(batch, [7] * len(batch), now)
+        return steps
+
+    chats = [(100, 0.05), (120, 0.1), (80, 0.2)]
+    assert prompt_steps(0.0, chats) == [(0.05, ["r1"]), (0.1, ["r2"]), (0.2, ["r3"])]
+    assert prompt_steps(0.2, chats) == [(0.25, ["r1", "r2", "r3"])]
+    assert prompt_steps(0.2, [(1000, 0.05)]) == [(1.05, ["r1"])]
+
+
 def test_a_request_that_cannot_be_on_time_is_counted_and_with_reject_late_refused() -> None:
     sched = make("bucket", num_blocks=400, block_size=16, max_model_len=2048, max_num_batched_tokens=2048)
     sched.cost_fit = OnlineCostFit(prior=KNOWN)  # a 1,500-token prefill: ~2.3 s
