@@ -1,5 +1,6 @@
 """The engine on a CUDA device (skipped where torch sees none, as in CI): its greedy tokens are
-Hugging Face transformers' on the same GPU and random weights, under both step loops' policies.
+Hugging Face transformers' on the same GPU and random weights, under the bucket and continuous
+policies.
 Run on a GPU machine with `python -m pytest tests/test_cuda.py`."""
 
 from __future__ import annotations

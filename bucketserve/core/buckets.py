@@ -43,9 +43,6 @@ class Bucket:
     def head_key(self) -> float:
         return self.heap[0][0] if self.heap else float("inf")
 
-    def head_arrival(self) -> float:
-        return self.heap[0][2].arrival_time if self.heap else float("inf")
-
 
 class BucketManager:
     """Buckets over prompt lengths [0, max_len), with split and merge."""

@@ -643,16 +643,17 @@ class BucketScheduler(Scheduler):
             n_b = self.batch_size(bucket, safe)
             if n_b == 0:
                 continue
-            waited = now + self.last_step_s - bucket.head_arrival() >= self._hold(bucket)
+            head = bucket.head()
+            assert head is not None  # the bucket is not empty
+            waited = now + self.last_step_s - head.arrival_time >= self._hold(head)
             if idle or waited or len(bucket) >= n_b:
                 return bucket
         return None
 
-    def _hold(self, bucket: Bucket) -> float:
-        """How long ``bucket``'s most urgent request is held before its bucket is dispatched:
-        the dispatch window, or ``hold_share`` of its own TTFT target if longer."""
-        head = bucket.head()
-        if not self.cfg.hold_share or head is None:
+    def _hold(self, head: Sequence) -> float:
+        """How long a bucket's most urgent request ``head`` is held before the bucket is
+        dispatched: the dispatch window, or ``hold_share`` of its own TTFT target if longer."""
+        if not self.cfg.hold_share:
             return self.cfg.dispatch_window_s
         return max(self.cfg.dispatch_window_s, self.cfg.hold_share * targets(head, self.config.order)[0])
 
