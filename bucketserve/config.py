@@ -149,7 +149,9 @@ class EngineConfig:
         "against auto's +0.9%, and greedy answers can change)",
     )
     enforce_eager: bool = option(
-        False, help="torch ops only: no native attention kernel, no weight-format tuning (as in vLLM)"
+        False,
+        help="torch ops only: no native attention kernel, no weight-format tuning, and on CUDA no "
+        "CUDA graphs of the decode steps (as in vLLM)",
     )
 
     def __post_init__(self) -> None:

@@ -133,6 +133,8 @@ class LLMEngine:
         kernels = self.model.kernels
         self.sampler = Sampler(self.device, config.seed, kernels.argmax_rows if kernels else None)
         self.runner = ModelRunner(self.model, kv_cache, config.block_size, self.sampler)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_decode_graphs(self.max_model_len, scheduler_config.max_num_seqs)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}

@@ -9,6 +9,7 @@ import torch
 from bucketserve.core.block_manager import blocks_for
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
+from bucketserve.engine.cuda_graphs import DecodeGraphs
 from bucketserve.engine.model import AttentionMetadata, CachedContext, DecodeRows, LlamaModel, PrefillRow
 from bucketserve.engine.sampler import Sampler, token_logprobs
 from bucketserve.outputs import TokenLogprobs
@@ -47,6 +48,14 @@ class ModelRunner:
         self.scratch_slot = (kv_cache.shape[3] - 1) * block_size
         self.max_position = model.rotary.cos.shape[0] - 1
         self.int8_cache = kv_cache.dtype == torch.int8  # fresh prompts then attend by flash
+        self.decode_graphs: DecodeGraphs | None = None  # capture_decode_graphs
+
+    def capture_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool = True) -> None:
+        """Run decode-only steps through ``DecodeGraphs`` from now on: CUDA graphs captured now
+        (``capture``), or, without, their padded static-buffer steps run eagerly (tests)."""
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.block_size, max_model_len, max_batch, self.scratch_slot, capture
+        )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -102,6 +111,16 @@ class ModelRunner:
                 logits_index.append(offset + n - 1)
                 sampled_rows.append(r)
 
+        graphs = self.decode_graphs
+        if (
+            graphs is not None
+            and not num_prefill
+            and not batch.num_ghost_rows
+            and len(sampled_rows) == len(ids)  # every row samples (a 1-token mid-prompt chunk does not)
+            and graphs.fits(len(ids), max(len(t) for t in paged_tables))
+        ):
+            logits = graphs.run(ids, positions, slots, paged_tables)
+            return self._sample(seqs, order, sampled_rows, logits, len(batch))
         if batch.num_ghost_rows:
             # Rows of finished static-batch members: computed on the scratch block, thrown away.
             g = batch.num_ghost_rows
@@ -125,7 +144,15 @@ class ModelRunner:
             meta,
             torch.tensor(logits_index, dtype=torch.long, device=self.device),
         )
-        result = StepResult([None] * len(batch), [None] * len(batch))
+        return self._sample(seqs, order, sampled_rows, logits, len(batch))
+
+    def _sample(
+        self, seqs: list[Sequence], order: list[int], sampled_rows: list[int], logits: torch.Tensor, size: int
+    ) -> StepResult:
+        """The tokens (and logprobs where asked) of the rows ``sampled_rows`` of ``seqs`` (the
+        step's rows in execution order; ``order`` maps them back to the batch's), whose logits
+        are ``logits``' rows in that order."""
+        result = StepResult([None] * size, [None] * size)
         if not sampled_rows:
             return result
         chosen = [seqs[r] for r in sampled_rows]
