@@ -1,8 +1,8 @@
 """CUDA graphs of the decode-only step (as vLLM and nano-vllm capture theirs).
 
 On a GPU a decode step of a small model is bound by kernel launches, not by the GPU: eager,
-a step of the embedded model's shapes took 13.5 ms at batch 1 on an H200, some 25 kernels for
-each of 30 layers launched one by one from Python; replayed as a graph, 3.2 ms
+a step of the embedded model's shapes took 13.5 ms at batch 1 on an H200, each of its 30
+layers' kernels launched one by one from Python; replayed as a graph, 3.2 ms
 (docs/RESULTS.md). A graph captured once replays the whole step's kernels in one launch.
 
 A graph fixes its tensors' shapes and addresses, so there is one per (batch size, block-table
