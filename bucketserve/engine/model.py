@@ -7,7 +7,10 @@ per-call overhead of small matmuls is a large share of a decode step.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,11 @@ from bucketserve.engine.device import cpu_has_amx
 from bucketserve.engine.kernels import NativeKernels
 from bucketserve.engine.weights import MultiFormatLinear
 from bucketserve.errors import ConfigError
+
+try:  # torch's flash attention over packed rows of different lengths (CUDA, fp16 / bf16)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # an older torch: each prompt chunk attends on its own
+    varlen_attn = None
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 # Whether a bf16 model's chunks over cached context attend in bf16 (Attention._chunk_over_cache).
@@ -171,6 +179,22 @@ class PrefillRow:
 
 
 @dataclass
+class PackedRows:
+    """A mixed step's rows attending in one varlen flash-attention call (``varlen_attn``, on
+    CUDA) instead of a few kernels per prompt chunk and layer and the decode rows' masked
+    matmuls: each row's queries (a prompt chunk's tokens, or a decode row's one) over its
+    sequence's keys from position 0 to its last token (its own K/V are in the cache by
+    then), gathered slot by slot into one packed key array, causal from the bottom right (a
+    row's first query sees all its cached context). Built once per step by the model runner."""
+
+    slots: torch.Tensor  # [keys] int64: each row's KV slots, position 0 to its last token
+    cu_seq_q: torch.Tensor  # [rows + 1] int32: where each row's queries start in the step
+    cu_seq_k: torch.Tensor  # [rows + 1] int32: where its keys start in ``slots``
+    max_q: int
+    max_k: int
+
+
+@dataclass
 class DecodeRows:
     """The paged rows' block tables and context lengths (their own token included): one row
     per decode token, and one per token of a short prompt chunk that attends row by row
@@ -197,6 +221,7 @@ class AttentionMetadata:
     prefill: list[PrefillRow]  # the chunks that attend as a whole (flash attention)
     num_prefill_tokens: int  # prompt tokens, first in the step: the linears' prompt rows
     decode: DecodeRows | None
+    packed: PackedRows | None = None  # every row in one varlen call (CUDA; prefill and decode empty)
 
     @property
     def paged_start(self) -> int:
@@ -283,6 +308,8 @@ class Attention(nn.Module):
 
         outs = []
         chunk_kernel = self.chunk_kernel and qkv.dtype == torch.bfloat16
+        if meta.packed is not None:  # every row in one call
+            outs.append(self._packed_attention(q, k_cache, v_cache, meta.packed))
         for row in meta.prefill:
             if chunk_kernel:
                 outs.append(self._native_chunk(qkv, k, v, k_cache, v_cache, row))
@@ -350,6 +377,19 @@ class Attention(nn.Module):
             self.num_heads,
             checked=True,
         )
+
+    def _packed_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, packed: PackedRows
+    ) -> torch.Tensor:
+        """The step's rows (their queries q [T, H, D]) in one varlen flash attention over their
+        sequences' keys, gathered from the cache slot by slot: [T, H * D]."""
+        kvh, d = self.num_kv_heads, self.head_dim
+
+        def row_keys(cache: torch.Tensor) -> torch.Tensor:  # [keys, kv_heads, D]
+            return cache.view(kvh, -1, d).index_select(1, packed.slots).transpose(0, 1).contiguous()
+
+        o = _varlen_causal(q.contiguous(), row_keys(k_cache), row_keys(v_cache), packed)
+        return o.reshape(-1, self.q_size)
 
     def _chunk_over_cache(
         self,
@@ -435,6 +475,27 @@ class Attention(nn.Module):
 
 
 _NO_BLOCKS = torch.zeros(0, dtype=torch.int64)
+
+
+def _varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """``varlen_attn`` causal over ``packed``'s rows, q [T, H, D], k and v [keys, kv_heads, D],
+    in whichever signature this torch has: a causal window (2.11 on) or ``is_causal`` (2.10),
+    and fewer kv heads than query heads (``enable_gqa``, 2.12 on) or K and V repeated."""
+    assert varlen_attn is not None
+    takes = _parameters(varlen_attn)
+    kwargs: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in takes else {"is_causal": True}
+    if "enable_gqa" in takes:
+        kwargs["enable_gqa"] = True
+    else:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return varlen_attn(q, k, v, packed.cu_seq_q, packed.cu_seq_k, packed.max_q, packed.max_k, **kwargs)
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    """The names ``fn`` takes (its signature is read once)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype, keys: bool) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -10,7 +11,15 @@ from bucketserve.core.block_manager import blocks_for
 from bucketserve.core.scheduler import ScheduledBatch
 from bucketserve.core.sequence import Sequence
 from bucketserve.engine.cuda_graphs import DecodeGraphs
-from bucketserve.engine.model import AttentionMetadata, CachedContext, DecodeRows, LlamaModel, PrefillRow
+from bucketserve.engine.model import (
+    AttentionMetadata,
+    CachedContext,
+    DecodeRows,
+    LlamaModel,
+    PackedRows,
+    PrefillRow,
+    varlen_attn,
+)
 from bucketserve.engine.sampler import Sampler, token_logprobs
 from bucketserve.outputs import TokenLogprobs
 
@@ -49,6 +58,13 @@ class ModelRunner:
         self.max_position = model.rotary.cos.shape[0] - 1
         self.int8_cache = kv_cache.dtype == torch.int8  # fresh prompts then attend by flash
         self.decode_graphs: DecodeGraphs | None = None  # capture_decode_graphs
+        # Whether a step with prompt tokens attends in one varlen call (PackedRows): torch's
+        # varlen flash attention runs on CUDA in fp16 / bf16, over an unquantized cache.
+        self.packed_attention = (
+            self.device.type == "cuda"
+            and varlen_attn is not None
+            and kv_cache.dtype in (torch.float16, torch.bfloat16)
+        )
 
     def capture_decode_graphs(self, max_model_len: int, max_batch: int, capture: bool = True) -> None:
         """Run decode-only steps through ``DecodeGraphs`` from now on: CUDA graphs captured now
@@ -89,13 +105,24 @@ class ModelRunner:
         bs = self.block_size
         pad_to = max(counts[:num_prefill], default=0) if batch.padded else 0
         num_prefill_tokens = 0
+        # The native kernels' layers (a CPU) attend their own way.
+        packed = (
+            self.packed_attention
+            and self.model.kernels is None
+            and num_prefill > 0
+            and not batch.padded
+            and not batch.num_ghost_rows
+        )
+        packed_rows: list[tuple[list[int], int, int]] = []  # (block table, first position, tokens)
         for r, (seq, start, n) in enumerate(zip(seqs, starts, counts, strict=True)):
             offset = len(ids)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if r < num_prefill and not paged[order[r]]:
+            if packed:
+                packed_rows.append((table, start, n))
+            elif r < num_prefill and not paged[order[r]]:
                 cached = self._cached_context(seq, start) if start > 0 else None
                 pad = max(0, pad_to - n) if cached is None else 0
                 ids.extend([0] * pad)
@@ -136,6 +163,7 @@ class ModelRunner:
             prefill=rows,
             num_prefill_tokens=num_prefill_tokens,
             decode=self._decode_rows(paged_tables, paged_lens) if paged_lens else None,
+            packed=self._packed_rows(packed_rows) if packed else None,
         )
         logits = self.model(
             torch.tensor(ids, device=self.device),
@@ -192,6 +220,32 @@ class ModelRunner:
         """What a chunk at position ``start`` sees of its sequence: the first ``start`` tokens."""
         used = blocks_for(start, self.block_size)
         return CachedContext(torch.tensor(seq.block_table[:used], device=self.device), start)
+
+    def _packed_rows(self, rows: list[tuple[list[int], int, int]]) -> PackedRows:
+        """The step's ``rows`` (block table, first position, tokens) for one varlen call: each
+        one's KV slots from position 0 to its last token, built with a few tensor ops over
+        the rows' blocks rather than a Python loop over their tokens."""
+        bs = self.block_size
+        ends = [start + n for _, start, n in rows]
+        num_blocks = [blocks_for(end, bs) for end in ends]
+        tables = (table[:nb] for (table, _, _), nb in zip(rows, num_blocks, strict=True))
+        blocks = torch.tensor(list(itertools.chain.from_iterable(tables)))
+        slots = (blocks.view(-1, 1) * bs + torch.arange(bs)).flatten()  # every row's whole blocks
+        spans = torch.tensor(num_blocks) * bs
+        position = torch.arange(len(slots)) - torch.repeat_interleave(spans.cumsum(0) - spans, spans)
+        slots = slots[position < torch.repeat_interleave(torch.tensor(ends), spans)]
+
+        def offsets(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=self.device)
+
+        counts = [n for _, _, n in rows]
+        return PackedRows(
+            slots=slots.to(self.device),
+            cu_seq_q=offsets(counts),
+            cu_seq_k=offsets(ends),
+            max_q=max(counts),
+            max_k=max(ends),
+        )
 
     def _decode_rows(self, tables: list[list[int]], lens: list[int]) -> DecodeRows:
         width = max(len(t) for t in tables)
