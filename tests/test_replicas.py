@@ -273,7 +273,12 @@ def test_a_replica_killed_mid_stream_ends_its_streams_while_the_other_serves_and
             assert last["choices"][0]["finish_reason"] == "length"
             outcomes.append("done")
 
-    before = replica_processes()
+    # Ray names a replica's process once it runs; wait for both (a replacement of one that an
+    # earlier test's load brought down may still be starting: the suite once saw one listed).
+    deadline = time.monotonic() + 90
+    while len(before := replica_processes()) < 2 or len(kv_usage_by_replica(cluster)) < 2:
+        assert time.monotonic() < deadline, f"two replicas never ran: {before}"
+        time.sleep(1)
     assert len(before) == 2
     streams: list[threading.Thread] = []
     # Streams until both replicas hold one (the router may queue a second behind the first;
