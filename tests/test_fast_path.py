@@ -784,6 +784,32 @@ def test_tuning_keeps_measuring_w8a8_after_it_loses_at_small_steps(monkeypatch: 
     assert "int8@512" not in plans.timings["layers"], "int8 was dropped once it fell behind"
 
 
+def test_tuning_times_again_a_pass_that_fell_into_a_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32's first pass at 32 rows falls into a stall of the machine (300 ms, slower than its
+    own pass over 64 rows, which does more work): the tuner times it again, and fp32 keeps the
+    32-row bucket that int8, at a steady 5 ms, would have taken on the stalled figure. A format
+    slower at fewer rows on every try (w8a8 here) keeps its time."""
+    stalled = []
+
+    def ms(fmt: str, rows: int) -> float:
+        if fmt == "fp32":
+            if rows == 32 and not stalled:
+                stalled.append(rows)
+                return 300.0
+            return 2.0 + rows / 64
+        if fmt == "w8a8":
+            return 9.0 if rows < 64 else 1.0  # a slow path for small M, every time
+        return {"int8": 5.0, "bf16": 9.0}[fmt]
+
+    layers, head = _tuning_case(monkeypatch, ms)
+    plans = autotune.tune(layers, head, torch.float32, "w8a8", None)
+    assert stalled, "the stall happened"
+    assert plans.layers.format_for(32) == "fp32"
+    assert plans.timings["layers"]["fp32@32"] == 2.5
+    assert plans.layers == FormatPlan((32, 512), ("fp32", "w8a8"))
+    assert plans.timings["layers"]["w8a8@32"] == 9.0
+
+
 def test_tuning_gives_a_tie_to_the_format_with_fewer_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     table = {"int8": 1.0, "w8a8": 1.5, "fp32": 0.97, "bf16": 3.0}  # fp32 faster by 3%: a tie
     layers, head = _tuning_case(monkeypatch, lambda f, m: table[f])
