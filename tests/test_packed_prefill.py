@@ -49,38 +49,19 @@ def reference_varlen_attn(
 
 
 def reference_varlen_attn_torch211(
-    query: torch.Tensor,
-    key: torch.Tensor,  # [Tk, H, D]: as many heads as the query
-    value: torch.Tensor,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    *,
-    window_size: tuple[int, int] = (-1, -1),
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rows: object, window_size: tuple[int, int]
 ) -> torch.Tensor:
-    """The same in torch 2.11's signature: a window, no grouped-query heads."""
+    """The same in torch 2.11's signature: a window; K and V with as many heads as the query."""
     assert key.shape[1] == query.shape[1]
-    return reference_varlen_attn(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=window_size, enable_gqa=True
-    )
+    return reference_varlen_attn(query, key, value, *rows, window_size=window_size, enable_gqa=True)  # type: ignore[arg-type]
 
 
 def reference_varlen_attn_torch210(
-    query: torch.Tensor,
-    key: torch.Tensor,  # [Tk, H, D]: as many heads as the query
-    value: torch.Tensor,
-    cu_seq_q: torch.Tensor,
-    cu_seq_k: torch.Tensor,
-    max_q: int,
-    max_k: int,
-    is_causal: bool = False,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rows: object, is_causal: bool = False
 ) -> torch.Tensor:
-    """The same in torch 2.10's signature: ``is_causal``, no grouped-query heads."""
-    assert is_causal and key.shape[1] == query.shape[1]
-    return reference_varlen_attn(
-        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0), enable_gqa=True
-    )
+    """The same in torch 2.10's signature: ``is_causal``; as many heads as the query."""
+    assert is_causal
+    return reference_varlen_attn_torch211(query, key, value, *rows, window_size=(-1, 0))
 
 
 def record_step_logits(monkeypatch: pytest.MonkeyPatch, runner) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
