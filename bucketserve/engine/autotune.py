@@ -160,10 +160,10 @@ def _measure_part(
 def _retime_stalls(measured: dict[int, dict[str, float]], time_format: Callable[[str, int], float]) -> None:
     """Time again (up to RETIMES times, keeping the best) each pass timed over STALL x the same
     format's pass at a larger row count: a pass over more rows does at least the work of one
-    over fewer, so it fell into a stall of the machine. (A tuning run beside another process
-    on the two cores timed w8a8 at 651 ms a pass at 2 rows and 3.2 at 4, bf16 at 624 at 64 rows
-    and 342 at 128; the prompt plan then ran int4 at 33-64 rows, ~0.77 ms a call, and every
-    step with a few prompt tokens beside 32 decode rows paid ~20 ms for it: RESULTS, issue 13,
+    over fewer, so it fell into a stall of the machine. (A cached table whose figures were all
+    ~10x this machine's timed w8a8 at 651 ms a pass at 2 rows and 3.2 at 4, bf16 at 624 at 64
+    rows and 342 at 128, and its plans ran 17-64 decode rows in w8a8 off the fused w4a8 path: a
+    32-row decode step took 64.1 / 47.6 ms on it, 44.7 / 41.0 re-tuned; RESULTS, issue 13,
     thirty-seventh session.) A format that is slower at fewer rows on every try keeps its
     time: a kernel's path for small M can be slow, and the step runs that path."""
     larger: dict[str, float] = {}  # each format's fastest pass at the row counts above
